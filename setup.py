@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="diffusers-pdmd",
+    version="0.1.0.dev0",
+    description="Phased DMD: few-step distribution matching distillation with one expert per SNR subinterval, "
+    "native to diffusers.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.35",
+        "transformers>=4.51",
+        "accelerate>=1.0",
+        "huggingface_hub>=0.34",
+        "peft>=0.17",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist", "ruff>=0.6", "scikit-learn>=1.3", "matplotlib"],
+        "demo": ["scikit-learn>=1.3", "matplotlib"],
+    },
+)

@@ -1,0 +1,4 @@
+from .scheduling_phased_dmd import PhasedDMDScheduler, PhasedDMDSchedulerOutput
+
+
+__all__ = ["PhasedDMDScheduler", "PhasedDMDSchedulerOutput"]
