@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "diffusers>=0.35",
+        "diffusers>=0.42",
         "transformers>=4.51",
         "accelerate>=1.0",
         "huggingface_hub>=0.34",

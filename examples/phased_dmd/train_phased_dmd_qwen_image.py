@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-pdmd authors. Licensed under the Apache License, Version 2.0.
+"""Distill Qwen-Image into a few-step phased mixture of LoRA experts with Phased DMD.
+
+    accelerate launch examples/phased_dmd/train_phased_dmd_qwen_image.py \\
+        --pretrained_model_name_or_path Qwen/Qwen-Image --prompts prompts.txt \\
+        --phase_boundaries 0.875 --steps_per_phase 2 2 --mixed_precision bf16 \\
+        --gradient_checkpointing --cache_text_embeddings --output_dir qwen-image-phased-dmd
+
+The result in `--output_dir` is an experts-only repo: `PhasedMoEPipeline.from_pretrained(output_dir)` samples
+from it. See examples/phased_dmd/README.md for hardware and multi-GPU commands, docs/training.md for the knobs.
+"""
+
+from diffusers_pdmd.training.distill import build_parser, train
+
+
+def parse_args(argv=None):
+    parser = build_parser("Phased DMD distillation of Qwen-Image.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train(args, expected_families=("qwen-image",))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""peft adapters on one frozen base: generator experts, fake scores, and the teacher (adapters disabled).
+
+One copy of the base weights serves every role. Switching roles flips each LoRA layer's active adapter (or
+disables adapters for the teacher) directly on the collected peft layers, which is a few attribute writes per layer
+instead of peft's walk over the whole model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+
+# Every attention and MLP linear of the transformer blocks (Qwen-Image: 60 blocks x 12 = 720 layers).
+LORA_TARGET_MODULES = {
+    "qwen-image": [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
+    ],
+    "wan": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+}
+
+
+def lora_targets(family_name: str) -> list[str]:
+    """Default LoRA target modules for a family name (`qwen-image`, `wan2.2-*`)."""
+    return LORA_TARGET_MODULES["qwen-image" if family_name == "qwen-image" else "wan"]
+
+
+def add_lora(model, adapter_name: str, rank: int, alpha: float, target_modules: Iterable[str]) -> None:
+    """Add a LoRA adapter to a diffusers model. Its `B` starts at zero, so the adapted model equals the base."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules))
+    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the design here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        model.add_adapter(config, adapter_name=adapter_name)
+
+
+def tuner_layers(model) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class AdapterSwitch:
+    """Fast switching of the active adapter of one model; `None` selects the base (adapters disabled).
+
+    With gradient checkpointing the forward is recomputed during `backward`, with whatever adapter is active
+    then: activate the adapter a graph was built with before calling `backward` on it.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = tuner_layers(model)
+        self.active: str | None = "__unset__"
+
+    def set(self, adapter_name: str | None) -> None:
+        if adapter_name == self.active:
+            return
+        for layer in self.layers:
+            if adapter_name is None:
+                layer._disable_adapters = True
+            else:
+                layer._disable_adapters = False
+                layer._active_adapter = [adapter_name]
+        self.active = adapter_name
+
+
+def adapter_parameters(model, adapter_name: str) -> list[torch.nn.Parameter]:
+    """The parameters of one adapter (LoRA A and B of every adapted layer)."""
+    return [p for n, p in model.named_parameters() if f".{adapter_name}." in n]
+
+
+def set_trainable(model, adapter_names: Iterable[str]) -> list[torch.nn.Parameter]:
+    """Freeze everything but the named adapters (kept in float32 for the optimizer); return their parameters."""
+    names = set(adapter_names)
+    params = []
+    for n, p in model.named_parameters():
+        train = any(f".{a}." in n for a in names)
+        p.requires_grad_(train)
+        if train:
+            p.data = p.data.float()
+            params.append(p)
+    return params
+
+
+def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """peft state dict of one adapter (keys without the adapter name), detached and on the CPU."""
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def load_adapter_state_dict(model, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"Adapter {adapter_name!r}: unexpected keys in the state dict, e.g. {unexpected[:3]}.")
+
+
+def reset_adapter(model, adapter_name: str) -> None:
+    """Re-initialise an adapter so that the adapted model equals the base again (`B = 0`)."""
+    for layer in tuner_layers(model):
+        if adapter_name in getattr(layer, "lora_A", {}):
+            layer.reset_lora_parameters(adapter_name, init_lora_weights=True)

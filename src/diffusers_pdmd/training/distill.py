@@ -1,0 +1,846 @@
+"""The Phased DMD training run shared by the example scripts.
+
+`examples/phased_dmd/train_phased_dmd_<family>.py` parse their flags with [`build_parser`] and call [`train`]; all
+that differs between Qwen-Image and Wan2.2 lives in [`diffusers_pdmd.families`]. The math is in
+`training/{flow,losses,simulate}.py`; this module only wires it to diffusers models, peft adapters and accelerate.
+
+Roles on one frozen copy of the base weights (per teacher transformer):
+- teacher (real score): the base with adapters disabled, with classifier-free guidance; for an MoE teacher (Wan2.2
+  A14B) the transformer that owns each sample's `t`;
+- generator expert of phase k: LoRA adapter `phase_k` on the transformer owning most of the phase;
+- fake score of phase k: LoRA adapter `fake_k` on every teacher transformer (routed by `t` like the teacher), or,
+  with `--fake_full_finetune`, a trainable full copy of each teacher transformer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..schedulers import PhasedDMDScheduler
+from . import adapters as ad
+from . import checkpoint as ckpt
+from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, dmd_loss, fake_score_loss, sample_t
+from .simulate import METHODS, generator_sample
+
+
+logger = logging.getLogger("diffusers_pdmd.train")
+
+PAPER_DEFAULTS = {"lora_rank": 64, "lora_alpha": 8, "learning_rate": 5e-5, "fake_full_learning_rate": 4e-7}
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss became NaN or infinite; the run stopped without writing a checkpoint of the bad state."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _phase_arg(value: str):
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--train_phase must be 'all' or a phase index, got {value!r}") from None
+
+
+def build_parser(description: str, video: bool = False) -> argparse.ArgumentParser:
+    """The flags of the example scripts; `video=True` adds `--num_frames`, `--height`, `--width`, `--image`."""
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    a("--pretrained_model_name_or_path", required=True, help="Base (teacher) pipeline: Hub id or local folder.")
+    a("--revision", default=None, help="Revision of the base model on the Hub.")
+    a("--method", default="phased_dmd", choices=METHODS, help="phased_dmd, or a baseline: dmd (1 step), sgts.")
+    a(
+        "--phase_boundaries",
+        type=float,
+        nargs="*",
+        default=None,
+        help="Sigmas where phases meet (decreasing, in (0, 1)). Default: the teacher's MoE boundary, else 0.875.",
+    )
+    a(
+        "--steps_per_phase",
+        type=int,
+        nargs="+",
+        default=[2, 2],
+        help="Sampling steps of each phase; `sgts` uses their sum as its step count, `dmd` always 1.",
+    )
+    a("--train_phase", type=_phase_arg, default="all", help="A phase index, or 'all'.")
+    a(
+        "--phase_order",
+        default="sequential",
+        choices=["sequential", "alternate"],
+        help="Train phases one after another (paper) or alternate between them every step.",
+    )
+    a("--prompts", required=True, help="A text file (one prompt a line), or a datasets name / path.")
+    a("--prompt_column", default="prompt", help="Column of the prompts in a dataset.")
+    a("--negative_prompt", default="", help="Negative prompt of the teacher's classifier-free guidance.")
+    if video:
+        a("--height", type=int, default=480)
+        a("--width", type=int, default=832)
+        a("--num_frames", type=int, default=81)
+        a("--image", default=None, help="TI2V/I2V: an image file used as the first frame of every sample.")
+    else:
+        a("--resolution", type=int, default=1024, help="Square image size.")
+    a("--train_batch_size", type=int, default=1)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--max_train_steps", type=int, default=1000, help="Generator updates per phase.")
+    a("--learning_rate", type=float, default=PAPER_DEFAULTS["learning_rate"], help="Generator (expert) LR.")
+    a(
+        "--fake_learning_rate",
+        type=float,
+        default=None,
+        help="Fake score LR. Default: 4e-7 with --fake_full_finetune (paper), else --learning_rate.",
+    )
+    a("--fake_updates_per_step", type=int, default=5, help="Fake-score updates per generator update (TTUR).")
+    a("--guidance_scale", type=float, default=4.0, help="CFG scale of the teacher (real score).")
+    a("--guidance_scale_2", type=float, default=None, help="CFG scale of the low-noise teacher (Wan2.2 A14B).")
+    a("--lora_rank", type=int, default=PAPER_DEFAULTS["lora_rank"])
+    a("--lora_alpha", type=float, default=PAPER_DEFAULTS["lora_alpha"])
+    a("--fake_lora_rank", type=int, default=None, help="Rank of the fake-score LoRA (default: --lora_rank).")
+    a("--fake_full_finetune", action="store_true", help="Full-parameter fake score (paper); needs much memory.")
+    a("--dmd_weighting", default="normalized", choices=DMD_WEIGHTINGS)
+    a("--fake_weighting", default="clamped", choices=FAKE_WEIGHTINGS)
+    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    a("--gradient_checkpointing", action="store_true")
+    a("--cache_text_embeddings", action="store_true", help="Encode prompts once, then free the text encoder.")
+    a("--max_sequence_length", type=int, default=512)
+    a("--seed", type=int, default=0)
+    a("--output_dir", default="phased-dmd-experts")
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    a("--validation_prompts", nargs="*", default=None)
+    a("--validation_steps", type=int, default=200)
+    a("--report_to", default="none", help="Tracker for accelerate (tensorboard, wandb, ...), or 'none'.")
+    a("--logging_dir", default="logs")
+    a("--push_to_hub", action="store_true")
+    a("--hub_model_id", default=None)
+    a("--hub_token", default=None, help="Token for the push; prefer `hf auth login`. Never printed.")
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-2)
+    a("--lr_scheduler", default="constant")
+    a("--lr_warmup_steps", type=int, default=0)
+    return p
+
+
+def check_args(args) -> None:
+    """Raise `ValueError` naming the bad flag and the allowed values."""
+    positive = [
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "lora_rank",
+        "checkpointing_steps",
+        "validation_steps",
+        "max_sequence_length",
+    ]
+    for name in positive:
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`--{name}` must be a positive integer, got {value!r}.")
+    if args.fake_updates_per_step < 0:
+        raise ValueError(f"`--fake_updates_per_step` must be >= 0, got {args.fake_updates_per_step}.")
+    if any(n < 1 for n in args.steps_per_phase):
+        raise ValueError(f"`--steps_per_phase` must be positive integers, got {args.steps_per_phase}.")
+    if args.learning_rate <= 0 or (args.fake_learning_rate is not None and args.fake_learning_rate <= 0):
+        raise ValueError("`--learning_rate` and `--fake_learning_rate` must be > 0.")
+    if args.fake_full_finetune and args.phase_order == "alternate":
+        raise ValueError("`--fake_full_finetune` supports `--phase_order sequential` only (one full copy at a time).")
+    if args.push_to_hub and args.hub_token is not None:
+        logger.warning("`--hub_token` is visible to other users of this machine; prefer `hf auth login`.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"`--checkpoints_total_limit` must be >= 1, got {args.checkpoints_total_limit}.")
+
+
+def load_prompts(prompts: str, column: str = "prompt") -> list[str]:
+    """Prompts from a text file (one a line; blank lines skipped) or a `datasets` name / path."""
+    path = Path(prompts)
+    if path.is_file() and path.suffix in ("", ".txt"):
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        out = [line for line in lines if line]
+    else:
+        from datasets import load_dataset
+
+        if path.is_file():
+            ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path), split="train")
+        else:
+            ds = load_dataset(prompts, split="train")
+        if column not in ds.column_names:
+            raise ValueError(f"`--prompt_column` {column!r} is not in the dataset; columns: {ds.column_names}.")
+        out = [str(x) for x in ds[column] if str(x).strip()]
+    if not out:
+        raise ValueError(f"`--prompts` {prompts!r} holds no prompt.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phase plan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What is trained: phases, their sigmas, and the position of each global step."""
+
+    method: str
+    boundaries: list[float]
+    steps_per_phase: list[int]
+    phases: list[int]
+    max_steps: int
+    order: str
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.steps_per_phase)
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps * len(self.phases)
+
+    def position(self, global_step: int) -> tuple[int, int]:
+        """`(phase, step within the phase)` of a global step."""
+        if self.order == "alternate":
+            return self.phases[global_step % len(self.phases)], global_step // len(self.phases)
+        return self.phases[global_step // self.max_steps], global_step % self.max_steps
+
+
+def make_plan(args, family) -> Plan:
+    if args.method == "phased_dmd":
+        boundaries = args.phase_boundaries
+        if boundaries is None:
+            ratio = getattr(family, "boundary_ratio", None)
+            boundaries = [float(ratio)] if ratio is not None else [0.875]
+        steps = list(args.steps_per_phase)
+        if len(steps) != len(boundaries) + 1:
+            raise ValueError(
+                f"`--steps_per_phase` needs {len(boundaries) + 1} values for {len(boundaries)} boundaries "
+                f"{boundaries}, got {steps}."
+            )
+    elif args.method == "dmd":
+        boundaries, steps = [], [1]
+    else:
+        boundaries, steps = [], [sum(args.steps_per_phase)]
+    PhasedDMDScheduler(phase_boundaries=boundaries, steps_per_phase=steps)  # validates them
+    k = len(steps)
+    if args.train_phase == "all":
+        phases = list(range(k))
+    elif isinstance(args.train_phase, int) and 0 <= args.train_phase < k:
+        phases = [args.train_phase]
+    else:
+        raise ValueError(f"`--train_phase` must be 'all' or an index in [0, {k - 1}], got {args.train_phase!r}.")
+    return Plan(args.method, [float(b) for b in boundaries], steps, phases, args.max_train_steps, args.phase_order)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conditioning helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def select_cond(cond: dict, index: torch.Tensor, n: int) -> dict:
+    """Rows `index` of every per-sample entry (tensors or lists with `n` rows) of a conditioning dict."""
+    out = {}
+    for key, value in cond.items():
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
+            out[key] = value[index.to(value.device)]
+        elif isinstance(value, list) and len(value) == n:
+            out[key] = [value[i] for i in index.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
+def _to_device(cond: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Distiller:
+    """Holds the models and answers velocity queries for each role (see the module docstring)."""
+
+    def __init__(self, args, accelerator, family, pipe, plan: Plan):
+        self.args, self.accelerator, self.family, self.plan = args, accelerator, family, plan
+        self.device = accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
+        self.components = dict(pipe.components)
+        self.names = [n for n in family.transformer_names if self.components.get(n) is not None]
+        self.models = {}
+        for name in self.names:
+            model = self.components[name]
+            model.requires_grad_(False)
+            model.to(self.device)
+            if args.gradient_checkpointing:
+                model.enable_gradient_checkpointing()
+            self.models[name] = model
+        if self.components.get("vae") is not None:
+            self.components["vae"].requires_grad_(False).to(self.device)
+        if self.components.get("text_encoder") is not None:
+            self.components["text_encoder"].requires_grad_(False).to(self.device)
+
+        k = plan.num_phases
+        sigmas = self._sigmas_by_phase()
+        self.sigmas_by_phase = sigmas
+        # An expert lives on the teacher transformer that owns the middle of its phase.
+        self.expert_base = [family.teacher_transformer_for_sigma(0.5 * (s[0] + s[-1])) for s in sigmas]
+        targets = ad.lora_targets(family.name)
+        self.fake_full = {}
+        if args.fake_full_finetune:
+            self._base_state = {
+                n: {kk: v.detach().clone() for kk, v in m.state_dict().items()} for n, m in self.models.items()
+            }
+        for j in range(k):
+            ad.add_lora(self.models[self.expert_base[j]], f"phase_{j}", args.lora_rank, args.lora_alpha, targets)
+        if not args.fake_full_finetune:
+            rank = args.fake_lora_rank or args.lora_rank
+            for model in self.models.values():
+                for j in plan.phases:
+                    ad.add_lora(model, f"fake_{j}", rank, args.lora_alpha, targets)
+        self.switches = {n: ad.AdapterSwitch(m) for n, m in self.models.items()}
+
+    # -- schedule -------------------------------------------------------------------------------------------------
+
+    def scheduler(self) -> PhasedDMDScheduler:
+        return PhasedDMDScheduler.from_config(
+            self.components["scheduler"].config,
+            phase_boundaries=self.plan.boundaries,
+            steps_per_phase=self.plan.steps_per_phase,
+            stochastic_sampling=self.plan.method == "sgts",
+        )
+
+    def size(self):
+        a = self.args
+        if hasattr(a, "resolution"):
+            return a.resolution, a.resolution, None
+        return a.height, a.width, a.num_frames
+
+    def _sigmas_by_phase(self) -> list[list[float]]:
+        sched = self.scheduler()
+        h, w, f = self.size()
+        self.family.check_size(h, w, f)
+        shape = self.family.latent_shape(self.components, 1, h, w, f)
+        mu = self.family.mu(self.components, shape[1]) if sched.config.use_dynamic_shifting else None
+        sched.set_timesteps(mu=mu)
+        sig = sched.sigmas.double().tolist()
+        out, start = [], 0
+        for n in self.plan.steps_per_phase:
+            out.append(sig[start : start + n + 1])
+            start += n
+        out[-1][-1] = 0.0
+        for j, b in enumerate(self.plan.boundaries):
+            out[j][-1] = out[j + 1][0] = b
+        return out
+
+    # -- trainable parameters -------------------------------------------------------------------------------------
+
+    def expert_params(self, phase: int):
+        return ad.adapter_parameters(self.models[self.expert_base[phase]], f"phase_{phase}")
+
+    def fake_params(self, phase: int):
+        if self.args.fake_full_finetune:
+            return [p for m in self.fake_full.values() for p in m.parameters()]
+        return [p for m in self.models.values() for p in ad.adapter_parameters(m, f"fake_{phase}")]
+
+    def start_phase(self, phase: int) -> None:
+        """Reset the fake score of `phase` to the teacher (a fresh zero-B LoRA, or a fresh full copy)."""
+        if self.args.fake_full_finetune:
+            self.fake_full = {}
+            for name, model in self.models.items():
+                fake = copy.deepcopy(model)
+                for layer in ad.tuner_layers(fake):  # drop the adapters of the copy: it is the bare teacher
+                    layer._disable_adapters = True
+                fake.load_state_dict(self._base_state[name], strict=False)
+                fake.requires_grad_(True)
+                fake.to(dtype=torch.float32)
+                self.fake_full[name] = fake
+        else:
+            for model in self.models.values():
+                ad.reset_adapter(model, f"fake_{phase}")
+
+    # -- velocities -----------------------------------------------------------------------------------------------
+
+    def _call(self, model, switch_name, adapter, x, t, cond):
+        if switch_name is not None:
+            self.switches[switch_name].set(adapter)
+        with self.accelerator.autocast():
+            return self.family.velocity(model, x, t, cond).float()
+
+    def _routed(self, x, t, cond, fn):
+        names = [self.family.teacher_transformer_for_sigma(float(v)) for v in t]
+        if len(set(names)) == 1:
+            return fn(names[0], x, t, cond)
+        out = torch.empty_like(x, dtype=torch.float32)
+        for name in sorted(set(names)):
+            idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            out[idx] = fn(name, x[idx], t[idx], select_cond(cond, idx, x.shape[0]))
+        return out
+
+    def expert(self, phase: int, cond: dict):
+        name = self.expert_base[phase]
+
+        def velocity(x, t):
+            return self._call(self.models[name], name, f"phase_{phase}", x, t, cond)
+
+        return velocity
+
+    def teacher(self, cond: dict, neg_cond: dict | None):
+        """Real score: the base (adapters off) with CFG; `neg_cond` holds one negative prompt's embeddings."""
+        a = self.args
+
+        def negative(c: dict, batch: int) -> dict:
+            n = dict(c)  # size / image conditioning follows the sample, the text is the negative prompt
+            for key in ("prompt_embeds", "prompt_embeds_mask"):
+                value = neg_cond.get(key)
+                n[key] = value.expand(batch, *value.shape[1:]) if isinstance(value, torch.Tensor) else value
+            return n
+
+        def one(name, x, t, c):
+            v = self._call(self.models[name], name, None, x, t, c)
+            scale = a.guidance_scale
+            if name == "transformer_2" and a.guidance_scale_2 is not None:
+                scale = a.guidance_scale_2
+            if neg_cond is None or scale == 1.0:
+                return v
+            v_neg = self._call(self.models[name], name, None, x, t, negative(c, x.shape[0]))
+            return self.family.combine_cfg(v, v_neg, scale)
+
+        return lambda x, t: self._routed(x, t, cond, one)
+
+    def fake(self, phase: int, cond: dict):
+        def one(name, x, t, c):
+            if self.args.fake_full_finetune:
+                return self._call(self.fake_full[name], None, None, x, t, c)
+            return self._call(self.models[name], name, f"fake_{phase}", x, t, c)
+
+        return lambda x, t: self._routed(x, t, cond, one)
+
+
+def _finite(loss: torch.Tensor, what: str, phase: int, step: int, last_ckpt) -> None:
+    if not torch.isfinite(loss):
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        raise TrainingDivergedError(
+            f"{what} loss is {loss.item()} at phase {phase}, step {step}; stopping ({where}). Lower "
+            "--learning_rate / --fake_learning_rate or check --mixed_precision, then resume with "
+            "--resume_from_checkpoint latest."
+        )
+
+
+def train(args, expected_families: tuple[str, ...]) -> Path:
+    """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from diffusers import DiffusionPipeline
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from .. import hub
+    from ..families import get_family
+
+    check_args(args)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+
+    prompts = load_prompts(args.prompts, args.prompt_column)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, use_safetensors=True, dtype=weight_dtype
+    )
+    family = get_family(pipe)
+    if family.name not in expected_families:
+        raise ValueError(
+            f"`--pretrained_model_name_or_path` is a {family.name} pipeline; this script trains {list(expected_families)}."
+        )
+    if args.guidance_scale_2 is not None and len(family.transformer_names) < 2:
+        raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
+    plan = make_plan(args, family)
+    d = Distiller(args, accelerator, family, pipe, plan)
+    height, width, num_frames = d.size()
+    device = accelerator.device
+
+    # -- text conditioning (cached: encoded once, text encoder freed) ------------------------------------------
+    def encode(texts):
+        with torch.no_grad():
+            cond = family.encode_prompt(d.components, texts, device, max_sequence_length=args.max_sequence_length)
+        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+
+    need_neg = args.guidance_scale != 1.0 or (args.guidance_scale_2 not in (None, 1.0))
+    val_prompts = args.validation_prompts or []
+    if args.cache_text_embeddings:
+        all_cond = encode(prompts)
+        neg_cond = encode([args.negative_prompt]) if need_neg else None
+        val_cond = encode(val_prompts) if val_prompts else None
+        d.components["text_encoder"] = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        all_cond, val_cond = None, None
+        neg_cond = encode([args.negative_prompt]) if need_neg else None
+
+    image_cond = {}
+    if getattr(args, "image", None):
+        from diffusers.utils import load_image
+
+        image = load_image(args.image)
+        image_cond = family.encode_image(d.components, image, args.train_batch_size, height, width, num_frames, device)
+
+    def batch_cond(index: torch.Tensor) -> dict:
+        if all_cond is not None:
+            cond = select_cond(all_cond, index, len(prompts))
+        else:
+            cond = encode([prompts[i] for i in index.tolist()])
+        cond = dict(cond, **family.size_cond(height, width, num_frames, batch_size=len(index)))
+        cond.update(image_cond)
+        return _to_device(cond, device)
+
+    # -- optimizers, per phase ---------------------------------------------------------------------------------
+    fake_lr = args.fake_learning_rate or (
+        PAPER_DEFAULTS["fake_full_learning_rate"] if args.fake_full_finetune else args.learning_rate
+    )
+    opts = {}
+
+    def make_opts(phase):
+        gen_params = d.expert_params(phase)
+        fake_params = d.fake_params(phase)
+        for p in gen_params + fake_params:
+            p.requires_grad_(True)
+            p.data = p.data.float()
+        betas = (args.adam_beta1, args.adam_beta2)
+        g_opt = torch.optim.AdamW(gen_params, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
+        f_opt = torch.optim.AdamW(fake_params, lr=fake_lr, betas=betas, weight_decay=args.adam_weight_decay)
+        g_sch = get_scheduler(
+            args.lr_scheduler, g_opt, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+        )
+        f_sch = get_scheduler(
+            args.lr_scheduler,
+            f_opt,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=args.max_train_steps * max(args.fake_updates_per_step, 1),
+        )
+        opts[phase] = (gen_params, fake_params, g_opt, f_opt, g_sch, f_sch)
+
+    # -- state: load earlier experts, resume -------------------------------------------------------------------
+    gen = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+    global_step, last_ckpt, history = 0, None, []
+    earlier = output_dir / hub.CONFIG_NAME
+    if earlier.is_file() and args.resume_from_checkpoint is None:
+        _load_experts(d, output_dir, skip=plan.phases if args.train_phase == "all" else [])
+    if min(plan.phases) > 0 and not earlier.is_file() and args.resume_from_checkpoint is None:
+        raise ValueError(
+            f"Training phase {min(plan.phases)} needs the experts of phases 0..{min(plan.phases) - 1}: put the "
+            f"output of their run in `--output_dir` ({output_dir}) first."
+        )
+    resume = ckpt.resolve_resume(output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint is not None and resume is None:
+        logger.info("No checkpoint in %s; starting from scratch.", output_dir)
+    if resume is not None:
+        files, state = ckpt.load_checkpoint(resume)
+        global_step, history = state["global_step"], state.get("history", [])
+        for j in range(plan.num_phases):
+            if f"phase_{j}" in files:
+                ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"])
+        phase, _ = plan.position(min(global_step, plan.total_steps - 1))
+        for j in state["opt_phases"]:  # phases whose optimizers were live when the checkpoint was written
+            if plan.order == "sequential" and j != phase:
+                continue  # the checkpoint closed phase j: phase `phase` starts fresh, as in an uninterrupted run
+            if not args.fake_full_finetune:
+                for name, model in d.models.items():
+                    ad.load_adapter_state_dict(model, f"fake_{j}", files[f"fake_{j}.{name}"])
+            else:
+                d.start_phase(j)
+                for name, model in d.fake_full.items():
+                    model.load_state_dict(files[f"fake_full.{name}"])
+            make_opts(j)
+            _, _, g_opt, f_opt, g_sch, f_sch = opts[j]
+            ckpt.unflatten_optimizer(g_opt, files["optimizers"], state["optimizers"][f"gen_{j}"], f"gen_{j}")
+            ckpt.unflatten_optimizer(f_opt, files["optimizers"], state["optimizers"][f"fake_{j}"], f"fake_{j}")
+            g_sch.load_state_dict(state["lr_schedulers"][f"gen_{j}"])
+            f_sch.load_state_dict(state["lr_schedulers"][f"fake_{j}"])
+        ckpt.set_rng_state(files["rng"], state["rng"], {"noise": gen})
+        last_ckpt = resume
+        logger.info("Resumed from %s at global step %d (phase %d).", resume, global_step, phase)
+
+    def save_ckpt():
+        files, state = (
+            {},
+            {
+                "global_step": global_step,
+                "history": history,
+                "optimizers": {},
+                "lr_schedulers": {},
+                "opt_phases": sorted(opts),
+                "plan": {
+                    "method": plan.method,
+                    "boundaries": plan.boundaries,
+                    "steps_per_phase": plan.steps_per_phase,
+                    "phases": plan.phases,
+                },
+            },
+        )
+        for j in range(plan.num_phases):
+            files[f"phase_{j}"] = ad.adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}")
+        opt_tensors = {}
+        for j, (_, _, g_opt, f_opt, g_sch, f_sch) in opts.items():
+            if not args.fake_full_finetune:
+                for name, model in d.models.items():
+                    files[f"fake_{j}.{name}"] = ad.adapter_state_dict(model, f"fake_{j}")
+            else:
+                for name, model in d.fake_full.items():
+                    files[f"fake_full.{name}"] = {
+                        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                    }
+            for key, opt in ((f"gen_{j}", g_opt), (f"fake_{j}", f_opt)):
+                tensors, meta = ckpt.flatten_optimizer(opt, key)
+                opt_tensors.update(tensors)
+                state["optimizers"][key] = meta
+            state["lr_schedulers"][f"gen_{j}"] = g_sch.state_dict()
+            state["lr_schedulers"][f"fake_{j}"] = f_sch.state_dict()
+        files["optimizers"] = opt_tensors
+        files["rng"], state["rng"] = ckpt.rng_state({"noise": gen})
+        path = ckpt.save_checkpoint(output_dir, global_step, files, state)
+        ckpt.prune_checkpoints(output_dir, args.checkpoints_total_limit)
+        return path
+
+    # -- loop ---------------------------------------------------------------------------------------------------
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("phased-dmd", config={k: v for k, v in vars(args).items() if k != "hub_token"})
+    b, ga = args.train_batch_size, args.gradient_accumulation_steps
+    latent_dtype = torch.float32
+    current_phase = plan.position(global_step)[0] if plan.order == "sequential" and opts else None
+    progress = tqdm(
+        total=plan.total_steps,
+        initial=global_step,
+        desc="Phased DMD" if plan.method == "phased_dmd" else plan.method.upper(),
+        disable=not accelerator.is_local_main_process,
+    )
+
+    def noise_and_cond():
+        index = torch.randint(len(prompts), (b,), generator=gen)
+        cond = batch_cond(index)
+        z = family.prepare_latents(d.components, b, height, width, num_frames, gen, "cpu", latent_dtype).to(device)
+        return z, cond
+
+    try:
+        while global_step < plan.total_steps:
+            phase, step = plan.position(global_step)
+            if plan.order == "sequential" and phase != current_phase:
+                opts.clear()
+                d.start_phase(phase)
+                make_opts(phase)
+                current_phase = phase
+            elif plan.order == "alternate" and phase not in opts:
+                d.start_phase(phase)
+                make_opts(phase)
+            gen_params, fake_params, g_opt, f_opt, g_sch, f_sch = opts[phase]
+
+            # fake score: subinterval score matching on stop-gradient generator samples
+            fake_logs = {}
+            for _ in range(args.fake_updates_per_step):
+                for _ in range(ga):
+                    z, cond = noise_and_cond()
+                    experts = [d.expert(j, cond) for j in range(plan.num_phases)]
+                    with torch.no_grad():
+                        x_s, s = generator_sample(
+                            plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen
+                        )
+                    t = sample_t(s, b, gen).to(device)
+                    eps = torch.randn(x_s.shape, generator=gen).to(device)
+                    loss_f, fake_logs = fake_score_loss(
+                        d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting
+                    )
+                    _finite(loss_f, "Fake-score", phase, step, last_ckpt)
+                    accelerator.backward(loss_f / ga)
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_(fake_params, args.max_grad_norm)
+                f_opt.step()
+                f_sch.step()
+                f_opt.zero_grad(set_to_none=True)
+
+            # generator: DMD on the reverse-nested interval (s, 1]
+            for _ in range(ga):
+                z, cond = noise_and_cond()
+                experts = [d.expert(j, cond) for j in range(plan.num_phases)]
+                x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=True, generator=gen)
+                t = sample_t(s, b, gen).to(device)
+                eps = torch.randn(x_s.shape, generator=gen).to(device)
+                loss_g, gen_logs = dmd_loss(
+                    x_s, s, d.teacher(cond, neg_cond), d.fake(phase, cond), t, eps, weighting=args.dmd_weighting
+                )
+                _finite(loss_g, "Generator (DMD)", phase, step, last_ckpt)
+                # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
+                d.switches[d.expert_base[phase]].set(f"phase_{phase}")
+                accelerator.backward(loss_g / ga)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(gen_params, args.max_grad_norm)
+            g_opt.step()
+            g_sch.step()
+            g_opt.zero_grad(set_to_none=True)
+
+            global_step += 1
+            logs = {"phase": phase, **gen_logs, **fake_logs, "lr": g_sch.get_last_lr()[0]}
+            history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
+            progress.update(1)
+            progress.set_postfix(
+                phase=phase, dmd=f"{gen_logs['dmd_loss']:.4g}", fake=f"{fake_logs.get('fake_loss', float('nan')):.4g}"
+            )
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                last_ckpt = save_ckpt()
+            if accelerator.is_main_process and val_prompts and global_step % args.validation_steps == 0:
+                validate(d, val_prompts, val_cond, encode, output_dir / "validation" / f"step-{global_step}.png")
+    except KeyboardInterrupt:
+        logger.error(
+            "Interrupted at global step %d; resume with --resume_from_checkpoint latest (last: %s).",
+            global_step,
+            last_ckpt,
+        )
+        raise
+    progress.close()
+
+    # -- the experts-only repo ----------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        last_ckpt = save_ckpt() if global_step % args.checkpointing_steps else last_ckpt
+        save_experts(d, output_dir, history)
+        grid = None
+        if val_prompts:
+            grid = validate(d, val_prompts, val_cond, encode, output_dir / "validation_grid.png")
+        figures = _summary(history, plan)
+        (output_dir / "training_summary.json").write_text(json.dumps(figures, indent=2))
+        config = hub.ExpertsConfig.load(output_dir)
+        repo_id = args.hub_model_id or output_dir.name
+        hub.write_model_card(
+            output_dir,
+            config,
+            repo_id=repo_id if args.push_to_hub else None,
+            training_figures=figures,
+            validation_images=[grid.name] if grid else None,
+        )
+        if args.push_to_hub:
+            url = hub.push_experts_to_hub(
+                output_dir, repo_id, token=args.hub_token, ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"]
+            )
+            logger.info("Pushed the experts to %s", url)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir
+
+
+def _summary(history: list[dict], plan: Plan) -> dict:
+    out = {
+        "method": plan.method,
+        "phase_boundaries": plan.boundaries,
+        "steps_per_phase": plan.steps_per_phase,
+        "generator_updates": len(history),
+    }
+    for phase in sorted({int(h["phase"]) for h in history}):
+        rows = [h for h in history if int(h["phase"]) == phase][-10:]
+        out[f"phase_{phase}_final_dmd_loss"] = sum(r["dmd_loss"] for r in rows) / len(rows)
+        if any("fake_loss" in r for r in rows):
+            vals = [r["fake_loss"] for r in rows if "fake_loss" in r]
+            out[f"phase_{phase}_final_fake_loss"] = sum(vals) / len(vals)
+    return out
+
+
+def _load_experts(d: Distiller, folder: Path, skip) -> None:
+    from .. import hub
+
+    config = hub.ExpertsConfig.load(folder)
+    for e in config.experts:
+        j = int(e["phase"])
+        if j in skip or j >= d.plan.num_phases or e.get("type", "lora") != "lora":
+            continue
+        path = folder / e["path"]
+        if path.exists():
+            hub.load_lora_expert(d.models[d.expert_base[j]], path, f"phase_{j}")
+
+
+def save_experts(d: Distiller, output_dir: Path, history) -> None:
+    """Write the experts-only repo: config, scheduler, one LoRA file per phase."""
+    from .. import hub
+
+    args = d.args
+    experts = []
+    for j in range(d.plan.num_phases):
+        hub.save_lora_expert(d.models[d.expert_base[j]], f"phase_{j}", output_dir / f"phase_{j}")
+        experts.append({"phase": j, "base_transformer": d.expert_base[j], "type": "lora", "path": f"phase_{j}"})
+    base = args.pretrained_model_name_or_path
+    if os.path.isdir(base):
+        base = str(Path(base).resolve())
+    config = hub.ExpertsConfig(
+        family=d.family.name,
+        base_model=base,
+        base_revision=args.revision,
+        phase_boundaries=d.plan.boundaries,
+        steps_per_phase=d.plan.steps_per_phase,
+        method=d.plan.method,
+        experts=experts,
+    )
+    config.save(output_dir)
+    d.scheduler().save_pretrained(output_dir / "scheduler")
+
+
+@torch.no_grad()
+def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds=(0, 1)):
+    """Sample each validation prompt with the current experts (one row per seed) and save a PNG grid."""
+    from PIL import Image
+
+    family, (h, w, f) = d.family, d.size()
+    cond_all = cached if cached is not None else encode(prompts)
+    images = []
+    scheduler = d.scheduler()
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        n = len(prompts)
+        cond = _to_device(dict(cond_all, **family.size_cond(h, w, f, batch_size=n)), d.device)
+        x = family.prepare_latents(d.components, n, h, w, f, g, "cpu", torch.float32).to(d.device)
+        scheduler.set_timesteps(mu=family.mu(d.components, x) if scheduler.config.use_dynamic_shifting else None)
+        for t in scheduler.timesteps:
+            sigma = torch.full((n,), float(t) / scheduler.config.num_train_timesteps, device=d.device)
+            v = d.expert(scheduler.phase_index(t), cond)(family.apply_condition(x, cond), sigma)
+            x = scheduler.step(v, t, x, generator=g).prev_sample
+        out = family.decode(d.components, family.apply_condition(x, cond), h, w, f, "pil")
+        images += [frames[0] if isinstance(frames, list) else frames for frames in out]
+    cols = len(prompts)
+    grid = Image.new("RGB", (cols * images[0].width, len(seeds) * images[0].height))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * im.width, (i // cols) * im.height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def log_config(args) -> str:
+    """The run's flags as JSON, without the token."""
+    return json.dumps({k: v for k, v in vars(args).items() if k != "hub_token"}, default=str)
+
+
+__all__ = ["build_parser", "train", "TrainingDivergedError", "load_prompts", "make_plan", "Plan"]
