@@ -29,7 +29,7 @@ from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
 from . import checkpoint as ckpt
 from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, dmd_loss, fake_score_loss, sample_t
-from .simulate import METHODS, generator_sample
+from .simulate import METHODS, generator_sample, split_by_phase
 
 
 logger = logging.getLogger("diffusers_pdmd.train")
@@ -339,15 +339,7 @@ class Distiller:
         shape = self.family.latent_shape(self.components, 1, h, w, f)
         mu = self.family.mu(self.components, shape[1]) if sched.config.use_dynamic_shifting else None
         sched.set_timesteps(mu=mu)
-        sig = sched.sigmas.double().tolist()
-        out, start = [], 0
-        for n in self.plan.steps_per_phase:
-            out.append(sig[start : start + n + 1])
-            start += n
-        out[-1][-1] = 0.0
-        for j, b in enumerate(self.plan.boundaries):
-            out[j][-1] = out[j + 1][0] = b
-        return out
+        return split_by_phase(sched.sigmas.double(), self.plan.steps_per_phase, self.plan.boundaries)
 
     # -- trainable parameters -------------------------------------------------------------------------------------
 

@@ -22,6 +22,20 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("phased_dmd", "dmd", "sgts")
 
 
+def split_by_phase(sigmas, steps_per_phase: Sequence[int], boundaries: Sequence[float]) -> list[list[float]]:
+    """Cut a scheduler's sigmas (N+1 values ending at 0) into per-phase lists from each phase's start to its end
+    boundary inclusive, with the boundaries exact (not their float32 images)."""
+    sig = [float(x) for x in sigmas]
+    out, start = [], 0
+    for n in steps_per_phase:
+        out.append(sig[start : start + n + 1])
+        start += n
+    out[-1][-1] = 0.0
+    for k, b in enumerate(boundaries):
+        out[k][-1] = out[k + 1][0] = float(b)
+    return out
+
+
 def phase_sigmas(boundaries: Sequence[float], steps_per_phase: Sequence[int], shift: float = 1.0) -> list[list[float]]:
     """Sigmas of each phase, from its start to its end boundary inclusive, as [`PhasedDMDScheduler`] places them.
 
@@ -29,16 +43,10 @@ def phase_sigmas(boundaries: Sequence[float], steps_per_phase: Sequence[int], sh
     """
     from ..schedulers import PhasedDMDScheduler
 
-    scheduler = PhasedDMDScheduler(phase_boundaries=list(boundaries), steps_per_phase=list(steps_per_phase), shift=shift)
-    sig = scheduler.sigmas.double().tolist()
-    out, start = [], 0
-    for n in steps_per_phase:
-        out.append(sig[start : start + n + 1])
-        start += n
-    out[-1][-1] = 0.0
-    for k, b in enumerate(boundaries):  # exact boundaries, not their float32 images
-        out[k][-1] = out[k + 1][0] = float(b)
-    return out
+    scheduler = PhasedDMDScheduler(
+        phase_boundaries=list(boundaries), steps_per_phase=list(steps_per_phase), shift=shift
+    )
+    return split_by_phase(scheduler.sigmas.double(), steps_per_phase, boundaries)
 
 
 def _t(value: float, x: torch.Tensor) -> torch.Tensor:
