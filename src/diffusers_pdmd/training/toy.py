@@ -81,7 +81,7 @@ class MLPDenoiser(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 4, num_classes: int = 0):
         super().__init__()
         self.num_classes = num_classes
-        self.t_freqs = nn.Parameter(torch.randn(16) * 4.0, requires_grad=False)
+        self.register_buffer("t_freqs", torch.randn(16) * 4.0)
         in_dim = dim + 32 + (hidden if num_classes else 0)
         self.embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None
         layers, d = [], in_dim
