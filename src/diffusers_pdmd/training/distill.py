@@ -272,15 +272,25 @@ def _to_device(cond: dict, device) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _CallThrough:
+    """Calls go to the distributed wrapper (gradient sync), attributes (`config`, `dtype`) to the model."""
+
+    def __init__(self, raw, wrapped):
+        self.raw, self.wrapped = raw, wrapped
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
 class Distiller:
     """Holds the models and answers velocity queries for each role (see the module docstring)."""
 
     def __init__(self, args, accelerator, family, pipe, plan: Plan):
         self.args, self.accelerator, self.family, self.plan = args, accelerator, family, plan
         self.device = accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            accelerator.mixed_precision, torch.float32
-        )
         self.components = dict(pipe.components)
         self.names = [n for n in family.transformer_names if self.components.get(n) is not None]
         self.models = {}
@@ -303,10 +313,6 @@ class Distiller:
         self.expert_base = [family.teacher_transformer_for_sigma(0.5 * (s[0] + s[-1])) for s in sigmas]
         targets = ad.lora_targets(family.name)
         self.fake_full = {}
-        if args.fake_full_finetune:
-            self._base_state = {
-                n: {kk: v.detach().clone() for kk, v in m.state_dict().items()} for n, m in self.models.items()
-            }
         for j in range(k):
             ad.add_lora(self.models[self.expert_base[j]], f"phase_{j}", args.lora_rank, args.lora_alpha, targets)
         if not args.fake_full_finetune:
@@ -315,6 +321,13 @@ class Distiller:
                 for j in plan.phases:
                     ad.add_lora(model, f"fake_{j}", rank, args.lora_alpha, targets)
         self.switches = {n: ad.AdapterSwitch(m) for n, m in self.models.items()}
+        # What a velocity query calls: the model itself, or its DDP / FSDP wrapper in a distributed run.
+        self.callers = {n: self._wrap(m) for n, m in self.models.items()}
+
+    def _wrap(self, model):
+        if self.accelerator.num_processes == 1:
+            return model
+        return _CallThrough(model, self.accelerator.prepare_model(model))
 
     # -- schedule -------------------------------------------------------------------------------------------------
 
@@ -348,7 +361,7 @@ class Distiller:
 
     def fake_params(self, phase: int):
         if self.args.fake_full_finetune:
-            return [p for m in self.fake_full.values() for p in m.parameters()]
+            return [p for m in self.fake_full.values() for p in getattr(m, "raw", m).parameters() if p.requires_grad]
         return [p for m in self.models.values() for p in ad.adapter_parameters(m, f"fake_{phase}")]
 
     def start_phase(self, phase: int) -> None:
@@ -356,13 +369,13 @@ class Distiller:
         if self.args.fake_full_finetune:
             self.fake_full = {}
             for name, model in self.models.items():
-                fake = copy.deepcopy(model)
-                for layer in ad.tuner_layers(fake):  # drop the adapters of the copy: it is the bare teacher
+                fake = copy.deepcopy(model)  # the frozen base never changes: a copy with adapters off is the teacher
+                for layer in ad.tuner_layers(fake):
                     layer._disable_adapters = True
-                fake.load_state_dict(self._base_state[name], strict=False)
-                fake.requires_grad_(True)
+                for pname, p in fake.named_parameters():
+                    p.requires_grad_("lora_" not in pname)
                 fake.to(dtype=torch.float32)
-                self.fake_full[name] = fake
+                self.fake_full[name] = self._wrap(fake)
         else:
             for model in self.models.values():
                 ad.reset_adapter(model, f"fake_{phase}")
@@ -389,7 +402,7 @@ class Distiller:
         name = self.expert_base[phase]
 
         def velocity(x, t):
-            return self._call(self.models[name], name, f"phase_{phase}", x, t, cond)
+            return self._call(self.callers[name], name, f"phase_{phase}", x, t, cond)
 
         return velocity
 
@@ -405,13 +418,13 @@ class Distiller:
             return n
 
         def one(name, x, t, c):
-            v = self._call(self.models[name], name, None, x, t, c)
+            v = self._call(self.callers[name], name, None, x, t, c)
             scale = a.guidance_scale
             if name == "transformer_2" and a.guidance_scale_2 is not None:
                 scale = a.guidance_scale_2
             if neg_cond is None or scale == 1.0:
                 return v
-            v_neg = self._call(self.models[name], name, None, x, t, negative(c, x.shape[0]))
+            v_neg = self._call(self.callers[name], name, None, x, t, negative(c, x.shape[0]))
             return self.family.combine_cfg(v, v_neg, scale)
 
         return lambda x, t: self._routed(x, t, cond, one)
@@ -420,7 +433,7 @@ class Distiller:
         def one(name, x, t, c):
             if self.args.fake_full_finetune:
                 return self._call(self.fake_full[name], None, None, x, t, c)
-            return self._call(self.models[name], name, f"fake_{phase}", x, t, c)
+            return self._call(self.callers[name], name, f"fake_{phase}", x, t, c)
 
         return lambda x, t: self._routed(x, t, cond, one)
 
@@ -541,7 +554,10 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         opts[phase] = (gen_params, fake_params, g_opt, f_opt, g_sch, f_sch)
 
     # -- state: load earlier experts, resume -------------------------------------------------------------------
-    gen = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+    # One generator, seeded alike on every process: each draws the global batch and keeps its own slice, so a
+    # run on P processes with batch b sees the same samples as one process with batch P * b.
+    gen = torch.Generator().manual_seed(args.seed)
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
     global_step, last_ckpt, history = 0, None, []
     earlier = output_dir / hub.CONFIG_NAME
     if earlier.is_file() and args.resume_from_checkpoint is None:
@@ -570,7 +586,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
             else:
                 d.start_phase(j)
                 for name, model in d.fake_full.items():
-                    model.load_state_dict(files[f"fake_full.{name}"])
+                    getattr(model, "raw", model).load_state_dict(files[f"fake_full.{name}"])
             make_opts(j)
             _, _, g_opt, f_opt, g_sch, f_sch = opts[j]
             ckpt.unflatten_optimizer(g_opt, files["optimizers"], state["optimizers"][f"gen_{j}"], f"gen_{j}")
@@ -635,11 +651,17 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         disable=not accelerator.is_local_main_process,
     )
 
+    mine = slice(rank * b, (rank + 1) * b)
+
     def noise_and_cond():
-        index = torch.randint(len(prompts), (b,), generator=gen)
-        cond = batch_cond(index)
-        z = family.prepare_latents(d.components, b, height, width, num_frames, gen, "cpu", latent_dtype).to(device)
-        return z, cond
+        index = torch.randint(len(prompts), (b * n_proc,), generator=gen)[mine]
+        z = family.prepare_latents(d.components, b * n_proc, height, width, num_frames, gen, "cpu", latent_dtype)
+        return z[mine].to(device), batch_cond(index)
+
+    def t_and_eps(s, like):
+        t = sample_t(s, b * n_proc, gen)[mine].to(device)
+        eps = torch.randn((b * n_proc, *like.shape[1:]), generator=gen)[mine].to(device)
+        return t, eps
 
     try:
         while global_step < plan.total_steps:
@@ -664,8 +686,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
                         x_s, s = generator_sample(
                             plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen
                         )
-                    t = sample_t(s, b, gen).to(device)
-                    eps = torch.randn(x_s.shape, generator=gen).to(device)
+                    t, eps = t_and_eps(s, x_s)
                     loss_f, fake_logs = fake_score_loss(
                         d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting
                     )
@@ -682,8 +703,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
                 z, cond = noise_and_cond()
                 experts = [d.expert(j, cond) for j in range(plan.num_phases)]
                 x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=True, generator=gen)
-                t = sample_t(s, b, gen).to(device)
-                eps = torch.randn(x_s.shape, generator=gen).to(device)
+                t, eps = t_and_eps(s, x_s)
                 loss_g, gen_logs = dmd_loss(
                     x_s, s, d.teacher(cond, neg_cond), d.fake(phase, cond), t, eps, weighting=args.dmd_weighting
                 )
@@ -698,7 +718,11 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
             g_opt.zero_grad(set_to_none=True)
 
             global_step += 1
-            logs = {"phase": phase, **gen_logs, **fake_logs, "lr": g_sch.get_last_lr()[0]}
+            logs = {**gen_logs, **fake_logs}
+            if n_proc > 1:  # losses of the global batch: the mean over processes
+                values = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
+                logs = dict(zip(logs, values.tolist()))
+            logs.update(phase=phase, lr=g_sch.get_last_lr()[0])
             history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
             progress.update(1)
             progress.set_postfix(
