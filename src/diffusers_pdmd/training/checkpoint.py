@@ -24,9 +24,11 @@ STATE_NAME = "training_state.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def flatten_optimizer(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able metadata."""
-    sd = optimizer.state_dict()
+def flatten_optimizer(sd: dict, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able metadata.
+
+    Parameter keys may be ints (`Optimizer.state_dict`) or names (the full state dict of an FSDP optimizer).
+    """
     tensors, state_meta = {}, {}
     for pid, st in sd["state"].items():
         entry = {}
@@ -37,14 +39,17 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[di
             else:
                 entry[key] = value
         state_meta[str(pid)] = entry
-    return tensors, {"state": state_meta, "param_groups": sd["param_groups"]}
+    int_keys = all(isinstance(k, int) for k in sd["state"])
+    return tensors, {"state": state_meta, "param_groups": sd["param_groups"], "int_keys": int_keys}
 
 
-def unflatten_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str):
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> dict:
+    """Inverse of [`flatten_optimizer`]: the optimizer state dict."""
     state = {}
     for pid, entry in meta["state"].items():
-        state[int(pid)] = {k: (tensors[f"{prefix}.{pid}.{k}"] if v == "__tensor__" else v) for k, v in entry.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        key = int(pid) if meta.get("int_keys", True) else pid
+        state[key] = {k: (tensors[f"{prefix}.{pid}.{k}"] if v == "__tensor__" else v) for k, v in entry.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict]:

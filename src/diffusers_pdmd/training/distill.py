@@ -329,6 +329,55 @@ class Distiller:
             return model
         return _CallThrough(model, self.accelerator.prepare_model(model))
 
+    @property
+    def fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def full_params(self):
+        """Context in which every (FSDP-sharded) model holds its full parameters, for reading state dicts.
+
+        Collective under FSDP: every process must enter it.
+        """
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        if self.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            for caller in [*self.callers.values(), *self.fake_full.values()]:
+                stack.enter_context(FSDP.summon_full_params(caller.wrapped, writeback=False))
+        return stack
+
+    def _optimizer_model(self, phase: int, role: str):
+        if role == "gen":
+            return self.callers[self.expert_base[phase]]
+        models = list(self.fake_full.values()) if self.args.fake_full_finetune else list(self.callers.values())
+        if len(models) > 1:
+            raise ValueError("FSDP supports one teacher transformer; train Wan2.2 A14B with DDP (`--multi_gpu`).")
+        return models[0]
+
+    def optimizer_state(self, opt, phase: int, role: str, key: str):
+        """`(tensors, meta)` of an optimizer; under FSDP its full (unsharded) state (collective)."""
+        if not self.fsdp:
+            return ckpt.flatten_optimizer(opt.state_dict(), key)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        model = self._optimizer_model(phase, role).wrapped
+        full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return ckpt.flatten_optimizer(full, key)
+
+    def load_optimizer_state(self, opt, phase: int, role: str, tensors, meta, key: str):
+        state_dict = ckpt.unflatten_optimizer(tensors, meta, key)
+        if not self.fsdp:
+            opt.load_state_dict(state_dict)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        model = self._optimizer_model(phase, role).wrapped
+        set_optimizer_state_dict(model, opt, state_dict, options=StateDictOptions(full_state_dict=True))
+
     # -- schedule -------------------------------------------------------------------------------------------------
 
     def scheduler(self) -> PhasedDMDScheduler:
@@ -589,8 +638,9 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
                     getattr(model, "raw", model).load_state_dict(files[f"fake_full.{name}"])
             make_opts(j)
             _, _, g_opt, f_opt, g_sch, f_sch = opts[j]
-            ckpt.unflatten_optimizer(g_opt, files["optimizers"], state["optimizers"][f"gen_{j}"], f"gen_{j}")
-            ckpt.unflatten_optimizer(f_opt, files["optimizers"], state["optimizers"][f"fake_{j}"], f"fake_{j}")
+            for role, opt in (("gen", g_opt), ("fake", f_opt)):
+                key = f"{role}_{j}"
+                d.load_optimizer_state(opt, j, role, files["optimizers"], state["optimizers"][key], key)
             g_sch.load_state_dict(state["lr_schedulers"][f"gen_{j}"])
             f_sch.load_state_dict(state["lr_schedulers"][f"fake_{j}"])
         ckpt.set_rng_state(files["rng"], state["rng"], {"noise": gen})
@@ -614,28 +664,34 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
                 },
             },
         )
-        for j in range(plan.num_phases):
-            files[f"phase_{j}"] = ad.adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}")
         opt_tensors = {}
+        with d.full_params():  # every process takes part under FSDP; only the main one writes
+            for j in range(plan.num_phases):
+                files[f"phase_{j}"] = ad.adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}")
+            for j in opts:
+                if not args.fake_full_finetune:
+                    for name, model in d.models.items():
+                        files[f"fake_{j}.{name}"] = ad.adapter_state_dict(model, f"fake_{j}")
+                else:
+                    for name, model in d.fake_full.items():
+                        files[f"fake_full.{name}"] = {
+                            k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                        }
         for j, (_, _, g_opt, f_opt, g_sch, f_sch) in opts.items():
-            if not args.fake_full_finetune:
-                for name, model in d.models.items():
-                    files[f"fake_{j}.{name}"] = ad.adapter_state_dict(model, f"fake_{j}")
-            else:
-                for name, model in d.fake_full.items():
-                    files[f"fake_full.{name}"] = {
-                        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                    }
-            for key, opt in ((f"gen_{j}", g_opt), (f"fake_{j}", f_opt)):
-                tensors, meta = ckpt.flatten_optimizer(opt, key)
+            for role, opt in (("gen", g_opt), ("fake", f_opt)):
+                key = f"{role}_{j}"
+                tensors, meta = d.optimizer_state(opt, j, role, key)
                 opt_tensors.update(tensors)
                 state["optimizers"][key] = meta
             state["lr_schedulers"][f"gen_{j}"] = g_sch.state_dict()
             state["lr_schedulers"][f"fake_{j}"] = f_sch.state_dict()
         files["optimizers"] = opt_tensors
         files["rng"], state["rng"] = ckpt.rng_state({"noise": gen})
-        path = ckpt.save_checkpoint(output_dir, global_step, files, state)
-        ckpt.prune_checkpoints(output_dir, args.checkpoints_total_limit)
+        path = output_dir / f"checkpoint-{global_step}"
+        if accelerator.is_main_process:
+            path = ckpt.save_checkpoint(output_dir, global_step, files, state)
+            ckpt.prune_checkpoints(output_dir, args.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
         return path
 
     # -- loop ---------------------------------------------------------------------------------------------------
@@ -729,9 +785,9 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
                 phase=phase, dmd=f"{gen_logs['dmd_loss']:.4g}", fake=f"{fake_logs.get('fake_loss', float('nan')):.4g}"
             )
             accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+            if global_step % args.checkpointing_steps == 0:
                 last_ckpt = save_ckpt()
-            if accelerator.is_main_process and val_prompts and global_step % args.validation_steps == 0:
+            if val_prompts and global_step % args.validation_steps == 0:  # all processes: FSDP forwards are collective
                 validate(d, val_prompts, val_cond, encode, output_dir / "validation" / f"step-{global_step}.png")
     except KeyboardInterrupt:
         logger.error(
@@ -743,12 +799,12 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     progress.close()
 
     # -- the experts-only repo ----------------------------------------------------------------------------------
+    last_ckpt = save_ckpt() if global_step % args.checkpointing_steps else last_ckpt
+    with d.full_params():
+        if accelerator.is_main_process:
+            save_experts(d, output_dir, history)
+    grid = validate(d, val_prompts, val_cond, encode, output_dir / "validation_grid.png") if val_prompts else None
     if accelerator.is_main_process:
-        last_ckpt = save_ckpt() if global_step % args.checkpointing_steps else last_ckpt
-        save_experts(d, output_dir, history)
-        grid = None
-        if val_prompts:
-            grid = validate(d, val_prompts, val_cond, encode, output_dir / "validation_grid.png")
         figures = _summary(history, plan)
         (output_dir / "training_summary.json").write_text(json.dumps(figures, indent=2))
         config = hub.ExpertsConfig.load(output_dir)
@@ -849,8 +905,9 @@ def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds
     grid = Image.new("RGB", (cols * images[0].width, len(seeds) * images[0].height))
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * im.width, (i // cols) * im.height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    if d.accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
     return path
 
 
