@@ -1,0 +1,493 @@
+# Copyright 2026 The diffusers-pdmd authors. Licensed under the Apache License, Version 2.0.
+"""Phased DMD expert repositories: their config, weights, model card, and Hub upload and download.
+
+An experts repository holds only what distillation changed; its base model is named in the config and fetched
+separately. Layout (see `docs/format.md`):
+
+    phased_dmd_config.json               ExpertsConfig (format_version 1)
+    scheduler/scheduler_config.json      PhasedDMDScheduler
+    phase_0/pytorch_lora_weights.safetensors   a LoRA expert (diffusers LoRA format, keys prefixed `transformer.`)
+    phase_1/config.json + *.safetensors        or a fully fine-tuned transformer
+    README.md                            model card (written before pushing)
+
+A full pipeline folder is the same plus `model_index.json` and the base components' folders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .families import FAMILIES, TRANSFORMER_SLOTS, get_family
+
+
+CONFIG_NAME = "phased_dmd_config.json"
+FORMAT_VERSION = 1
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_PREFIX = "transformer"
+EXPERT_TYPES = ("lora", "full", "base")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_relative_path(value, field_name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"`{field_name}` must be a non-empty relative path, got {value!r}.")
+    path = pathlib.PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or "\\" in value:
+        raise ValueError(f"`{field_name}` must be a relative path inside the repository, got {value!r}.")
+    return value
+
+
+@dataclass
+class ExpertsConfig:
+    """Contents of `phased_dmd_config.json`.
+
+    Args:
+        family (`str`): One of `FAMILIES`.
+        base_model (`str`): Hub repo id or local path of the base (teacher) pipeline the experts apply to. May be
+            `None` only in a full pipeline folder, which holds its base components itself.
+        base_revision (`str`, *optional*): Revision (commit, branch or tag) of `base_model`; `None` for the default.
+        phase_boundaries (`list[float]`): The K-1 decreasing sigmas where phases change (the scheduler's).
+        steps_per_phase (`list[int]`): K step counts.
+        method (`str`): How the experts were made, e.g. `"phased_dmd"`, `"sgts"` (DMD2), `"dmd"`.
+        experts (`list[dict]`): K entries `{"phase": k, "base_transformer": "transformer" | "transformer_2",
+            "type": "lora" | "full" | "base", "path": "phase_k"}` in phase order. `"lora"`: a LoRA file in `path`
+            applied to `base_transformer` of the base model; `"full"`: a fine-tuned transformer folder in `path`
+            that takes the `base_transformer` slot; `"base"`: the base model's transformer itself (no files, `path`
+            is `null`).
+        format_version (`int`): 1.
+    """
+
+    family: str
+    base_model: str | None
+    phase_boundaries: list[float]
+    steps_per_phase: list[int]
+    experts: list[dict]
+    base_revision: str | None = None
+    method: str = "phased_dmd"
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError`, naming the field, if the config is inconsistent."""
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"`format_version` must be {FORMAT_VERSION}, got {self.format_version!r}.")
+        if self.family not in FAMILIES:
+            raise ValueError(f"`family` must be one of {FAMILIES}, got {self.family!r}.")
+        if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
+            raise ValueError(f"`base_model` must be a Hub repo id, a path or null, got {self.base_model!r}.")
+        if self.base_revision is not None and (not isinstance(self.base_revision, str) or not self.base_revision):
+            raise ValueError(f"`base_revision` must be a non-empty string or null, got {self.base_revision!r}.")
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"`method` must be a non-empty string, got {self.method!r}.")
+        bounds = self.phase_boundaries
+        if (
+            not isinstance(bounds, list | tuple)
+            or not all(_is_number(b) and 0 < b < 1 for b in bounds)
+            or any(a <= b for a, b in zip(bounds, bounds[1:]))
+        ):
+            raise ValueError(f"`phase_boundaries` must be strictly decreasing numbers in (0, 1), got {bounds!r}.")
+        self.phase_boundaries = [float(b) for b in bounds]
+        num_phases = len(bounds) + 1
+        steps = self.steps_per_phase
+        if (
+            not isinstance(steps, list | tuple)
+            or len(steps) != num_phases
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps)
+        ):
+            raise ValueError(f"`steps_per_phase` must be {num_phases} positive ints (one per phase), got {steps!r}.")
+        self.steps_per_phase = list(steps)
+        if not isinstance(self.experts, list | tuple) or len(self.experts) != num_phases:
+            raise ValueError(
+                f"`experts` must list {num_phases} experts (one per phase: {len(bounds)} boundaries), got "
+                f"{len(self.experts) if isinstance(self.experts, list | tuple) else self.experts!r}."
+            )
+        teacher_slots = get_family(self.family).transformer_names
+        experts = []
+        for k, expert in enumerate(self.experts):
+            if not isinstance(expert, dict):
+                raise ValueError(f"`experts[{k}]` must be an object, got {expert!r}.")
+            unknown = set(expert) - {"phase", "base_transformer", "type", "path"}
+            if unknown:
+                raise ValueError(f"`experts[{k}]` has unknown keys {sorted(unknown)}.")
+            if expert.get("phase") != k:
+                raise ValueError(f"`experts[{k}].phase` must be {k} (experts are listed in phase order).")
+            slot = expert.get("base_transformer")
+            if slot not in TRANSFORMER_SLOTS:
+                raise ValueError(f"`experts[{k}].base_transformer` must be one of {TRANSFORMER_SLOTS}, got {slot!r}.")
+            kind = expert.get("type")
+            if kind not in EXPERT_TYPES:
+                raise ValueError(f"`experts[{k}].type` must be one of {EXPERT_TYPES}, got {kind!r}.")
+            if kind != "full" and slot not in teacher_slots:
+                raise ValueError(
+                    f"`experts[{k}].base_transformer` must be one of {teacher_slots} for a {kind!r} expert of "
+                    f"{self.family}, got {slot!r}."
+                )
+            path = expert.get("path")
+            if kind == "base":
+                if path is not None:
+                    raise ValueError(f"`experts[{k}].path` must be null for a 'base' expert, got {path!r}.")
+            else:
+                _check_relative_path(path, f"experts[{k}].path")
+            experts.append({"phase": k, "base_transformer": slot, "type": kind, "path": path})
+        for slot in TRANSFORMER_SLOTS:
+            on_slot = [e for e in experts if e["base_transformer"] == slot]
+            full_paths = {e["path"] for e in on_slot if e["type"] == "full"}
+            if full_paths and (len(full_paths) > 1 or any(e["type"] != "full" for e in on_slot)):
+                raise ValueError(
+                    f"`experts`: base_transformer {slot!r} holds a 'full' expert, so every expert on it must be that "
+                    f"same full transformer (same `path`); got {on_slot}."
+                )
+        self.experts = experts
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.phase_boundaries) + 1
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict in the documented field order."""
+        data = asdict(self)
+        order = ("format_version", "family", "base_model", "base_revision", "phase_boundaries", "steps_per_phase")
+        ordered = {k: data[k] for k in (*order, "method", "experts")}
+        ordered.update(self.extra)
+        return ordered
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExpertsConfig:
+        """Build and validate from a dict (as read from `phased_dmd_config.json`)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"The experts config must be a JSON object, got {type(data).__name__}.")
+        data = dict(data)
+        required = ("family", "base_model", "phase_boundaries", "steps_per_phase", "experts")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"The experts config is missing the field(s) {missing}.")
+        known = {"format_version", "base_revision", "method", *required}
+        extra = {k: data.pop(k) for k in list(data) if k not in known}
+        unknown = [k for k in extra if not k.startswith("_")]
+        if unknown:
+            raise ValueError(f"The experts config has unknown field(s) {unknown} (private fields start with '_').")
+        return cls(**data, extra=extra)
+
+    def save(self, out_dir: str | os.PathLike) -> pathlib.Path:
+        """Write `phased_dmd_config.json` into `out_dir` (created if needed); returns its path."""
+        out_dir = pathlib.Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path_or_dir: str | os.PathLike) -> ExpertsConfig:
+        """Read and validate `phased_dmd_config.json` from a folder (or the file itself)."""
+        path = pathlib.Path(path_or_dir)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise ValueError(f"No {CONFIG_NAME} at {path}: not a Phased DMD experts folder.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+
+def _tuner_layers(transformer: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def base_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The transformer's own weights without peft LoRA layers: `lora_*` entries dropped, `.base_layer` removed.
+
+    Raises:
+        `ValueError`: If a LoRA is fused (merged) into the weights.
+    """
+    if any(layer.merged for layer in _tuner_layers(transformer)):
+        raise ValueError("The transformer has fused (merged) LoRA weights; call `unfuse_lora()` before saving it.")
+    state_dict = {}
+    for key, tensor in transformer.state_dict().items():
+        parts = key.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        state_dict[".".join(part for part in parts if part != "base_layer")] = tensor
+    return state_dict
+
+
+def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Write one peft adapter of `transformer` as a diffusers LoRA file.
+
+    The file is `out_dir/pytorch_lora_weights.safetensors`: keys prefixed `transformer.` and the adapter's
+    `LoraConfig` (rank, alpha, target modules, ...) in the safetensors metadata, as diffusers' `save_lora_weights`
+    writes it, so `transformer.load_lora_adapter(out_dir, weight_name=..., prefix="transformer")` and the family
+    pipelines' `load_lora_weights` read it.
+
+    Args:
+        transformer (`torch.nn.Module`): A diffusers transformer holding the adapter.
+        adapter_name (`str`): The peft adapter to save.
+        out_dir (`str` or `os.PathLike`): Destination folder (created if needed).
+
+    Returns:
+        `pathlib.Path`: The written file.
+    """
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from peft.utils import get_peft_model_state_dict
+
+    peft_config = getattr(transformer, "peft_config", {})
+    if adapter_name not in peft_config:
+        raise ValueError(
+            f"`adapter_name` {adapter_name!r} is not an adapter of the transformer: {sorted(peft_config)}."
+        )
+    layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    state_dict = {f"{LORA_PREFIX}.{k}": v.detach().contiguous() for k, v in layers.items()}
+    metadata = {f"{LORA_PREFIX}.{k}": v for k, v in peft_config[adapter_name].to_dict().items()}
+    out_dir = pathlib.Path(out_dir)
+    LoraBaseMixin.write_lora_layers(
+        state_dict=state_dict,
+        save_directory=str(out_dir),
+        is_main_process=True,
+        weight_name=LORA_WEIGHT_NAME,
+        save_function=None,
+        safe_serialization=True,
+        lora_adapter_metadata=metadata,
+    )
+    return out_dir / LORA_WEIGHT_NAME
+
+
+def load_lora_expert(transformer: torch.nn.Module, path_or_dir: str | os.PathLike, adapter_name: str) -> None:
+    """Add the LoRA in `path_or_dir` (a file or a folder holding `pytorch_lora_weights.safetensors`) to
+    `transformer` as peft adapter `adapter_name`, unfused. Only safetensors files are read."""
+    path = pathlib.Path(path_or_dir)
+    folder, weight_name = (path, LORA_WEIGHT_NAME) if path.is_dir() else (path.parent, path.name)
+    if not (folder / weight_name).is_file():
+        raise ValueError(f"No LoRA weights at {folder / weight_name}.")
+    if adapter_name in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"`adapter_name` {adapter_name!r} is already an adapter of the transformer.")
+    transformer.load_lora_adapter(
+        str(folder), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name, use_safetensors=True
+    )
+
+
+def save_full_expert(
+    transformer: torch.nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "10GB"
+) -> pathlib.Path:
+    """Write a fully fine-tuned transformer as a diffusers model folder (`config.json` + safetensors).
+
+    peft LoRA layers, if any, are left out: only the transformer's own weights are written.
+    """
+    out_dir = pathlib.Path(out_dir)
+    if not _tuner_layers(transformer):
+        transformer.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+        return out_dir
+    from huggingface_hub import save_torch_state_dict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(out_dir)
+    save_torch_state_dict(
+        base_state_dict(transformer),
+        out_dir,
+        filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    return out_dir
+
+
+def load_full_expert(transformer_cls, out_dir: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+    """Load a transformer folder written by [`save_full_expert`] (safetensors only)."""
+    return transformer_cls.from_pretrained(str(out_dir), torch_dtype=torch_dtype, use_safetensors=True)
+
+
+def resolve_repo(
+    path_or_repo_id: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> pathlib.Path:
+    """Local folder of a repository: a local directory as it is, otherwise a Hub snapshot.
+
+    Hub repositories go through `huggingface_hub.snapshot_download`, which uses the cache (`cache_dir`, or
+    `HF_HUB_CACHE`) and, offline (`local_files_only=True` or `HF_HUB_OFFLINE=1`), only the cache.
+
+    Raises:
+        `ValueError`: Neither an existing directory nor a valid repo id.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = pathlib.Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    repo_id = str(path_or_repo_id)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{repo_id!r} is neither a local directory nor a valid Hub repo id ({err}).") from err
+    if local_files_only is None:
+        local_files_only = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {
+            "1",
+            "ON",
+            "YES",
+            "TRUE",
+        }
+    if cache_dir is None and os.environ.get("HF_HUB_CACHE"):
+        cache_dir = os.environ["HF_HUB_CACHE"]
+    folder = snapshot_download(
+        repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=bool(local_files_only)
+    )
+    return pathlib.Path(folder)
+
+
+_USAGE_IMAGE = """```python
+import torch
+from diffusers_pdmd import PhasedMoEPipeline
+
+pipe = PhasedMoEPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
+image = pipe("{prompt}", generator=torch.Generator("cuda").manual_seed(0)).images[0]
+image.save("sample.png")
+```"""
+
+_USAGE_VIDEO = """```python
+import torch
+from diffusers.utils import export_to_video
+from diffusers_pdmd import PhasedMoEPipeline
+
+pipe = PhasedMoEPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
+frames = pipe("{prompt}", generator=torch.Generator("cuda").manual_seed(0)).frames[0]
+export_to_video(frames, "sample.mp4", fps=16)
+```"""
+
+
+def _is_hub_id(value: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(value):
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def write_model_card(
+    out_dir: str | os.PathLike,
+    config: ExpertsConfig,
+    *,
+    repo_id: str | None = None,
+    training_figures: dict | None = None,
+    validation_images: list[str] | None = None,
+    extra_text: str = "",
+):
+    """Write `README.md` (a Hub model card) for an experts folder.
+
+    Args:
+        out_dir (`str` or `os.PathLike`): The experts folder.
+        config ([`ExpertsConfig`]): Its config.
+        repo_id (`str`, *optional*): The repo the card will live in (used in the usage snippet; the folder name
+            otherwise).
+        training_figures (`dict`, *optional*): Name -> value pairs shown as a table (e.g. steps, batch size, lr).
+        validation_images (`list[str]`, *optional*): Paths, relative to `out_dir`, of sample images to show.
+        extra_text (`str`): Markdown appended at the end.
+
+    Returns:
+        `huggingface_hub.ModelCard`: The card that was written.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    out_dir = pathlib.Path(out_dir)
+    repo_id = repo_id or out_dir.resolve().name
+    family = get_family(config.family)
+    task = "text-to-video" if family.is_video else "text-to-image"
+    kinds = {e["type"] for e in config.experts}
+    tags = ["diffusers", "phased-dmd", "few-step", "distillation", task]
+    if "lora" in kinds:
+        tags.append("lora")
+    card_data = ModelCardData(
+        base_model=config.base_model if _is_hub_id(config.base_model) else None,
+        library_name="diffusers",
+        pipeline_tag=task,
+        tags=tags,
+    )
+    total_steps = sum(config.steps_per_phase)
+    edges = [1.0, *config.phase_boundaries, 0.0]
+    rows = "\n".join(
+        f"| {e['phase']} | ({edges[k + 1]:g}, {edges[k]:g}] | {config.steps_per_phase[k]} | {e['type']} | "
+        f"`{e['base_transformer']}` |"
+        for k, e in enumerate(config.experts)
+    )
+    revision = f" (revision `{config.base_revision}`)" if config.base_revision else ""
+    usage = (_USAGE_VIDEO if family.is_video else _USAGE_IMAGE).format(repo_id=repo_id, prompt="a red fox in snow")
+    sections = [
+        f"# {repo_id.split('/')[-1]}",
+        f"{config.num_phases} few-step experts for `{config.base_model}`{revision}, distilled with "
+        f"{config.method} ({total_steps} sampling steps in all). Phased DMD splits the noise range into phases "
+        "(SNR subintervals) and trains one expert per phase; at sampling time the expert of the phase the "
+        "current noise level lies in makes the step.",
+        "| phase | sigma interval | steps | expert | on |\n|---|---|---|---|---|\n" + rows,
+        "## Usage\n\nThe base model is downloaded from its own repository; this one holds only the experts.\n\n"
+        + usage,
+    ]
+    if training_figures:
+        table = "\n".join(f"| {k} | {v} |" for k, v in training_figures.items())
+        sections.append("## Training\n\n| | |\n|---|---|\n" + table)
+    if validation_images:
+        sections.append("## Samples\n\n" + "\n".join(f"![sample]({p})" for p in validation_images))
+    if extra_text:
+        sections.append(extra_text)
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+    card = ModelCard(content)
+    card.save(out_dir / "README.md")
+    return card
+
+
+def push_experts_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload Phased DMD experts",
+    ignore_patterns: list[str] | None = None,
+) -> str:
+    """Upload an experts folder to the Hub (creating the repo if needed); returns the repo URL.
+
+    The folder must hold a valid `phased_dmd_config.json`; a model card is written first if there is no
+    `README.md`. The token is passed to `huggingface_hub` only, never printed or logged.
+
+    Args:
+        folder (`str` or `os.PathLike`): The experts folder.
+        repo_id (`str`): Target model repo, `"org/name"`.
+        token (`str`, *optional*): Hub token (default: the logged-in one).
+        private (`bool`, *optional*): Visibility of a newly created repo.
+        commit_message (`str`): Message of the upload commit.
+        ignore_patterns (`list[str]`, *optional*): Extra glob patterns of files not to upload (e.g. training
+            checkpoints); `.cache/*` and `*.lock` are always left out.
+    """
+    from huggingface_hub import HfApi
+
+    folder = pathlib.Path(folder)
+    config = ExpertsConfig.load(folder)
+    if not (folder / "README.md").is_file():
+        write_model_card(folder, config, repo_id=repo_id)
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_url.repo_id,
+        repo_type="model",
+        commit_message=commit_message,
+        ignore_patterns=[".cache/*", "*.lock", *(ignore_patterns or [])],
+    )
+    return str(repo_url)

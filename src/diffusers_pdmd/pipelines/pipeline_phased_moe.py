@@ -1,0 +1,894 @@
+# Copyright 2026 The diffusers-pdmd authors. Licensed under the Apache License, Version 2.0.
+"""Few-step sampling with a phased mixture of experts (Phased DMD) for Qwen-Image and Wan2.2."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import diffusers
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.utils import logging, replace_example_docstring
+
+from ..families import FAMILIES, TRANSFORMER_SLOTS, Family, get_family
+from ..hub import (
+    CONFIG_NAME,
+    ExpertsConfig,
+    load_full_expert,
+    load_lora_expert,
+    resolve_repo,
+    save_full_expert,
+    save_lora_expert,
+)
+from ..schedulers import PhasedDMDScheduler
+from .expert_swap import ExpertSwitcher
+
+
+logger = logging.get_logger(__name__)
+
+_BASE_PIPELINES = ("QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_pdmd import PhasedMoEPipeline
+
+        >>> # An experts-only repository: its base model is fetched from the repo its config names.
+        >>> pipe = PhasedMoEPipeline.from_pretrained("your-org/qwen-image-phased-dmd", torch_dtype=torch.bfloat16)
+        >>> pipe.to("cuda")
+        >>> image = pipe("a red fox in snow", generator=torch.Generator("cuda").manual_seed(0)).images[0]
+        ```
+"""
+
+
+def _normalise_expert(expert, k: int) -> dict:
+    if isinstance(expert, dict):
+        slot, adapter = expert.get("base_transformer"), expert.get("adapter_name")
+        kind = expert.get("type") or ("lora" if adapter is not None else "base")
+    elif isinstance(expert, tuple | list) and len(expert) == 2:
+        slot, adapter = expert
+        kind = "lora" if adapter is not None else "base"
+    else:
+        raise ValueError(
+            f"`experts[{k}]` must be a (base_transformer, adapter_name or None) pair or a dict, got {expert!r}."
+        )
+    if slot not in TRANSFORMER_SLOTS:
+        raise ValueError(f"`experts[{k}]`: base transformer must be one of {TRANSFORMER_SLOTS}, got {slot!r}.")
+    if kind not in ("lora", "full", "base") or (kind == "lora") != (adapter is not None):
+        raise ValueError(
+            f"`experts[{k}]`: type {kind!r} with adapter {adapter!r}; a 'lora' expert names its adapter, 'full' and "
+            "'base' experts have none."
+        )
+    if adapter is not None and not isinstance(adapter, str):
+        raise ValueError(f"`experts[{k}]`: adapter name must be a string or None, got {adapter!r}.")
+    return {"base_transformer": slot, "adapter_name": adapter, "type": kind}
+
+
+def _default_experts(family: Family, scheduler) -> list[dict]:
+    """The teacher's own transformer(s), no adapter: the transformer owning each phase's midpoint."""
+    edges = [1.0, *[float(b) for b in scheduler.config.phase_boundaries], 0.0]
+    return [
+        {
+            "base_transformer": family.teacher_transformer_for_sigma((edges[k] + edges[k + 1]) / 2),
+            "adapter_name": None,
+            "type": "base",
+        }
+        for k in range(len(edges) - 1)
+    ]
+
+
+def _has_adapters(module) -> bool:
+    return bool(getattr(module, "peft_config", None))
+
+
+class PhasedMoEPipeline(DiffusionPipeline):
+    r"""
+    Few-step text-to-image (Qwen-Image) and text/image-to-video (Wan2.2) sampling with Phased DMD experts.
+
+    The noise range is split into K phases by the scheduler's `phase_boundaries`; each phase has one expert, and
+    each step is made by the expert of the phase its noise level lies in
+    (`scheduler.phase_index(t)`). An expert is a transformer slot of the pipeline (`"transformer"` or
+    `"transformer_2"`) plus the name of an unfused LoRA adapter on it, or no adapter (the slot's module as it is,
+    e.g. a fully fine-tuned transformer). Qwen-Image keeps K adapters on one transformer; Wan2.2 A14B puts the
+    high-noise experts on `transformer` and the low-noise ones on `transformer_2`. Experts are swapped with
+    [`ExpertSwitcher`] (a few attribute writes per LoRA layer).
+
+    Everything else (prompt encoding, noise, conditioning, guidance, decoding) is the family pipeline's own code
+    (`QwenImagePipeline`, `WanPipeline`, `WanImageToVideoPipeline`), called through [`~families.Family`], so with
+    identical experts the output equals the family pipeline's at the same sigmas and seed.
+
+    Args:
+        scheduler ([`PhasedDMDScheduler`]): Gives the steps and the phase of each step.
+        vae: The family's VAE (`AutoencoderKLQwenImage` or `AutoencoderKLWan`).
+        text_encoder: Qwen2.5-VL (Qwen-Image) or UMT5 (Wan).
+        tokenizer: The text encoder's tokenizer.
+        transformer: `QwenImageTransformer2DModel` or `WanTransformer3DModel` (Wan2.2 A14B: the high-noise one).
+        transformer_2 (*optional*): Wan2.2 A14B's low-noise transformer, or a second fully fine-tuned expert.
+        family (`str`, *optional*): One of `FAMILIES`; inferred from the components when omitted.
+        experts (`list`, *optional*): Per phase, `(base_transformer, adapter_name or None)` or a dict with keys
+            `base_transformer`, `adapter_name`, `type` (`"lora"`, `"full"` or `"base"`). Default: the teacher's own
+            transformer(s), no adapters.
+        phase_boundaries (`list[float]`, *optional*): The boundaries the experts were trained for (default: the
+            scheduler's at construction); a scheduler with other boundaries is refused at call time.
+        base_model (`str`, *optional*), base_revision (`str`, *optional*), method (`str`, *optional*): Provenance,
+            written to `phased_dmd_config.json` by `save_pretrained`.
+        boundary_ratio (`float`, *optional*): Wan2.2 A14B's teacher switch (0.875), kept from the base pipeline.
+        expand_timesteps (`bool`): Wan2.2 TI2V-5B's per-token timesteps, kept from the base pipeline.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
+    _optional_components = ["transformer_2"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        scheduler: PhasedDMDScheduler,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        transformer: torch.nn.Module,
+        transformer_2: torch.nn.Module | None = None,
+        family: str | None = None,
+        experts: list | None = None,
+        phase_boundaries: list[float] | None = None,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        method: str | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
+    ):
+        super().__init__()
+        self.register_modules(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            transformer_2=transformer_2,
+        )
+        self.register_to_config(boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
+        if family is None:
+            family = get_family(self).name
+        elif family not in FAMILIES:
+            raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}.")
+        self.register_to_config(family=family)
+        if experts is None:
+            experts = _default_experts(get_family(self), scheduler)
+        experts = [_normalise_expert(e, k) for k, e in enumerate(experts)]
+        if phase_boundaries is None and isinstance(scheduler, PhasedDMDScheduler):
+            phase_boundaries = scheduler.config.phase_boundaries  # the experts belong to these boundaries
+        if phase_boundaries is not None:
+            phase_boundaries = [float(b) for b in phase_boundaries]
+        self.register_to_config(
+            experts=experts,
+            phase_boundaries=phase_boundaries,
+            base_model=base_model,
+            base_revision=base_revision,
+            method=method,
+        )
+        self.expert_swap_mode = "adapter"
+        self._switcher = None
+        self._switcher_key = None
+
+    # ------------------------------------------------------------------ experts
+
+    @property
+    def family(self) -> Family:
+        """The [`~families.Family`] adapter of this pipeline, configured from its components."""
+        return get_family(self)
+
+    @property
+    def expert_switcher(self) -> ExpertSwitcher:
+        """The [`ExpertSwitcher`] over the current experts (rebuilt when experts, modules or adapters change)."""
+        experts = [(getattr(self, e["base_transformer"]), e["adapter_name"]) for e in self.config.experts]
+        key = (
+            self.expert_swap_mode,
+            tuple((id(module), adapter) for module, adapter in experts),
+            tuple(tuple(getattr(module, "peft_config", {})) for module, _ in experts),
+        )
+        if self._switcher is None or key != self._switcher_key:
+            self._switcher = ExpertSwitcher(experts, mode=self.expert_swap_mode)
+            self._switcher_key = key
+        return self._switcher
+
+    def set_experts(self, experts: list, phase_boundaries: list[float] | None = None) -> None:
+        """Replace the phase -> expert map (see the `experts` argument of the class) and, if given, the phase
+        boundaries the experts belong to (to use the experts with a scheduler of other boundaries)."""
+        experts = [_normalise_expert(e, k) for k, e in enumerate(experts)]
+        self.register_to_config(experts=experts)
+        if phase_boundaries is not None:
+            self.register_to_config(phase_boundaries=[float(b) for b in phase_boundaries])
+
+    def _check_experts(self) -> None:
+        experts = self.config.experts
+        if not isinstance(self.scheduler, PhasedDMDScheduler):
+            raise ValueError(f"`scheduler` must be a PhasedDMDScheduler, got {type(self.scheduler).__name__}.")
+        if len(experts) != self.scheduler.num_phases:
+            raise ValueError(
+                f"`experts` has {len(experts)} experts but the scheduler has {self.scheduler.num_phases} phases "
+                f"(phase_boundaries={list(self.scheduler.config.phase_boundaries)}); give one expert per phase."
+            )
+        boundaries = self.config.phase_boundaries
+        sched = [float(b) for b in self.scheduler.config.phase_boundaries]
+        if boundaries is not None and (
+            len(boundaries) != len(sched) or any(abs(a - b) > 1e-6 for a, b in zip(boundaries, sched))
+        ):
+            raise ValueError(
+                f"`phase_boundaries` of the experts {list(boundaries)} disagree with the scheduler's {sched}; the "
+                "experts were trained for their own boundaries."
+            )
+        for k, expert in enumerate(experts):
+            module = getattr(self, expert["base_transformer"], None)
+            if module is None:
+                raise ValueError(
+                    f"`experts[{k}]` uses `{expert['base_transformer']}`, which the pipeline does not have."
+                )
+            adapter = expert["adapter_name"]
+            if adapter is not None and adapter not in getattr(module, "peft_config", {}):
+                raise ValueError(
+                    f"`experts[{k}]` uses adapter {adapter!r}, which `{expert['base_transformer']}` does not have; "
+                    f"available: {sorted(getattr(module, 'peft_config', {}))}."
+                )
+
+    def load_experts(
+        self,
+        path_or_repo_id: str | os.PathLike,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Load the experts of an experts folder or Hub repo into this pipeline (LoRA adapters `phase_k`, full
+        transformers into their slots) and take its scheduler. The base components must be the experts' base."""
+        root = resolve_repo(
+            path_or_repo_id, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
+        self._load_experts(root, ExpertsConfig.load(root), torch_dtype, full_folder=False)
+
+    def _load_experts(self, root: pathlib.Path, config: ExpertsConfig, torch_dtype, full_folder: bool) -> None:
+        if config.family != self.config.family:
+            raise ValueError(
+                f"The experts are for `family` {config.family!r}, the pipeline is {self.config.family!r}."
+            )
+        scheduler_dir = root / "scheduler"
+        if (scheduler_dir / "scheduler_config.json").is_file():
+            scheduler = PhasedDMDScheduler.from_pretrained(scheduler_dir)
+        else:
+            scheduler = PhasedDMDScheduler.from_config(
+                self.scheduler.config,
+                phase_boundaries=config.phase_boundaries,
+                steps_per_phase=config.steps_per_phase,
+            )
+        sched = [float(b) for b in scheduler.config.phase_boundaries]
+        if len(sched) != len(config.phase_boundaries) or any(
+            abs(a - b) > 1e-6 for a, b in zip(sched, config.phase_boundaries)
+        ):
+            raise ValueError(
+                f"`phase_boundaries` {config.phase_boundaries} of {root / CONFIG_NAME} disagree with its scheduler's "
+                f"{sched}."
+            )
+        experts = []
+        loaded_full: dict[str, str] = {}
+        for k, entry in enumerate(config.experts):
+            slot, kind, path = entry["base_transformer"], entry["type"], entry["path"]
+            module = getattr(self, slot, None)
+            if kind == "lora":
+                if module is None:
+                    raise ValueError(f"`experts[{k}]` is a LoRA on `{slot}`, which the base pipeline does not have.")
+                adapter = f"phase_{k}"
+                load_lora_expert(module, root / path, adapter_name=adapter)
+                experts.append({"base_transformer": slot, "adapter_name": adapter, "type": "lora"})
+                continue
+            # A full expert takes its slot; in a full pipeline folder it is the component folder itself.
+            already_there = full_folder and path == slot
+            if kind == "full" and loaded_full.get(slot) != path and not already_there:
+                folder = root / path
+                class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+                model_cls = getattr(diffusers, class_name or "", None)
+                if not isinstance(model_cls, type) or not issubclass(model_cls, diffusers.ModelMixin):
+                    raise ValueError(f"`experts[{k}]`: {folder} is not a diffusers model ({class_name!r}).")
+                reference = module if module is not None else self.transformer
+                dtype = torch_dtype or reference.dtype
+                self.register_modules(**{slot: load_full_expert(model_cls, folder, torch_dtype=dtype)})
+                loaded_full[slot] = path
+            experts.append({"base_transformer": slot, "adapter_name": None, "type": kind})
+        self.register_modules(scheduler=scheduler)
+        self.register_to_config(
+            experts=experts,
+            phase_boundaries=list(config.phase_boundaries),
+            base_model=config.base_model,
+            base_revision=config.base_revision,
+            method=config.method,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        experts: str | os.PathLike | None = None,
+        revision: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        experts_revision: str | None = None,
+        **kwargs,
+    ) -> PhasedMoEPipeline:
+        """Load a Phased DMD pipeline.
+
+        `pretrained_model_name_or_path` (a local folder or a Hub repo id) is one of:
+
+        - an experts-only repository (`phased_dmd_config.json` without `model_index.json`): its base model is
+          resolved from the config's `base_model` / `base_revision` and loaded with diffusers;
+        - a full Phased DMD pipeline folder (both files), self-contained;
+        - a base `QwenImagePipeline` / `WanPipeline` repository, with `experts=` naming an experts-only repository.
+
+        Hub repositories are resolved with `huggingface_hub.snapshot_download` (honouring `cache_dir`, `revision`,
+        `local_files_only` and `HF_HUB_OFFLINE`). Weights are read from safetensors only and no remote code is run.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): See above.
+            experts (`str` or `os.PathLike`, *optional*): Experts-only folder or repo id to put on a base pipeline.
+            revision (`str`, *optional*): Revision of `pretrained_model_name_or_path`.
+            torch_dtype (`torch.dtype`, *optional*): Dtype of the loaded models.
+            cache_dir (`str` or `os.PathLike`, *optional*): Hub cache folder.
+            local_files_only (`bool`, *optional*): Only use the local cache.
+            token (`str` or `bool`, *optional*): Hub token for private repositories.
+            experts_revision (`str`, *optional*): Revision of `experts`.
+            **kwargs: Forwarded to diffusers' `from_pretrained` of the base pipeline (e.g. `device_map`).
+
+        Returns:
+            [`PhasedMoEPipeline`]
+        """
+        if kwargs.pop("trust_remote_code", False) or kwargs.pop("custom_pipeline", None) is not None:
+            raise ValueError("`trust_remote_code` / `custom_pipeline` are not supported: no remote code is run.")
+        if kwargs.pop("use_safetensors", True) is not True:
+            raise ValueError("`use_safetensors` must be True: Phased DMD pipelines load safetensors only.")
+        hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+        root = resolve_repo(pretrained_model_name_or_path, revision, **hub)
+        has_index, has_experts = (root / "model_index.json").is_file(), (root / CONFIG_NAME).is_file()
+        if experts is not None:
+            if has_experts:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} already holds Phased DMD experts; `experts=` takes a base "
+                    "pipeline's experts, pass the base pipeline (or load this one without `experts`)."
+                )
+            if not has_index:
+                raise ValueError(f"{pretrained_model_name_or_path} is not a diffusers pipeline (no model_index.json).")
+            experts_root, base_root = resolve_repo(experts, experts_revision, **hub), root
+        elif has_experts:
+            experts_root = root
+            if has_index:
+                base_root = root
+            else:
+                config = ExpertsConfig.load(root)
+                if config.base_model is None:
+                    raise ValueError(f"{root / CONFIG_NAME} has no `base_model` to load the experts onto.")
+                base_root = resolve_repo(config.base_model, config.base_revision, **hub)
+        else:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has no {CONFIG_NAME}: pass `experts=` (an experts-only folder or "
+                "repo id) to load a base pipeline with Phased DMD experts."
+            )
+        config = ExpertsConfig.load(experts_root)
+        index = json.loads((base_root / "model_index.json").read_text())
+        class_name = index.get("_class_name")
+        load_kwargs = {"torch_dtype": torch_dtype, "use_safetensors": True, "local_files_only": True, **kwargs}
+        if class_name == cls.__name__:
+            pipe = super().from_pretrained(base_root, **load_kwargs)
+            pipe._load_experts(experts_root, config, torch_dtype, full_folder=True)
+            return pipe
+        if class_name not in _BASE_PIPELINES:
+            raise ValueError(f"The base pipeline must be one of {_BASE_PIPELINES}, {base_root} is a {class_name!r}.")
+        base = getattr(diffusers, class_name).from_pretrained(base_root, **load_kwargs)
+        base_family = get_family(base)
+        if base_family.name != config.family:
+            raise ValueError(f"The experts are for `family` {config.family!r}; the base is {base_family.name!r}.")
+        pipe = cls(
+            scheduler=PhasedDMDScheduler.from_config(
+                base.scheduler.config, phase_boundaries=config.phase_boundaries, steps_per_phase=config.steps_per_phase
+            ),
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            transformer=base.transformer,
+            transformer_2=getattr(base, "transformer_2", None),
+            family=config.family,
+            experts=None,
+            boundary_ratio=base.config.get("boundary_ratio"),
+            expand_timesteps=bool(base.config.get("expand_timesteps", False)),
+        )
+        pipe._load_experts(experts_root, config, torch_dtype, full_folder=False)
+        return pipe
+
+    def experts_config(self, base_model: str | None = None, base_revision: str | None = None, method=None):
+        """The [`~hub.ExpertsConfig`] `save_pretrained` writes (paths `phase_k`; full experts once per slot)."""
+        entries, full_paths = [], {}
+        for k, expert in enumerate(self.config.experts):
+            slot, kind = expert["base_transformer"], expert["type"]
+            path = None
+            if kind == "lora":
+                path = f"phase_{k}"
+            elif kind == "full":
+                path = full_paths.setdefault(slot, f"phase_{k}")
+            entries.append({"phase": k, "base_transformer": slot, "type": kind, "path": path})
+        return ExpertsConfig(
+            family=self.config.family,
+            base_model=base_model or self.config.base_model,
+            base_revision=base_revision or self.config.base_revision,
+            phase_boundaries=[float(b) for b in self.scheduler.config.phase_boundaries],
+            steps_per_phase=list(self.scheduler.config.steps_per_phase),
+            method=method or self.config.method or "phased_dmd",
+            experts=entries,
+        )
+
+    @contextlib.contextmanager
+    def _save_transformers_without_adapters(self):
+        # DiffusionPipeline.save_pretrained saves each module with its own `save_pretrained`, which would write a
+        # transformer carrying peft layers with `base_layer` / `lora_*` keys. For the duration of the save such a
+        # transformer's method is shadowed by one that writes the base weights only (the LoRAs go to `phase_k/`).
+        shadowed = []
+        for slot in TRANSFORMER_SLOTS:
+            module = getattr(self, slot, None)
+            if module is None or not _has_adapters(module):
+                continue
+
+            def save(save_directory, safe_serialization=True, max_shard_size=None, _module=module, **kwargs):
+                save_full_expert(_module, save_directory, max_shard_size=max_shard_size or "10GB")
+
+            module.save_pretrained = save
+            shadowed.append(module)
+        try:
+            yield
+        finally:
+            for module in shadowed:
+                del module.save_pretrained
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        experts_only: bool = False,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        method: str | None = None,
+        safe_serialization: bool = True,
+        **kwargs,
+    ):
+        """Save the pipeline as an experts-only folder or as a full, self-contained pipeline folder.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): Destination folder.
+            experts_only (`bool`, defaults to `False`): Write only `phased_dmd_config.json`, `scheduler/` and the
+                experts (`phase_k/`); loading resolves the base from `base_model`. Otherwise also write
+                `model_index.json` and every component (transformers without their LoRA layers).
+            base_model (`str`, *optional*), base_revision (`str`, *optional*), method (`str`, *optional*): Override
+                the provenance kept in the config; an experts-only folder needs a `base_model`.
+            safe_serialization (`bool`): Must be True (safetensors only).
+            **kwargs: Forwarded to `DiffusionPipeline.save_pretrained` for the full form.
+        """
+        if not safe_serialization:
+            raise ValueError("`safe_serialization` must be True: Phased DMD pipelines are saved as safetensors only.")
+        if kwargs.get("push_to_hub"):
+            raise ValueError("`push_to_hub` is not supported here; use `diffusers_pdmd.hub.push_experts_to_hub`.")
+        self._check_experts()
+        config = self.experts_config(base_model, base_revision, method)
+        if experts_only and config.base_model is None:
+            raise ValueError("`base_model` (repo id or path of the base pipeline) is needed to save experts only.")
+        out = pathlib.Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        saved_full = set()
+        for expert, entry in zip(self.config.experts, config.experts):
+            module = getattr(self, entry["base_transformer"])
+            if entry["type"] == "lora":
+                save_lora_expert(module, expert["adapter_name"], out / entry["path"])
+            elif entry["type"] == "full" and entry["path"] not in saved_full:
+                saved_full.add(entry["path"])
+                if experts_only:
+                    save_full_expert(module, out / entry["path"])
+        if experts_only:
+            self.scheduler.save_pretrained(out / "scheduler")
+        else:
+            # A full folder keeps full experts in their component folders instead of `phase_k/`.
+            config.experts = [
+                {**e, "path": e["base_transformer"]} if e["type"] == "full" else e for e in config.experts
+            ]
+            config.validate()
+            with self._save_transformers_without_adapters():
+                super().save_pretrained(out, safe_serialization=True, **kwargs)
+            # The model index describes the experts as loading will name them (LoRA adapters become `phase_k`).
+            index = json.loads((out / "model_index.json").read_text())
+            index["experts"] = [
+                {"base_transformer": e["base_transformer"], "adapter_name": f"phase_{e['phase']}", "type": "lora"}
+                if e["type"] == "lora"
+                else {"base_transformer": e["base_transformer"], "adapter_name": None, "type": e["type"]}
+                for e in config.experts
+            ]
+            index.update(
+                phase_boundaries=config.phase_boundaries,
+                base_model=config.base_model,
+                base_revision=config.base_revision,
+                method=config.method,
+            )
+            (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config.save(out)
+
+    # ------------------------------------------------------------------ sampling
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    @property
+    def attention_kwargs(self):
+        return self._attention_kwargs
+
+    def check_inputs(
+        self,
+        family: Family,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_frames,
+        true_cfg_scale,
+        guidance_scale,
+        guidance_scale_2,
+        num_images_per_prompt,
+        num_videos_per_prompt,
+        generator,
+        latents,
+        prompt_embeds,
+        prompt_embeds_mask,
+        negative_prompt_embeds,
+        negative_prompt_embeds_mask,
+        image,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        max_sequence_length,
+    ):
+        """Validate every argument before any model runs; raises `ValueError` naming the argument."""
+        if self.config.family not in FAMILIES:
+            raise ValueError(f"`family` must be one of {FAMILIES}, got {self.config.family!r}.")
+        self._check_experts()
+        family.check_size(height, width, num_frames)
+        if output_type not in family.output_types:
+            raise ValueError(f"`output_type` must be one of {family.output_types}, got {output_type!r}.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass one of `prompt` or `prompt_embeds`.")
+        for arg, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if value is not None and not (
+                isinstance(value, str)
+                or (isinstance(value, list) and value and all(isinstance(p, str) for p in value))
+            ):
+                raise ValueError(
+                    f"`{arg}` must be a string or a non-empty list of strings, got {type(value).__name__}."
+                )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else None
+        if prompt_embeds is not None:
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+                raise ValueError("`prompt_embeds` must be a tensor of shape (batch, tokens, dim).")
+            batch_size = prompt_embeds.shape[0]
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has batch size {batch_size}."
+            )
+        if negative_prompt_embeds is not None and (
+            prompt_embeds is None or negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]
+        ):
+            raise ValueError("`negative_prompt_embeds` needs `prompt_embeds` with the same batch size.")
+        for arg, mask, embeds in (
+            ("prompt_embeds_mask", prompt_embeds_mask, prompt_embeds),
+            ("negative_prompt_embeds_mask", negative_prompt_embeds_mask, negative_prompt_embeds),
+        ):
+            if mask is None:
+                continue
+            if family.name != "qwen-image":
+                raise ValueError(f"`{arg}` is for qwen-image; {family.name} pads its embeddings with zeros.")
+            if embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2]):
+                raise ValueError(f"`{arg}` must have the shape (batch, tokens) of its embeddings.")
+        if family.name == "qwen-image":
+            wrong = {"guidance_scale": guidance_scale, "guidance_scale_2": guidance_scale_2, "image": image}
+            wrong["num_videos_per_prompt"] = num_videos_per_prompt
+        else:
+            wrong = {"true_cfg_scale": true_cfg_scale, "num_images_per_prompt": num_images_per_prompt}
+            if not family.expand_timesteps:
+                wrong["image"] = image
+        for arg, value in wrong.items():
+            if value is not None:
+                raise ValueError(f"`{arg}` is not an argument of {family.name}.")
+        if image is not None and not isinstance(image, PIL.Image.Image | np.ndarray | torch.Tensor):
+            raise ValueError(f"`image` must be a PIL image, a numpy array or a tensor, got {type(image).__name__}.")
+        name = "num_images_per_prompt" if family.name == "qwen-image" else "num_videos_per_prompt"
+        num_per_prompt = num_images_per_prompt if family.name == "qwen-image" else num_videos_per_prompt
+        num_per_prompt = 1 if num_per_prompt is None else num_per_prompt
+        if not isinstance(num_per_prompt, int) or isinstance(num_per_prompt, bool) or num_per_prompt < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {num_per_prompt!r}.")
+        for arg, value in (
+            ("true_cfg_scale", true_cfg_scale),
+            ("guidance_scale", guidance_scale),
+            ("guidance_scale_2", guidance_scale_2),
+        ):
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"`{arg}` must be a number >= 0, got {value!r}.")
+        slots = {e["base_transformer"] for e in self.config.experts}
+        if guidance_scale_2 is not None and "transformer_2" not in slots:
+            raise ValueError("`guidance_scale_2` is for experts on `transformer_2`; no expert uses it.")
+        if not isinstance(max_sequence_length, int) or not 0 < max_sequence_length <= 1024:
+            raise ValueError(f"`max_sequence_length` must be an int in [1, 1024], got {max_sequence_length!r}.")
+        total = batch_size * num_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators for a batch of {total}.")
+        if latents is not None:
+            expected = family.latent_shape(self, total, height, width, num_frames)
+            if tuple(latents.shape) != tuple(expected):
+                raise ValueError(f"`latents` must have shape {tuple(expected)}, got {tuple(latents.shape)}.")
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got "
+                f"{callback_on_step_end_tensor_inputs}."
+            )
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
+        true_cfg_scale: float | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
+        num_images_per_prompt: int | None = None,
+        num_videos_per_prompt: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_mask: torch.Tensor | None = None,
+        image=None,
+        output_type: str | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        max_sequence_length: int = 512,
+    ):
+        r"""
+        Generate images (Qwen-Image) or videos (Wan2.2) with the phase experts.
+
+        Arguments follow the family pipeline; those of the other family raise `ValueError`.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): The prompt(s); or pass `prompt_embeds`.
+            negative_prompt (`str` or `list[str]`, *optional*): For classifier-free guidance (only used when the
+                guidance scale is > 1; Wan uses `""` when it is not given).
+            height (`int`, *optional*), width (`int`, *optional*): Output size in pixels (family defaults: Qwen-Image
+                `128 * vae_scale_factor` square, Wan 480 x 832).
+            num_frames (`int`, *optional*): Wan only; `num_frames - 1` divisible by the VAE's temporal factor
+                (default 81).
+            num_inference_steps (`int`, *optional*): Must equal the scheduler's `sum(steps_per_phase)` if given.
+            sigmas (`list[float]`, *optional*): Explicit sigmas for the scheduler (they must contain the phase
+                boundaries).
+            true_cfg_scale (`float`, *optional*, defaults to 1.0): Qwen-Image guidance; > 1 with a negative prompt
+                enables it. Distilled experts need none.
+            guidance_scale (`float`, *optional*, defaults to 1.0): Wan guidance for experts on `transformer`; > 1
+                enables it.
+            guidance_scale_2 (`float`, *optional*): Wan guidance for experts on `transformer_2` (defaults to
+                `guidance_scale`).
+            num_images_per_prompt (`int`, *optional*): Qwen-Image samples per prompt (default 1).
+            num_videos_per_prompt (`int`, *optional*): Wan samples per prompt (default 1).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For reproducible noise.
+            latents (`torch.Tensor`, *optional*): Initial noise in the transformer's input space.
+            prompt_embeds (`torch.Tensor`, *optional*), prompt_embeds_mask (`torch.Tensor`, *optional*): Precomputed
+                text embeddings (and Qwen-Image's padding mask).
+            negative_prompt_embeds (`torch.Tensor`, *optional*), negative_prompt_embeds_mask (`torch.Tensor`,
+                *optional*): The same for the negative prompt.
+            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`, *optional*): Wan2.2 TI2V-5B first frame for
+                image-to-video, as `WanImageToVideoPipeline` uses it.
+            output_type (`str`, *optional*): `"pil"`, `"np"`, `"pt"` or `"latent"` (Qwen-Image default `"pil"`, Wan
+                `"np"`).
+            return_dict (`bool`, defaults to `True`): Return the family's output class instead of a tuple.
+            attention_kwargs (`dict`, *optional*): Passed to the attention processors.
+            callback_on_step_end (`Callable`, *optional*): Called as `callback_on_step_end(self, step, timestep,
+                callback_kwargs)` after each step; may return replacements for the tensors.
+            callback_on_step_end_tensor_inputs (`list[str]`): Tensors passed to the callback (from
+                `_callback_tensor_inputs`).
+            max_sequence_length (`int`, defaults to 512): Maximum number of prompt tokens.
+
+        Examples:
+
+        Returns:
+            `QwenImagePipelineOutput` (`.images`) for Qwen-Image or `WanPipelineOutput` (`.frames`) for Wan2.2, or a
+            tuple `(images_or_frames,)` when `return_dict` is False.
+        """
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        family = self.family
+        default_h, default_w, default_f = family.default_size(self)
+        height = default_h if height is None else height
+        width = default_w if width is None else width
+        if family.is_video and num_frames is None:
+            num_frames = default_f
+        output_type = output_type or family.default_output_type
+        num_per_prompt = num_images_per_prompt if family.name == "qwen-image" else num_videos_per_prompt
+        num_per_prompt = 1 if num_per_prompt is None else num_per_prompt
+
+        # 1. Check inputs; none of the models has run yet.
+        self.check_inputs(
+            family,
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_frames,
+            true_cfg_scale,
+            guidance_scale,
+            guidance_scale_2,
+            num_images_per_prompt,
+            num_videos_per_prompt,
+            generator,
+            latents,
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            image,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            max_sequence_length,
+        )
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        total = batch_size * num_per_prompt
+        device = self._execution_device
+
+        # 2. Timesteps (a step count the scheduler cannot make is its ValueError, also before any model runs).
+        seq_len = family.latent_shape(self, total, height, width, num_frames)[1]
+        self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=family.mu(self, seq_len))
+        timesteps = self.scheduler.timesteps
+        phases = [self.scheduler.phase_index(t) for t in timesteps.cpu()]
+
+        # 3. Guidance per phase: Qwen-Image's true CFG; Wan's scale of the expert's transformer.
+        expert_slots = [e["base_transformer"] for e in self.config.experts]
+        if family.name == "qwen-image":
+            has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+            scale = 1.0 if true_cfg_scale is None else float(true_cfg_scale)
+            if scale > 1 and not has_negative:
+                logger.warning(
+                    f"`true_cfg_scale`={scale} is ignored: classifier-free guidance needs a negative prompt."
+                )
+            elif scale <= 1 and has_negative:
+                logger.warning("The negative prompt is ignored: classifier-free guidance needs `true_cfg_scale` > 1.")
+            phase_scales = [scale if has_negative else 1.0 for _ in expert_slots]
+        else:
+            scale = 1.0 if guidance_scale is None else float(guidance_scale)
+            scale_2 = scale if guidance_scale_2 is None else float(guidance_scale_2)
+            phase_scales = [scale_2 if slot == "transformer_2" else scale for slot in expert_slots]
+        do_cfg = any(phase_scales[p] > 1 for p in set(phases))
+        self._guidance_scale = phase_scales
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+
+        # 4. Conditioning and noise, as the family pipeline computes them.
+        cond = family.encode_prompt(
+            self,
+            prompts,
+            device,
+            max_sequence_length=max_sequence_length,
+            num_per_prompt=num_per_prompt,
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_mask=prompt_embeds_mask,
+        )
+        uncond = None
+        if do_cfg:
+            if negative_prompt_embeds is None and family.name != "qwen-image":
+                negative_prompt = negative_prompt or ""
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * batch_size
+            uncond = family.encode_prompt(
+                self,
+                negative_prompt,
+                device,
+                max_sequence_length=max_sequence_length,
+                num_per_prompt=num_per_prompt,
+                prompt_embeds=negative_prompt_embeds,
+                prompt_embeds_mask=negative_prompt_embeds_mask,
+            )
+        latents = family.prepare_latents(
+            self, total, height, width, num_frames, generator, device, family.latents_dtype(cond), latents
+        )
+        extra_cond = family.size_cond(height, width, num_frames, batch_size)
+        if image is not None:
+            extra_cond.update(family.encode_image(self, image, total, height, width, num_frames, device, generator))
+        cond.update(extra_cond)
+        if uncond is not None:
+            uncond.update(extra_cond)
+
+        # 5. Denoising loop: the expert of each step's phase.
+        switcher = self.expert_switcher
+        switcher.reset()
+        self._num_timesteps = len(timesteps)
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                phase = phases[i]
+                model = switcher.activate(phase)
+                sigma = self.scheduler.sigmas[i].expand(latents.shape[0])
+                context = {
+                    "step_index": i,
+                    "sigma": float(self.scheduler.sigmas[i]),
+                    "num_inference_steps": len(timesteps),
+                }
+                with model.cache_context("cond", **context):
+                    v = family.velocity(model, latents, sigma, cond, attention_kwargs=attention_kwargs)
+                if uncond is not None and phase_scales[phase] > 1:
+                    with model.cache_context("uncond", **context):
+                        v_uncond = family.velocity(model, latents, sigma, uncond, attention_kwargs=attention_kwargs)
+                    v = family.combine_cfg(v, v_uncond, phase_scales[phase])
+                latents = self.scheduler.step(v, t, latents, generator=generator, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    tensors = {
+                        "latents": latents,
+                        "prompt_embeds": cond["prompt_embeds"],
+                        "negative_prompt_embeds": uncond["prompt_embeds"] if uncond is not None else None,
+                    }
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    cond["prompt_embeds"] = callback_outputs.pop("prompt_embeds", cond["prompt_embeds"])
+                    if uncond is not None:
+                        uncond["prompt_embeds"] = callback_outputs.pop(
+                            "negative_prompt_embeds", uncond["prompt_embeds"]
+                        )
+                progress_bar.update()
+
+        # 6. Decode.
+        self._current_timestep = None
+        latents = family.apply_condition(latents, cond)
+        output = family.decode(self, latents, height, width, num_frames, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (output,)
+        if family.is_video:
+            return WanPipelineOutput(frames=output)
+        return QwenImagePipelineOutput(images=output)

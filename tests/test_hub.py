@@ -1,0 +1,321 @@
+"""Experts format and Hub plumbing: config validation, LoRA / full expert files, the Hub cache, push, model card."""
+
+import hashlib
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, RepoUrl, constants
+from peft import LoraConfig
+from safetensors import safe_open
+
+from diffusers_pdmd import PhasedDMDScheduler, hub, tiny
+from diffusers_pdmd.pipelines import PhasedMoEPipeline
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models run faster on one thread, above all on a shared machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def add_lora(module, name, seed, targets=("to_q", "to_k", "to_v")):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+        module.add_adapter(config, adapter_name=name)
+
+
+def experts_config(**overrides):
+    data = {
+        "format_version": 1,
+        "family": "wan2.2-t2v-a14b",
+        "base_model": "org/base",
+        "base_revision": None,
+        "phase_boundaries": [0.875],
+        "steps_per_phase": [2, 2],
+        "method": "phased_dmd",
+        "experts": [
+            {"phase": 0, "base_transformer": "transformer", "type": "lora", "path": "phase_0"},
+            {"phase": 1, "base_transformer": "transformer_2", "type": "lora", "path": "phase_1"},
+        ],
+    }
+    data.update(overrides)
+    return data
+
+
+def test_experts_config_round_trip(tmp_path):
+    config = hub.ExpertsConfig.from_dict(experts_config())
+    path = config.save(tmp_path)
+    assert path.name == hub.CONFIG_NAME
+    assert list(json.loads(path.read_text())) == [
+        "format_version",
+        "family",
+        "base_model",
+        "base_revision",
+        "phase_boundaries",
+        "steps_per_phase",
+        "method",
+        "experts",
+    ]
+    assert hub.ExpertsConfig.load(tmp_path).to_dict() == experts_config()
+
+
+def _expert(k, **kw):
+    return {"phase": k, "base_transformer": "transformer", "type": "lora", "path": f"phase_{k}", **kw}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"format_version": 2}, "format_version"),
+        ({"family": "sdxl"}, "family"),
+        ({"base_model": ""}, "base_model"),
+        ({"phase_boundaries": [0.5, 0.7]}, "phase_boundaries"),
+        ({"phase_boundaries": [1.0]}, "phase_boundaries"),
+        ({"steps_per_phase": [2]}, "steps_per_phase"),
+        ({"steps_per_phase": [2, 0]}, "steps_per_phase"),
+        ({"method": ""}, "method"),
+        ({"experts": [_expert(0)]}, "experts"),
+        ({"experts": [_expert(0), _expert(0)]}, "experts\\[1\\].phase"),
+        ({"experts": [_expert(0), _expert(1, type="dora")]}, "experts\\[1\\].type"),
+        ({"experts": [_expert(0), _expert(1, base_transformer="unet")]}, "experts\\[1\\].base_transformer"),
+        ({"experts": [_expert(0), _expert(1, path="../../etc")]}, "experts\\[1\\].path"),
+        ({"experts": [_expert(0), _expert(1, path="/abs")]}, "experts\\[1\\].path"),
+        ({"experts": [_expert(0), _expert(1, type="base")]}, "experts\\[1\\].path"),
+        ({"experts": [_expert(0), _expert(1, extra=1)]}, "unknown keys"),
+        ({"experts": [_expert(0, type="full"), _expert(1)]}, "full"),
+        ({"learning_rate": 1e-4}, "unknown field"),
+    ],
+)
+def test_experts_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        hub.ExpertsConfig.from_dict(experts_config(**overrides))
+
+
+def test_experts_config_family_specific_slots():
+    qwen = experts_config(family="qwen-image")
+    with pytest.raises(ValueError, match="experts\\[1\\].base_transformer"):
+        hub.ExpertsConfig.from_dict(qwen)  # Qwen-Image has no transformer_2 for a LoRA
+    qwen["experts"][1]["type"] = "full"  # a second fully fine-tuned transformer may use the slot
+    hub.ExpertsConfig.from_dict(qwen)
+    with pytest.raises(ValueError, match="missing"):
+        hub.ExpertsConfig.from_dict({"family": "qwen-image"})
+    with pytest.raises(ValueError, match="No phased_dmd_config.json"):
+        hub.ExpertsConfig.load("/nonexistent")
+
+
+def _transformer_inputs():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(1, 16, 16, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "encoder_hidden_states": torch.randn(1, 4, 16, generator=g),
+        "img_shapes": [[(1, 4, 4)]],
+        "return_dict": False,
+    }
+
+
+def test_lora_expert_file_round_trip_and_diffusers_compatibility(tmp_path):
+    transformer = tiny.build_components("qwen-image")["transformer"]
+    add_lora(transformer, "phase_0", seed=1)
+    add_lora(transformer, "phase_1", seed=2)
+    path = hub.save_lora_expert(transformer, "phase_1", tmp_path / "phase_1")
+    assert path == tmp_path / "phase_1" / "pytorch_lora_weights.safetensors"
+    with safe_open(path, "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    assert not any("phase_" in k for k in keys)  # the adapter name is not part of the keys
+    lora_config = json.loads(metadata["lora_adapter_metadata"])
+    assert lora_config["transformer.r"] == 4 and lora_config["transformer.lora_alpha"] == 8
+
+    transformer.set_adapter("phase_1")
+    expected = transformer(**_transformer_inputs())[0]
+    fresh = tiny.build_components("qwen-image")["transformer"]
+    hub.load_lora_expert(fresh, path.parent, "expert")
+    assert fresh.peft_config["expert"].r == 4 and fresh.peft_config["expert"].lora_alpha == 8
+    torch.testing.assert_close(fresh(**_transformer_inputs())[0], expected)
+    with pytest.raises(ValueError, match="already"):
+        hub.load_lora_expert(fresh, path, "expert")
+    with pytest.raises(ValueError, match="adapter_name"):
+        hub.save_lora_expert(fresh, "missing", tmp_path / "x")
+
+    # diffusers' own LoRA loader reads the file as it is.
+    pipe = tiny.build_pipeline("qwen-image")
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="mine")
+    torch.testing.assert_close(pipe.transformer(**_transformer_inputs())[0], expected)
+
+
+def test_full_expert_drops_lora_layers(tmp_path):
+    components = tiny.build_components("qwen-image")
+    transformer = components["transformer"]
+    reference = {k: v.clone() for k, v in transformer.state_dict().items()}
+    add_lora(transformer, "a", seed=0)
+    assert hub.base_state_dict(transformer).keys() == reference.keys()
+    hub.save_full_expert(transformer, tmp_path / "full")
+    loaded = hub.load_full_expert(type(transformer), tmp_path / "full")
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, reference[key])
+    transformer.fuse_lora()
+    with pytest.raises(ValueError, match="fused"):
+        hub.save_full_expert(transformer, tmp_path / "fused")
+
+
+def test_resolve_repo_local_and_invalid(tmp_path):
+    assert hub.resolve_repo(tmp_path) == tmp_path
+    with pytest.raises(ValueError, match="neither a local directory nor a valid Hub repo id"):
+        hub.resolve_repo("not a/repo/id")
+
+
+# ---------------------------------------------------------------------------------------------- the Hub cache
+
+
+def put_in_hub_cache(cache, repo_id, folder, commit):
+    """Lays `folder` out as huggingface_hub caches a snapshot: blobs, a snapshot of symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(HfApi, "repo_info", lambda *a, **k: pytest.fail("the Hub was contacted"))
+    return cache
+
+
+def _qwen_experts_pipeline(base_model):
+    components = tiny.build_components("qwen-image")
+    add_lora(components["transformer"], "hi", seed=1)
+    add_lora(components["transformer"], "lo", seed=2)
+    scheduler = PhasedDMDScheduler.from_config(
+        components["scheduler"].config, phase_boundaries=[0.6], steps_per_phase=[1, 1]
+    )
+    pipe = PhasedMoEPipeline(
+        **{**components, "scheduler": scheduler},
+        experts=[("transformer", "hi"), ("transformer", "lo")],
+        base_model=base_model,
+    )
+    return pipe
+
+
+def _images(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a cat", height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_from_pretrained_resolves_experts_and_base_from_the_hub_cache(tmp_path, offline_cache):
+    base_sha, experts_sha = "a" * 40, "b" * 40
+    put_in_hub_cache(offline_cache, "org/base", tiny.save_pipeline("qwen-image", tmp_path / "base"), base_sha)
+    pipe = _qwen_experts_pipeline("org/base")
+    expected = _images(pipe)
+    pipe.save_pretrained(tmp_path / "experts", experts_only=True, base_revision=base_sha)
+    put_in_hub_cache(offline_cache, "org/experts", tmp_path / "experts", experts_sha)
+
+    for loaded in (
+        PhasedMoEPipeline.from_pretrained("org/experts"),
+        PhasedMoEPipeline.from_pretrained("org/experts", revision=experts_sha),
+        PhasedMoEPipeline.from_pretrained("org/base", experts="org/experts"),
+    ):
+        assert str(offline_cache) in str(loaded.transformer.config._name_or_path)
+        assert loaded.config.base_model == "org/base" and loaded.config.base_revision == base_sha
+        np.testing.assert_allclose(_images(loaded), expected, atol=1e-6, rtol=0)
+
+    with pytest.raises(Exception, match="(?i)cannot find|not found|offline"):
+        PhasedMoEPipeline.from_pretrained("org/missing")
+
+
+def test_from_pretrained_honours_cache_dir_and_local_files_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(HfApi, "repo_info", lambda *a, **k: pytest.fail("the Hub was contacted"))
+    cache = tmp_path / "elsewhere"
+    put_in_hub_cache(cache, "org/base", tiny.save_pipeline("qwen-image", tmp_path / "base"), "c" * 40)
+    pipe = _qwen_experts_pipeline("org/base")
+    pipe.save_pretrained(tmp_path / "experts", experts_only=True)
+    loaded = PhasedMoEPipeline.from_pretrained(tmp_path / "experts", cache_dir=cache, local_files_only=True)
+    np.testing.assert_allclose(_images(loaded), _images(pipe), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- push, model card
+
+
+def test_push_experts_to_hub_uploads_without_leaking_the_token(tmp_path, monkeypatch, capsys, caplog):
+    token = "hf_SECRETtoken0123456789"
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = {"repo_id": repo_id, "token": self.token, **kwargs}
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        calls["upload_folder"] = {"token": self.token, **kwargs}
+        calls["files"] = sorted(
+            str(p.relative_to(kwargs["folder_path"])) for p in tmp_path.joinpath("experts").rglob("*") if p.is_file()
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    caplog.set_level(logging.DEBUG)
+    pipe = _qwen_experts_pipeline("org/base")
+    pipe.save_pretrained(tmp_path / "experts", experts_only=True)
+
+    url = hub.push_experts_to_hub(
+        tmp_path / "experts", "org/experts", token=token, private=True, ignore_patterns=["logs/*"]
+    )
+    assert url == "https://huggingface.co/org/experts"
+    assert calls["create_repo"]["token"] == token and calls["create_repo"]["private"] is True
+    assert calls["create_repo"]["exist_ok"] is True
+    assert calls["upload_folder"]["repo_id"] == "org/experts" and "logs/*" in calls["upload_folder"]["ignore_patterns"]
+    assert "README.md" in calls["files"] and "phased_dmd_config.json" in calls["files"]
+    assert "phase_0/pytorch_lora_weights.safetensors" in calls["files"]
+    captured = capsys.readouterr()
+    assert token not in captured.out + captured.err + caplog.text
+    assert "org/experts" in (tmp_path / "experts" / "README.md").read_text()
+
+    with pytest.raises(ValueError, match="phased_dmd_config.json"):
+        hub.push_experts_to_hub(tmp_path, "org/experts", token=token)
+
+
+def test_model_card(tmp_path):
+    config = hub.ExpertsConfig.from_dict(experts_config())
+    card = hub.write_model_card(
+        tmp_path,
+        config,
+        repo_id="org/wan-phased",
+        training_figures={"generator updates": 1000, "batch size": 64},
+        validation_images=["grid.png"],
+        extra_text="Trained on a test.",
+    )
+    text = (tmp_path / "README.md").read_text()
+    assert text == str(card)
+    assert card.data.base_model == "org/base" and card.data.library_name == "diffusers"
+    assert {"phased-dmd", "few-step", "distillation", "lora", "text-to-video"} <= set(card.data.tags)
+    assert 'PhasedMoEPipeline.from_pretrained("org/wan-phased"' in text and ".frames[0]" in text
+    assert "| generator updates | 1000 |" in text and "![sample](grid.png)" in text and "Trained on a test." in text
+    qwen = hub.ExpertsConfig.from_dict(
+        experts_config(family="qwen-image", base_model=str(tmp_path), experts=[_expert(0), _expert(1)])
+    )
+    card = hub.write_model_card(tmp_path, qwen)
+    assert card.data.base_model is None  # a local path is not Hub metadata
+    assert "text-to-image" in card.data.tags and ".images[0]" in str(card)
