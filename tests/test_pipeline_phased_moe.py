@@ -301,6 +301,35 @@ def test_switcher_adapter_mode_equals_peft_mode():
     assert (outs["adapter"][0] - outs["adapter"][1]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("mode", ["resident", "delta"])
+def test_merging_modes_equal_unfused_adapters_and_release(mode):
+    """Merged experts (resident copies or in-place deltas) compute what the unfused adapters compute."""
+    transformer = _qwen_with_adapters()
+    x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = {
+        "hidden_states": x,
+        "timestep": torch.tensor([0.5]),
+        "encoder_hidden_states": torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(1)),
+        "img_shapes": [[(1, 4, 4)]],
+        "return_dict": False,
+    }
+    order = (0, 1, 2, 0, 2, 1)
+    plain = ExpertSwitcher([(transformer, "a"), (transformer, None), (transformer, "b")], mode="adapter")
+    want = [plain.activate(k)(**kwargs)[0] for k in order]
+    base_weights = {n: p.detach().clone() for n, p in transformer.named_parameters() if "base_layer" in n}
+    merged = ExpertSwitcher([(transformer, "a"), (transformer, None), (transformer, "b")], mode=mode)
+    got = [merged.activate(k)(**kwargs)[0] for k in order]
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert merged.num_swaps == len(order) - 1
+    merged.release()
+    for n, p in transformer.named_parameters():  # the base weights are back, and the unfused forward works again
+        if n in base_weights:
+            torch.testing.assert_close(p, base_weights[n], atol=1e-6, rtol=0)
+    again = ExpertSwitcher([(transformer, "a"), (transformer, None), (transformer, "b")], mode="adapter")
+    torch.testing.assert_close(again.activate(2)(**kwargs)[0], want[2], atol=1e-6, rtol=0)
+
+
 def test_switcher_rejects_bad_experts():
     transformer = _qwen_with_adapters(("a",))
     with pytest.raises(ValueError, match="available adapters: \\['a'\\]"):

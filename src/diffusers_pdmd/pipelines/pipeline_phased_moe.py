@@ -198,6 +198,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
             tuple(tuple(getattr(module, "peft_config", {})) for module, _ in experts),
         )
         if self._switcher is None or key != self._switcher_key:
+            if self._switcher is not None:
+                self._switcher.release()  # unmerge experts merged by a previous "resident" / "delta" switcher
             self._switcher = ExpertSwitcher(experts, mode=self.expert_swap_mode)
             self._switcher_key = key
         return self._switcher

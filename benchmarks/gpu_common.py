@@ -1,0 +1,405 @@
+"""Shared helpers of the GPU benchmarks (`benchmarks/gpu_*.py`): published configs, models built directly on the
+device in bf16 with random weights, timing, the device's own ceilings, and the doc writer.
+
+Every script runs standalone on a GPU machine (`python benchmarks/gpu_swap.py --out swap.json`) and with `--tiny`
+on a CPU (small configs, a check of the logic, not a measurement). Each writes its JSON and its section of
+`docs/benchmarks/gpu.md` (between `<!-- name:begin -->` and `<!-- name:end -->`); `--from_json FILE` re-renders the
+section from a saved JSON without running anything (for results that came back from a remote machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks" / "gpu.md"
+
+# Published configs (Qwen/Qwen-Image transformer/config.json, Qwen2.5-VL-7B-Instruct, Wan-AI/Wan2.2-T2V-A14B-Diffusers).
+QWEN_IMAGE_TRANSFORMER = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+QWEN_IMAGE_TRANSFORMER_TINY = {
+    **QWEN_IMAGE_TRANSFORMER,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "axes_dims_rope": (4, 6, 6),
+}
+QWEN25_VL_7B_TEXT = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    "tie_word_embeddings": False,
+}
+QWEN25_VL_7B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 3584,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "window_size": 112,
+}
+WAN22_A14B_TRANSFORMER = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+WAN22_A14B_TRANSFORMER_TINY = {
+    **WAN22_A14B_TRANSFORMER,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "text_dim": 32,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "rope_max_seq_len": 32,
+}
+UMT5_XXL_ENCODER = {
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+}
+
+# LoRA on every attention and MLP linear of the Qwen-Image blocks (not the modulation linears img_mod / txt_mod).
+QWEN_LORA_TARGETS = (
+    r".*transformer_blocks\.\d+\.("
+    r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|img_mlp\.net\.(0\.proj|2)|txt_mlp\.net\.(0\.proj|2))"
+)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU logic check, not a measurement)")
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--doc", default=str(DOC), help="markdown file whose section this script rewrites")
+    parser.add_argument("--from_json", default=None, help="only re-render the doc section from this JSON")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    return parser
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment() -> dict:
+    info = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor()})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join(["python", *sys.argv]),
+    }
+    for name in ("diffusers", "peft", "transformers"):
+        with contextlib.suppress(ImportError):
+            info[name] = __import__(name).__version__
+    if torch.cuda.is_available():
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> dict:
+    """Median (and all) wall times in ms of `fn`, synchronising the device around each call.
+
+    Each region is bracketed by CUDA events on the current stream and by a host clock; the reported figure is the
+    event time (device timeline), the host time is kept for regions that are bound by Python (a swap of 840 layers).
+    """
+    for _ in range(warmup):
+        fn()
+    sync()
+    dev, host = [], []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            host.append((time.perf_counter() - t0) * 1e3)
+            dev.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e3)
+            dev.append(host[-1])
+    return {
+        "ms": statistics.median(dev),
+        "host_ms": statistics.median(host),
+        "all_ms": [round(x, 3) for x in dev],
+        "spread_ms": round(max(dev) - min(dev), 3),
+    }
+
+
+def ceilings(tiny: bool = False) -> dict:
+    """The card's bf16 matmul rate (8192^3 on random data) and device-to-device copy bandwidth (read + write)."""
+    if not torch.cuda.is_available() or tiny:
+        return {"matmul_tflops": float("nan"), "copy_gbps": float("nan")}
+    n = 8192
+    a, b = (
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+    )
+    t = time_ms(lambda: a @ b, reps=10, warmup=3)["ms"]
+    src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    tc = time_ms(lambda: dst.copy_(src), reps=10, warmup=3)["ms"]
+    out = {"matmul_tflops": 2 * n**3 / t / 1e9, "copy_gbps": 2 * src.numel() * 2 / tc / 1e6}
+    a = b = src = dst = None  # free before returning
+    free()
+    return out
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def gib(n_bytes: float) -> float:
+    return round(n_bytes / 2**30, 2)
+
+
+def mem() -> dict:
+    if not torch.cuda.is_available():
+        return {"allocated_gib": 0.0, "peak_gib": 0.0}
+    return {"allocated_gib": gib(torch.cuda.memory_allocated()), "peak_gib": gib(torch.cuda.max_memory_allocated())}
+
+
+@contextlib.contextmanager
+def build_context(dtype=torch.bfloat16):
+    """Build modules directly on the device in `dtype` (random init there: seconds, not minutes, at 20B)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device()):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def dtype_for(tiny: bool) -> torch.dtype:
+    return torch.bfloat16
+
+
+def build_qwen_transformer(tiny: bool, seed: int = 0):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    config = QWEN_IMAGE_TRANSFORMER_TINY if tiny else QWEN_IMAGE_TRANSFORMER
+    with build_context():
+        model = QwenImageTransformer2DModel(**config)
+    return model.eval().requires_grad_(False)
+
+
+def qwen_shapes(tiny: bool, height: int = 1024, width: int = 1024) -> dict:
+    """Packed latent shape of Qwen-Image: VAE /8, 2x2 patches -> (H/16 * W/16) tokens of 16*4 channels."""
+    if tiny:
+        height = width = 128
+    config = QWEN_IMAGE_TRANSFORMER_TINY if tiny else QWEN_IMAGE_TRANSFORMER
+    h, w = height // 16, width // 16
+    return {
+        "height": height,
+        "width": width,
+        "tokens": h * w,
+        "channels": config["in_channels"],
+        "img_shapes": (1, h, w),
+        "text_len": 8 if tiny else 64,
+        "text_dim": config["joint_attention_dim"],
+    }
+
+
+def qwen_inputs(tiny: bool, batch: int = 1, text_len: int | None = None, seed: int = 0) -> dict:
+    shapes = qwen_shapes(tiny)
+    g = torch.Generator(device()).manual_seed(seed)
+    text_len = text_len or shapes["text_len"]
+    return {
+        "x": torch.randn(batch, shapes["tokens"], shapes["channels"], generator=g, device=device()),
+        "text": torch.randn(batch, text_len, shapes["text_dim"], generator=g, device=device(), dtype=torch.bfloat16),
+        "img_shapes": [[shapes["img_shapes"]]] * batch,
+    }
+
+
+def qwen_velocity(model, text: torch.Tensor, img_shapes) -> Callable:
+    """`v = f(x_t, t)` of the Qwen-Image transformer, `t` a `(B,)` tensor of sigmas in [0, 1].
+
+    The prompt embeddings carry no padding, so `encoder_hidden_states_mask=None` as the diffusers pipeline passes
+    for an all-ones mask (attention then takes the flash kernel).
+    """
+
+    def f(x, t):
+        out = model(
+            hidden_states=x.to(torch.bfloat16),
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=None,
+            timestep=t.to(x.device),
+            img_shapes=img_shapes,
+            return_dict=False,
+        )[0]
+        return out
+
+    return f
+
+
+def add_lora(model, names, rank: int = 64, alpha: float = 8.0, targets=QWEN_LORA_TARGETS, delta_ratio: float = 0.02):
+    """Add one peft LoRA adapter per name (diffusers' `add_adapter`: adapters in the base's dtype).
+
+    `B` is not zero as peft initialises it but random, rescaled so that `||s B A|| = delta_ratio * ||W||` in every
+    layer: swaps and merges then move real numbers, and rounding errors are measured against a realistic delta.
+    """
+    from peft import LoraConfig
+
+    from diffusers_pdmd.pipelines.lora_delta import lora_linear_layers
+
+    for name in names:
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
+        with torch.device(device()):
+            model.add_adapter(config, adapter_name=name)
+    layers = lora_linear_layers(model, names)
+    with torch.no_grad():
+        for layer in layers:
+            w = layer.get_base_layer().weight
+            for name in names:
+                b = layer.lora_B[name].weight
+                b.normal_()
+                d = (b.float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
+                b.mul_(delta_ratio * w.float().norm() / d.norm())
+    return layers
+
+
+def lora_stats(layers, names) -> dict:
+    adapted = sum(layer.get_base_layer().weight.numel() for layer in layers)
+    adapter = sum(layer.lora_A[n].weight.numel() + layer.lora_B[n].weight.numel() for layer in layers for n in names)
+    return {
+        "lora_layers": len(layers),
+        "adapted_params": adapted,
+        "adapted_gib_bf16": gib(2 * adapted),
+        "adapter_params_per_expert": adapter // len(names),
+    }
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of `fn` as torch's FlopCounterMode counts them (matmuls and attention, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def save_json(path: str | None, data: dict):
+    if path:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(path).write_text(json.dumps(data, indent=1, default=str))
+
+
+def load_json(path: str) -> dict:
+    return json.loads(pathlib.Path(path).read_text())
+
+
+def write_section(doc: str | os.PathLike, name: str, markdown: str):
+    """Replace (or append) the section between `<!-- name:begin -->` and `<!-- name:end -->` of `doc`."""
+    doc = pathlib.Path(doc)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = doc.read_text() if doc.exists() else "# GPU benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def env_line(env: dict) -> str:
+    keys = ("device", "torch", "cuda", "diffusers", "peft", "transformers")
+    return ", ".join(f"{k} {env[k]}" for k in keys if env.get(k))
+
+
+def finish(args, name: str, results: dict, render: Callable[[dict], str]):
+    """Save JSON, print the markdown, write the doc section."""
+    save_json(args.out, results)
+    markdown = render(results)
+    print(markdown)
+    if args.doc and not results.get("env", {}).get("tiny"):
+        write_section(args.doc, name, markdown)
+
+
+def maybe_from_json(args, name: str, render: Callable[[dict], str]) -> bool:
+    if not args.from_json:
+        return False
+    results = load_json(args.from_json)
+    markdown = render(results)
+    print(markdown)
+    write_section(args.doc, name, markdown)
+    return True
