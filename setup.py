@@ -10,6 +10,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"diffusers_pdmd": ["assets/digits_teacher/*.json", "assets/digits_teacher/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -25,7 +26,7 @@ setup(
         "tqdm",
     ],
     extras_require={
+        "demo": ["scikit-learn>=1.3", "matplotlib"],  # the digits teacher, its metrics and plots
         "dev": ["pytest>=8", "pytest-xdist", "ruff>=0.6", "scikit-learn>=1.3", "matplotlib"],
-        "demo": ["scikit-learn>=1.3", "matplotlib"],
     },
 )
