@@ -10,6 +10,7 @@ from peft import LoraConfig
 from diffusers_pdmd import PhasedDMDScheduler, tiny
 from diffusers_pdmd.families import get_family
 from diffusers_pdmd.pipelines import ExpertSwitcher, PhasedMoEPipeline
+from diffusers_pdmd.training.adapters import LORA_TARGET_MODULES
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
@@ -540,20 +541,7 @@ def test_unknown_family_at_construction():
 
 # ---------------------------------------------------------------------------------------------- measurement
 
-QWEN_BLOCK_LINEARS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "img_mlp.net.0.proj",
-    "img_mlp.net.2",
-    "txt_mlp.net.0.proj",
-    "txt_mlp.net.2",
-]
+QWEN_BLOCK_LINEARS = LORA_TARGET_MODULES["qwen-image"]  # all 12 attention and MLP linears of a block
 
 
 @pytest.mark.benchmark
