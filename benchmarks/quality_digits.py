@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from diffusers_pdmd import demo
+from diffusers_pdmd import demo, digits, metrics
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,6 +61,10 @@ def main(argv=None):
     )
     text = TEMPLATE.format(
         table=table,
+        clf_acc=metrics.digit_classifier().test_accuracy,
+        cfg=digits.TRUE_CFG_SCALE,
+        steps_teacher=digits.SAMPLE_STEPS,
+        nfe_teacher=2 * digits.SAMPLE_STEPS,
         command=command.strip(),
         machine=machine,
         seeds=len(args.seeds),
@@ -122,14 +126,14 @@ The small-scale version of the paper's diversity claim, measured on the project'
 format pipeline trained on scikit-learn's digits, `diffusers_pdmd.digits`). Each student is distilled by the
 unchanged example script `examples/phased_dmd/train_phased_dmd_qwen_image.py` with the same budget: batch 32,
 {steps} generator updates per phase (Phased DMD: 2 phases, boundary 0.875; SGTS and DMD: one generator), 5
-fake-score updates per generator update, LoRA rank 16, teacher CFG 4.
+fake-score updates per generator update, LoRA rank 16, teacher CFG {cfg:g} (as the teacher samples).
 
-Metrics (`diffusers_pdmd.metrics`; a small CNN classifier trained on the real training digits, 98% held-out
-accuracy): diversity = mean pairwise distance between samples of the same prompt, in the classifier's feature space
+Metrics (`diffusers_pdmd.metrics`; a small CNN classifier trained on the real training digits; held-out
+accuracy on the real test digits: {clf_acc:.1%}): diversity = mean pairwise distance between samples of the same prompt, in the classifier's feature space
 (the paper's DINOv3 analogue; also as mean cosine similarity, lower = more diverse) and in pixel space (the LPIPS
 analogue); fidelity = Fréchet distance in feature space to the teacher's samples and to the real test digits;
 prompt adherence = the classifier's accuracy on the prompted digit; cost = model evaluations per image and
-wall-clock sampling time relative to the teacher (30 Euler steps with true CFG = 60 evaluations), measured in the
+wall-clock sampling time relative to the teacher ({steps_teacher} Euler steps with true CFG = {nfe_teacher} evaluations), measured in the
 same run. {per_prompt} samples per prompt, 10 prompts. Mean ± std over {seeds} training seeds.
 
 {table}

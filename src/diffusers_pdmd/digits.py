@@ -30,9 +30,11 @@ Components (all from `diffusers_pdmd.tiny.build_components("qwen-image", ...)` w
   CFG.
 - Scheduler: `FlowMatchEulerDiscreteScheduler` with Qwen-Image's settings.
 
-Size: about 3.5 MB of safetensors. A copy built with the defaults (``seed=0``) ships in
-``diffusers_pdmd/assets/digits_teacher``; `load_or_build_teacher` returns it, or rebuilds (about 3-4 minutes on
-2 CPU cores).
+Size: 3.8 MB (transformer 2.5 MB, VAE 1.0 MB, text encoder 0.2 MB; float32 safetensors). A copy built with the
+defaults (``seed=0``, torch 2.13 CPU, 2 threads) ships in ``diffusers_pdmd/assets/digits_teacher``;
+`load_or_build_teacher` returns it, or rebuilds one (about 5 minutes on 2 idle CPU cores: 302 s measured, of which
+78 s VAE). With 30 steps and ``true_cfg_scale=3`` against ``""`` its samples are read as the prompted digit
+99.5% of the time by the classifier of `diffusers_pdmd.metrics` (20 per digit; 95.5% without CFG, 100% at scale 4).
 
 Command line::
 
@@ -223,7 +225,7 @@ def decode_latents(vae, z_norm: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def set_latent_stats(vae, images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Sets ``latents_mean`` / ``latents_std`` of the VAE config to the per-channel statistics of ``images``' latents."""
+    """Sets the VAE config's ``latents_mean`` / ``latents_std`` to the per-channel statistics of the latents."""
     z = encode_latents(vae, images, normalize=False)
     mean = z.mean(dim=(0, 2, 3)).tolist()
     std = z.std(dim=(0, 2, 3)).tolist()
@@ -335,7 +337,7 @@ def build_digits_teacher(
 
     Deterministic given ``seed`` and ``num_threads`` on one machine and torch version (fixed initial weights from
     `diffusers_pdmd.tiny.build_components`, fixed data order, noise and times). With the defaults it takes about
-    3-4 minutes on 2 CPU cores and reproduces the shipped ``assets/digits_teacher``.
+    5 minutes on 2 idle CPU cores and reproduces the shipped ``assets/digits_teacher`` (same torch version).
 
     Args:
         out_dir: Destination folder (created; existing files are overwritten).
