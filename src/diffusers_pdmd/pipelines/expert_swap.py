@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .lora_delta import set_active_adapter_
+
 
 MODES = ("adapter", "resident", "delta", "peft")
 
@@ -155,12 +157,7 @@ class ExpertSwitcher:
                 module.enable_lora()
                 module.set_adapter(adapter)
             return
-        for layer in self._layers[id(module)]:
-            if adapter is None:
-                layer._disable_adapters = True
-            else:
-                layer._active_adapter = [adapter]
-                layer._disable_adapters = False
+        set_active_adapter_(self._layers[id(module)], adapter)
 
     def activate(self, phase: int) -> torch.nn.Module:
         """Make the expert of `phase` current and return the module to call."""

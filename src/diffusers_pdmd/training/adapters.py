@@ -15,6 +15,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..pipelines.lora_delta import set_active_adapter_
+
 
 # Every attention and MLP linear of the transformer blocks (Qwen-Image: 60 blocks x 12 = 720 layers).
 LORA_TARGET_MODULES = {
@@ -68,12 +70,7 @@ class AdapterSwitch:
     def set(self, adapter_name: str | None) -> None:
         if adapter_name == self.active:
             return
-        for layer in self.layers:
-            if adapter_name is None:
-                layer._disable_adapters = True
-            else:
-                layer._disable_adapters = False
-                layer._active_adapter = [adapter_name]
+        set_active_adapter_(self.layers, adapter_name)
         self.active = adapter_name
 
 
