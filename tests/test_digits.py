@@ -11,19 +11,6 @@ from safetensors.torch import load_file
 from diffusers_pdmd import digits
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def quick_teacher(tmp_path_factory):
     """A teacher built through the CLI with two training steps per model (format checks only, not quality)."""

@@ -8,15 +8,6 @@ from diffusers_pdmd import tiny
 from diffusers_pdmd.families import FAMILIES, QwenImageFamily, WanFamily, get_family
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run faster on one thread, above all on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipes():
     return {name: tiny.build_pipeline(name) for name in FAMILIES}

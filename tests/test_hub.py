@@ -19,15 +19,6 @@ from diffusers_pdmd.pipelines import PhasedMoEPipeline
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run faster on one thread, above all on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def add_lora(module, name, seed, targets=("to_q", "to_k", "to_v")):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

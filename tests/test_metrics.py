@@ -10,14 +10,6 @@ from diffusers_pdmd import metrics
 from diffusers_pdmd.digits import real_digits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_spd(rng, d):
     a = rng.normal(size=(d, d))
     return a @ a.T / d + 0.1 * np.eye(d)

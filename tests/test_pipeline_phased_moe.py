@@ -16,15 +16,6 @@ from diffusers_pdmd.training.adapters import LORA_TARGET_MODULES
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run faster on one thread, above all on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIZES = {
     "qwen-image": {"height": 32, "width": 32},
     "wan2.2-t2v-a14b": {"height": 16, "width": 16, "num_frames": 5},
@@ -283,16 +274,20 @@ def test_switcher_sets_only_the_chosen_adapter_without_walking_the_model(monkeyp
     assert switcher.num_swaps == 0
 
 
-def test_switcher_adapter_mode_equals_peft_mode():
-    transformer = _qwen_with_adapters()
-    x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
-    kwargs = {
-        "hidden_states": x,
+def _qwen_forward_kwargs():
+    """Fixed inputs of one tiny Qwen-Image transformer forward (16 image tokens, 4 text tokens)."""
+    return {
+        "hidden_states": torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0)),
         "timestep": torch.tensor([0.5]),
         "encoder_hidden_states": torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(1)),
         "img_shapes": [[(1, 4, 4)]],
         "return_dict": False,
     }
+
+
+def test_switcher_adapter_mode_equals_peft_mode():
+    transformer = _qwen_with_adapters()
+    kwargs = _qwen_forward_kwargs()
     outs = {}
     for mode in ("adapter", "peft"):
         switcher = ExpertSwitcher([(transformer, "a"), (transformer, None), (transformer, "b")], mode=mode)
@@ -306,14 +301,7 @@ def test_switcher_adapter_mode_equals_peft_mode():
 def test_merging_modes_equal_unfused_adapters_and_release(mode):
     """Merged experts (resident copies or in-place deltas) compute what the unfused adapters compute."""
     transformer = _qwen_with_adapters()
-    x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
-    kwargs = {
-        "hidden_states": x,
-        "timestep": torch.tensor([0.5]),
-        "encoder_hidden_states": torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(1)),
-        "img_shapes": [[(1, 4, 4)]],
-        "return_dict": False,
-    }
+    kwargs = _qwen_forward_kwargs()
     order = (0, 1, 2, 0, 2, 1)
     plain = ExpertSwitcher([(transformer, "a"), (transformer, None), (transformer, "b")], mode="adapter")
     want = [plain.activate(k)(**kwargs)[0] for k in order]

@@ -26,20 +26,6 @@ EXPECTED_SHAPE = {
 PROMPTS = ("a handwritten digit seven", "a handwritten digit one")
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: extra threads only add overhead, and on a busy machine they make calls up to 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Each family built in memory and saved once: {family: (in-memory pipeline, folder)}."""

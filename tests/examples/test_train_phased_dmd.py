@@ -39,12 +39,6 @@ def bases(tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
-
-
 def _common(bases, family, out, *extra):
     args = [
         "--pretrained_model_name_or_path",
