@@ -292,9 +292,8 @@ class Distiller:
         self.args, self.accelerator, self.family, self.plan = args, accelerator, family, plan
         self.device = accelerator.device
         self.components = dict(pipe.components)
-        self.names = [n for n in family.transformer_names if self.components.get(n) is not None]
         self.models = {}
-        for name in self.names:
+        for name in (n for n in family.transformer_names if self.components.get(n) is not None):
             model = self.components[name]
             model.requires_grad_(False)
             model.to(self.device)
@@ -698,7 +697,6 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("phased-dmd", config={k: v for k, v in vars(args).items() if k != "hub_token"})
     b, ga = args.train_batch_size, args.gradient_accumulation_steps
-    latent_dtype = torch.float32
     current_phase = plan.position(global_step)[0] if plan.order == "sequential" and opts else None
     progress = tqdm(
         total=plan.total_steps,
@@ -711,7 +709,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
 
     def noise_and_cond():
         index = torch.randint(len(prompts), (b * n_proc,), generator=gen)[mine]
-        z = family.prepare_latents(d.components, b * n_proc, height, width, num_frames, gen, "cpu", latent_dtype)
+        z = family.prepare_latents(d.components, b * n_proc, height, width, num_frames, gen, "cpu", torch.float32)
         return z[mine].to(device), batch_cond(index)
 
     def t_and_eps(s, like):
@@ -909,11 +907,6 @@ def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
     return path
-
-
-def log_config(args) -> str:
-    """The run's flags as JSON, without the token."""
-    return json.dumps({k: v for k, v in vars(args).items() if k != "hub_token"}, default=str)
 
 
 __all__ = ["build_parser", "train", "TrainingDivergedError", "load_prompts", "make_plan", "Plan"]
