@@ -226,10 +226,23 @@ def base_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: str | os.PathLike) -> pathlib.Path:
+def lora_weight_name(variant: str | None = None) -> str:
+    """File name of a LoRA expert: `pytorch_lora_weights.safetensors`, or with a variant inserted before the
+    extension as diffusers names variants (`"fp16"` -> `pytorch_lora_weights.fp16.safetensors`)."""
+    from diffusers.utils.hub_utils import _add_variant
+
+    if variant is not None and (not isinstance(variant, str) or not variant or "/" in variant or "." in variant):
+        raise ValueError(f"`variant` must be a short name such as 'fp16' (no '.' or '/'), got {variant!r}.")
+    return _add_variant(LORA_WEIGHT_NAME, variant)
+
+
+def save_lora_expert(
+    transformer: torch.nn.Module, adapter_name: str, out_dir: str | os.PathLike, variant: str | None = None
+) -> pathlib.Path:
     """Write one peft adapter of `transformer` as a diffusers LoRA file.
 
-    The file is `out_dir/pytorch_lora_weights.safetensors`: keys prefixed `transformer.` and the adapter's
+    The file is `out_dir/pytorch_lora_weights.safetensors` (`pytorch_lora_weights.<variant>.safetensors` with a
+    `variant`): keys prefixed `transformer.` and the adapter's
     `LoraConfig` (rank, alpha, target modules, ...) in the safetensors metadata, as diffusers' `save_lora_weights`
     writes it, so `transformer.load_lora_adapter(out_dir, weight_name=..., prefix="transformer")` and the family
     pipelines' `load_lora_weights` read it.
@@ -238,6 +251,7 @@ def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: s
         transformer (`torch.nn.Module`): A diffusers transformer holding the adapter.
         adapter_name (`str`): The peft adapter to save.
         out_dir (`str` or `os.PathLike`): Destination folder (created if needed).
+        variant (`str`, *optional*): Variant name put in the file name, e.g. `"fp16"`.
 
     Returns:
         `pathlib.Path`: The written file.
@@ -250,6 +264,7 @@ def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: s
         raise ValueError(
             f"`adapter_name` {adapter_name!r} is not an adapter of the transformer: {sorted(peft_config)}."
         )
+    weight_name = lora_weight_name(variant)
     layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     state_dict = {f"{LORA_PREFIX}.{k}": v.detach().contiguous() for k, v in layers.items()}
     metadata = {f"{LORA_PREFIX}.{k}": v for k, v in peft_config[adapter_name].to_dict().items()}
@@ -258,19 +273,22 @@ def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: s
         state_dict=state_dict,
         save_directory=str(out_dir),
         is_main_process=True,
-        weight_name=LORA_WEIGHT_NAME,
+        weight_name=weight_name,
         save_function=None,
         safe_serialization=True,
         lora_adapter_metadata=metadata,
     )
-    return out_dir / LORA_WEIGHT_NAME
+    return out_dir / weight_name
 
 
-def load_lora_expert(transformer: torch.nn.Module, path_or_dir: str | os.PathLike, adapter_name: str) -> None:
-    """Add the LoRA in `path_or_dir` (a file or a folder holding `pytorch_lora_weights.safetensors`) to
-    `transformer` as peft adapter `adapter_name`, unfused. Only safetensors files are read."""
+def load_lora_expert(
+    transformer: torch.nn.Module, path_or_dir: str | os.PathLike, adapter_name: str, variant: str | None = None
+) -> None:
+    """Add the LoRA in `path_or_dir` (a file or a folder holding `pytorch_lora_weights.safetensors`, or
+    `pytorch_lora_weights.<variant>.safetensors` with a `variant`) to `transformer` as peft adapter `adapter_name`,
+    unfused. Only safetensors files are read."""
     path = pathlib.Path(path_or_dir)
-    folder, weight_name = (path, LORA_WEIGHT_NAME) if path.is_dir() else (path.parent, path.name)
+    folder, weight_name = (path, lora_weight_name(variant)) if path.is_dir() else (path.parent, path.name)
     if not (folder / weight_name).is_file():
         raise ValueError(f"No LoRA weights at {folder / weight_name}.")
     if adapter_name in getattr(transformer, "peft_config", {}):
@@ -281,32 +299,43 @@ def load_lora_expert(transformer: torch.nn.Module, path_or_dir: str | os.PathLik
 
 
 def save_full_expert(
-    transformer: torch.nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "10GB"
+    transformer: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    max_shard_size: int | str = "10GB",
+    variant: str | None = None,
 ) -> pathlib.Path:
-    """Write a fully fine-tuned transformer as a diffusers model folder (`config.json` + safetensors).
+    """Write a fully fine-tuned transformer as a diffusers model folder (`config.json` + safetensors, named with
+    `variant` as diffusers' `save_pretrained(variant=...)` names them).
 
     peft LoRA layers, if any, are left out: only the transformer's own weights are written.
     """
     out_dir = pathlib.Path(out_dir)
     if not _tuner_layers(transformer):
-        transformer.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+        transformer.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size, variant=variant)
         return out_dir
+    from diffusers.utils.hub_utils import _add_variant
     from huggingface_hub import save_torch_state_dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
     transformer.save_config(out_dir)
-    save_torch_state_dict(
-        base_state_dict(transformer),
-        out_dir,
-        filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
+    # The file names diffusers' `ModelMixin.save_pretrained(variant=...)` writes and `from_pretrained` reads.
+    pattern = _add_variant("diffusion_pytorch_model.safetensors", variant).replace(
+        ".safetensors", "{suffix}.safetensors"
     )
+    save_torch_state_dict(
+        base_state_dict(transformer), out_dir, filename_pattern=pattern, max_shard_size=max_shard_size
+    )
+    index = out_dir / (pattern.format(suffix="") + ".index.json")
+    if variant is not None and index.is_file():
+        index.rename(out_dir / _add_variant("diffusion_pytorch_model.safetensors.index.json", variant))
     return out_dir
 
 
-def load_full_expert(transformer_cls, out_dir: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+def load_full_expert(
+    transformer_cls, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, variant: str | None = None
+):
     """Load a transformer folder written by [`save_full_expert`] (safetensors only)."""
-    return transformer_cls.from_pretrained(str(out_dir), torch_dtype=torch_dtype, use_safetensors=True)
+    return transformer_cls.from_pretrained(str(out_dir), dtype=dtype, variant=variant, use_safetensors=True)
 
 
 def resolve_repo(
