@@ -13,14 +13,12 @@ from peft import LoraConfig
 from safetensors import safe_open
 
 from diffusers_pdmd import PhasedDMDScheduler, hub, tiny
+from diffusers_pdmd.hub import multiple_adapters
 from diffusers_pdmd.pipelines import PhasedMoEPipeline
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
-
-
 def add_lora(module, name, seed, targets=("to_q", "to_k", "to_v")):
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), multiple_adapters():
         torch.manual_seed(seed)
         config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
         module.add_adapter(config, adapter_name=name)

@@ -12,6 +12,7 @@ from peft import LoraConfig
 
 from diffusers_pdmd import PhasedDMDScheduler, tiny
 from diffusers_pdmd.families import get_family
+from diffusers_pdmd.hub import multiple_adapters
 from diffusers_pdmd.pipelines import PhasedMoEPipeline
 
 
@@ -20,7 +21,7 @@ PHASES = {"qwen-image": ([0.6], [2, 1]), "wan2.2-ti2v-5b": ([0.7], [1, 1])}
 
 
 def add_lora(module, name, seed, targets=("to_q", "to_k", "to_v")):
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), multiple_adapters():
         torch.manual_seed(seed)
         config = LoraConfig(r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights=False)
         module.add_adapter(config, adapter_name=name)
@@ -183,3 +184,40 @@ def test_from_pretrained_takes_dtype_and_deprecated_torch_dtype(tmp_path):
     assert loaded.transformer.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="both `dtype` and `torch_dtype`"):
         PhasedMoEPipeline.from_pretrained(tmp_path / "experts", dtype=torch.float32, torch_dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- no peft warning
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+def test_loading_two_lora_experts_warns_nothing(tmp_path):
+    # peft warns "Already found a `peft_config` attribute" for every adapter after the first; one adapter per phase is
+    # the design, so loading must not pass that warning on (nor any other, through `warnings` or diffusers' logger).
+    base_dir = tiny.save_pipeline("qwen-image", tmp_path / "base")
+    components = tiny.build_components("qwen-image")
+    add_lora(components["transformer"], "first", seed=3)
+    add_lora(components["transformer"], "second", seed=4)
+    pipe = phased("qwen-image", components, experts=[("transformer", "first"), ("transformer", "second")])
+    pipe.save_pretrained(tmp_path / "experts", experts_only=True, base_model=str(base_dir))
+    handler = _Records()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers", "diffusers_pdmd")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = PhasedMoEPipeline.from_pretrained(tmp_path / "experts")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert sorted(loaded.transformer.peft_config) == ["phase_0", "phase_1"]
+    assert [str(w.message) for w in caught] == []
+    assert handler.messages == []

@@ -15,10 +15,12 @@ A full pipeline folder is the same plus `model_index.json` and the base componen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -203,6 +205,18 @@ class ExpertsConfig:
         return cls.from_dict(data)
 
 
+@contextlib.contextmanager
+def multiple_adapters():
+    """Silence peft's "Already found a `peft_config` attribute in the model" warning inside the block.
+
+    peft warns each time a second adapter is added to a model; Phased DMD keeps one adapter per phase (and fake
+    scores in training) on one base by design, so the warning says nothing a user could act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        yield
+
+
 def _tuner_layers(transformer: torch.nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -293,9 +307,10 @@ def load_lora_expert(
         raise ValueError(f"No LoRA weights at {folder / weight_name}.")
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already an adapter of the transformer.")
-    transformer.load_lora_adapter(
-        str(folder), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name, use_safetensors=True
-    )
+    with multiple_adapters():
+        transformer.load_lora_adapter(
+            str(folder), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name, use_safetensors=True
+        )
 
 
 def save_full_expert(
