@@ -398,18 +398,19 @@ _USAGE_IMAGE = """```python
 import torch
 from diffusers_pdmd import PhasedMoEPipeline
 
-pipe = PhasedMoEPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
-image = pipe("{prompt}", generator=torch.Generator("cuda").manual_seed(0)).images[0]
+pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=torch.bfloat16).to("cuda")
+image = pipe({prompt}, generator=torch.Generator("cuda").manual_seed(0)).images[0]
 image.save("sample.png")
 ```"""
 
 _USAGE_VIDEO = """```python
+# pip install "diffusers-pdmd[video]"  (imageio and imageio-ffmpeg, for export_to_video)
 import torch
 from diffusers.utils import export_to_video
 from diffusers_pdmd import PhasedMoEPipeline
 
-pipe = PhasedMoEPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
-frames = pipe("{prompt}", generator=torch.Generator("cuda").manual_seed(0)).frames[0]
+pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=torch.bfloat16).to("cuda")
+frames = pipe({prompt}, generator=torch.Generator("cuda").manual_seed(0)).frames[0]
 export_to_video(frames, "sample.mp4", fps=16)
 ```"""
 
@@ -431,6 +432,7 @@ def write_model_card(
     config: ExpertsConfig,
     *,
     repo_id: str | None = None,
+    prompt: str | None = None,
     training_figures: dict | None = None,
     validation_images: list[str] | None = None,
     extra_text: str = "",
@@ -440,8 +442,11 @@ def write_model_card(
     Args:
         out_dir (`str` or `os.PathLike`): The experts folder.
         config ([`ExpertsConfig`]): Its config.
-        repo_id (`str`, *optional*): The repo the card will live in (used in the usage snippet; the folder name
-            otherwise).
+        repo_id (`str`, *optional*): The Hub repo the card will live in, used in the usage snippet and the title.
+            Without it the snippet loads the folder by its absolute path (it is not on the Hub yet;
+            [`push_experts_to_hub`] puts the repo id in).
+        prompt (`str`, *optional*): The prompt of the usage snippet, e.g. the run's first validation prompt (a
+            generic one otherwise).
         training_figures (`dict`, *optional*): Name -> value pairs shown as a table (e.g. steps, batch size, lr).
         validation_images (`list[str]`, *optional*): Paths, relative to `out_dir`, of sample images to show.
         extra_text (`str`): Markdown appended at the end.
@@ -452,7 +457,6 @@ def write_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     out_dir = pathlib.Path(out_dir)
-    repo_id = repo_id or out_dir.resolve().name
     family = get_family(config.family)
     task = "text-to-video" if family.is_video else "text-to-image"
     kinds = {e["type"] for e in config.experts}
@@ -473,9 +477,11 @@ def write_model_card(
         for k, e in enumerate(config.experts)
     )
     revision = f" (revision `{config.base_revision}`)" if config.base_revision else ""
-    usage = (_USAGE_VIDEO if family.is_video else _USAGE_IMAGE).format(repo_id=repo_id, prompt="a red fox in snow")
+    usage = (_USAGE_VIDEO if family.is_video else _USAGE_IMAGE).format(
+        repo_id=json.dumps(repo_id or str(out_dir.resolve())), prompt=json.dumps(prompt or "a red fox in snow")
+    )
     sections = [
-        f"# {repo_id.split('/')[-1]}",
+        f"# {(repo_id or out_dir.resolve().name).split('/')[-1]}",
         f"{config.num_phases} few-step experts for `{config.base_model}`{revision}, distilled with "
         f"{config.method} ({total_steps} sampling steps in all). Phased DMD splits the noise range into phases "
         "(SNR subintervals) and trains one expert per phase; at sampling time the expert of the phase the "
@@ -523,10 +529,16 @@ def push_experts_to_hub(
 
     folder = pathlib.Path(folder)
     config = ExpertsConfig.load(folder)
-    if not (folder / "README.md").is_file():
-        write_model_card(folder, config, repo_id=repo_id)
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    card = folder / "README.md"
+    if not card.is_file():
+        write_model_card(folder, config, repo_id=repo_url.repo_id)
+    else:  # a card written before the repo existed loads the folder by its path: load the repo instead
+        text = card.read_text()
+        local = f"from_pretrained({json.dumps(str(folder.resolve()))}"
+        if local in text:
+            card.write_text(text.replace(local, f"from_pretrained({json.dumps(repo_url.repo_id)}"))
     api.upload_folder(
         folder_path=str(folder),
         repo_id=repo_url.repo_id,

@@ -15,6 +15,12 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import (
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
+    QwenImageTransformer2DModel,
+    WanTransformer3DModel,
+)
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
@@ -135,11 +141,11 @@ class PhasedMoEPipeline(DiffusionPipeline):
     def __init__(
         self,
         scheduler: PhasedDMDScheduler,
-        vae: torch.nn.Module,
+        vae: AutoencoderKLQwenImage | AutoencoderKLWan,
         text_encoder: torch.nn.Module,
         tokenizer: Any,
-        transformer: torch.nn.Module,
-        transformer_2: torch.nn.Module | None = None,
+        transformer: QwenImageTransformer2DModel | WanTransformer3DModel,
+        transformer_2: WanTransformer3DModel | None = None,
         family: str | None = None,
         experts: list | None = None,
         phase_boundaries: list[float] | None = None,
