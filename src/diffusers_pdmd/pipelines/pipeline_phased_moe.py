@@ -704,8 +704,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
             num_frames (`int`, *optional*): Wan only; `num_frames - 1` divisible by the VAE's temporal factor
                 (default 81).
             num_inference_steps (`int`, *optional*): Must equal the scheduler's `sum(steps_per_phase)` if given.
-            sigmas (`list[float]`, *optional*): Explicit sigmas for the scheduler (they must contain the phase
-                boundaries).
+            sigmas (`list[float]`, *optional*): Explicit sigmas for the scheduler; each step is made by the expert
+                of the phase whose interval holds its sigma (boundaries off the grid act as routing thresholds).
             true_cfg_scale (`float`, *optional*, defaults to 1.0): Qwen-Image guidance; > 1 with a negative prompt
                 enables it. Distilled experts need none.
             guidance_scale (`float`, *optional*, defaults to 1.0): Wan guidance for experts on `transformer`; > 1
