@@ -315,11 +315,13 @@ def resolve_repo(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> pathlib.Path:
     """Local folder of a repository: a local directory as it is, otherwise a Hub snapshot.
 
     Hub repositories go through `huggingface_hub.snapshot_download`, which uses the cache (`cache_dir`, or
-    `HF_HUB_CACHE`) and, offline (`local_files_only=True` or `HF_HUB_OFFLINE=1`), only the cache.
+    `HF_HUB_CACHE`) and, offline (`local_files_only=True` or `HF_HUB_OFFLINE=1`), only the cache. `allow_patterns`
+    limits the download (e.g. to one subfolder of a repository holding several releases).
 
     Raises:
         `ValueError`: Neither an existing directory nor a valid repo id.
@@ -345,7 +347,12 @@ def resolve_repo(
     if cache_dir is None and os.environ.get("HF_HUB_CACHE"):
         cache_dir = os.environ["HF_HUB_CACHE"]
     folder = snapshot_download(
-        repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=bool(local_files_only)
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=bool(local_files_only),
+        allow_patterns=allow_patterns,
     )
     return pathlib.Path(folder)
 
