@@ -23,9 +23,9 @@ from diffusers.utils import logging, replace_example_docstring
 from ..families import FAMILIES, TRANSFORMER_SLOTS, Family, get_family
 from ..hub import (
     CONFIG_NAME,
+    LORA_WEIGHT_NAME,
     ExpertsConfig,
     load_full_expert,
-    load_lora_expert,
     resolve_repo,
     save_full_expert,
     save_lora_expert,
@@ -325,7 +325,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 if module is None:
                     raise ValueError(f"`experts[{k}]` is a LoRA on `{slot}`, which the base pipeline does not have.")
                 adapter = f"phase_{k}"
-                load_lora_expert(module, root / path, adapter_name=adapter)
+                file = root / path / LORA_WEIGHT_NAME if (root / path).is_dir() else root / path
+                if not file.is_file():
+                    raise ValueError(f"`experts[{k}]`: no LoRA weights at {file}.")
+                load_released_lora(self.config.family, module, file, adapter)
                 experts.append({"base_transformer": slot, "adapter_name": adapter, "type": "lora"})
                 continue
             # A full expert takes its slot; in a full pipeline folder it is the component folder itself.
