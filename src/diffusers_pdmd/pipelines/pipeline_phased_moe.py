@@ -452,8 +452,16 @@ class PhasedMoEPipeline(DiffusionPipeline):
         base = getattr(diffusers, class_name).from_pretrained(base_root, **load_kwargs)
         base_family = get_family(base)
         if config is None:
-            preset = find_preset(base_family.name, layout, released_files)
-            scheduler = released_scheduler or (preset.scheduler(base.scheduler.config) if preset else None)
+            # The sampler: `scheduler=`, else the folder's own (an exported folder), else the release's preset.
+            own = experts_root / "scheduler" / "scheduler_config.json"
+            preset = None
+            if released_scheduler is not None:
+                scheduler = released_scheduler
+            elif own.is_file():
+                scheduler = PhasedDMDScheduler.from_pretrained(own.parent)
+            else:
+                preset = find_preset(base_family.name, layout, released_files)
+                scheduler = preset.scheduler(base.scheduler.config) if preset else None
             if scheduler is None:
                 raise ValueError(
                     f"{experts_root}: no preset of `diffusers_pdmd.released.PRESETS` matches these {layout!r} experts "
@@ -483,7 +491,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
             pipe.register_to_config(
                 base_model=str(pretrained_model_name_or_path),
                 base_revision=revision,
-                method=preset.name if preset is not None and released_scheduler is None else "released",
+                method=preset.name if preset is not None else "released",
             )
             return pipe
         pipe._load_experts(experts_root, config, torch_dtype, full_folder=False)
