@@ -86,39 +86,51 @@ def _wan_inputs():
     return torch.randn(1, 16, 2, 2, 2, generator=g), torch.randn(1, 6, 32, generator=g)
 
 
-def _wan_velocity(embeds):
+def _wan_velocity(embeds, concat=None):
     def velocity(model, x, s):
-        return model(hidden_states=x, timestep=(1000 * s).reshape(1), encoder_hidden_states=embeds, return_dict=False)[
-            0
-        ]
+        x_in = x if concat is None else torch.cat([x, concat], dim=1)
+        t = (1000 * s).reshape(1)
+        return model(hidden_states=x_in, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
 
     return velocity
 
 
-@pytest.mark.parametrize("diff_b", [False, True])
-def test_wan22_lightning_matches_authors_sampler(wan_base, tmp_path, diff_b):
-    ref = tiny.build_pipeline("wan2.2-t2v-a14b")  # the same weights as the saved base (same seeds)
+@pytest.mark.parametrize(
+    "family, boundary, diff_b",
+    [("wan2.2-t2v-a14b", 875, False), ("wan2.2-t2v-a14b", 875, True), ("wan2.2-i2v-a14b", 900, False)],
+)
+def test_wan22_lightning_matches_authors_sampler(family, boundary, diff_b, tmp_path):
+    from PIL import Image
+
+    from diffusers_pdmd.families import get_family
+
+    base_dir = tiny.save_pipeline(family, tmp_path / "base")
+    ref = tiny.build_pipeline(family)  # the same weights as the saved base (same seeds)
     high, d_high = fabricate_lora(ref.transformer, WAN_NATIVE, "blocks", "diffusion_model.", 0, diff_b)
     low, d_low = fabricate_lora(ref.transformer_2, WAN_NATIVE, "blocks", "diffusion_model.", 1, diff_b)
-    folder = tmp_path / "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"
+    folder = tmp_path / "Wan2.2-A14B-4steps-lora-rank64-Seko"
     folder.mkdir()
     save_file(high, folder / "high_noise_model.safetensors")
     save_file(low, folder / "low_noise_model.safetensors")
 
-    pipe = PhasedMoEPipeline.from_pretrained(wan_base, experts=folder)
-    assert pipe.config.method == "wan2.2-t2v-a14b-lightning"
+    pipe = PhasedMoEPipeline.from_pretrained(base_dir, experts=folder)
+    assert pipe.config.method == f"{family}-lightning"
     x, embeds = _wan_inputs()
-    out = pipe(prompt_embeds=embeds, latents=x.clone(), output_type="latent", height=16, width=16, num_frames=5)
+    kwargs, concat = {}, None
+    if family == "wan2.2-i2v-a14b":
+        kwargs["image"] = Image.new("RGB", (16, 16), (200, 40, 90))
+        concat = get_family(ref).encode_image(ref, kwargs["image"], 1, 16, 16, 5, "cpu")["concat_condition"]
+    out = pipe(
+        prompt_embeds=embeds, latents=x.clone(), output_type="latent", height=16, width=16, num_frames=5, **kwargs
+    )
 
     hi, lo = merged(ref.transformer, d_high), merged(ref.transformer_2, d_low)
-    expected = euler(lambda t: hi if t >= 875 else lo, [1.0, 0.9375, 5 / 6, 0.625], x, _wan_velocity(embeds))
+    authors = [1.0, 0.9375, 5 / 6, 0.625]
+    expected = euler(lambda t: hi if t >= boundary else lo, authors, x, _wan_velocity(embeds, concat))
     torch.testing.assert_close(out.frames, expected, atol=1e-5, rtol=1e-5)
-    # The LoRA really changed the output (the test can fail).
+    # The LoRAs really changed the output (the test can fail).
     plain = euler(
-        lambda t: ref.transformer if t >= 875 else ref.transformer_2,
-        PRESETS[pipe.config.method].sigmas,
-        x,
-        _wan_velocity(embeds),
+        lambda t: ref.transformer if t >= boundary else ref.transformer_2, authors, x, _wan_velocity(embeds, concat)
     )
     assert (plain - expected).abs().max() > 1e-3
 

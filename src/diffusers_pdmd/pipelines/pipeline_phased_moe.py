@@ -754,8 +754,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
             wrong["num_videos_per_prompt"] = num_videos_per_prompt
         else:
             wrong = {"true_cfg_scale": true_cfg_scale, "num_images_per_prompt": num_images_per_prompt}
-            if not family.expand_timesteps:
+            if not (family.expand_timesteps or family.image_concat):
                 wrong["image"] = image
+            elif family.image_concat and image is None:
+                raise ValueError(f"`image` (the first frame) is required by {family.name}.")
         for arg, value in wrong.items():
             if value is not None:
                 raise ValueError(f"`{arg}` is not an argument of {family.name}.")
@@ -853,8 +855,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 text embeddings (and Qwen-Image's padding mask).
             negative_prompt_embeds (`torch.Tensor`, *optional*), negative_prompt_embeds_mask (`torch.Tensor`,
                 *optional*): The same for the negative prompt.
-            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`, *optional*): Wan2.2 TI2V-5B first frame for
-                image-to-video, as `WanImageToVideoPipeline` uses it.
+            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`, *optional*): First frame for image-to-video,
+                as `WanImageToVideoPipeline` uses it: optional for Wan2.2 TI2V-5B, required for Wan2.2 I2V-A14B.
             output_type (`str`, *optional*): `"pil"`, `"np"`, `"pt"` or `"latent"` (Qwen-Image default `"pil"`, Wan
                 `"np"`).
             return_dict (`bool`, defaults to `True`): Return the family's output class instead of a tuple.
