@@ -357,6 +357,48 @@ def resolve_repo(
     return pathlib.Path(folder)
 
 
+def base_model_reference(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, base_model_id: str | None = None
+) -> tuple[str, str | None]:
+    """What `phased_dmd_config.json` records as `base_model` / `base_revision` for a base loaded from here.
+
+    A Hub repo id is kept. A local Hub cache snapshot (`.../models--org--name/snapshots/<commit>`) gives
+    `("org/name", "<commit>")`, so the experts resolve on any machine. `base_model_id` (a repo id) names the base of
+    another local folder (its `revision` is kept). Otherwise the absolute local path is recorded, with a warning:
+    such experts load only where that folder exists (elsewhere, pass the base with `experts=`).
+
+    Raises:
+        `ValueError`: `base_model_id` is not a valid Hub repo id.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if base_model_id is not None:
+        try:
+            validate_repo_id(base_model_id)
+        except HFValidationError as err:
+            raise ValueError(f"`--base_model_id` must be a Hub repo id (org/name), got {base_model_id!r}.") from err
+    path = pathlib.Path(path_or_repo_id)
+    if not path.is_dir():
+        return base_model_id or str(path_or_repo_id), revision
+    path = path.resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots" and i + 2 == len(parts) - 1:
+            repo_id = parts[i].removeprefix("models--").replace("--", "/")
+            if base_model_id is None or base_model_id == repo_id:
+                return repo_id, revision or parts[i + 2]
+    if base_model_id is not None:
+        return base_model_id, revision
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "The experts name their base by the local path %s, which other machines do not have; pass "
+        "`--base_model_id org/name` (the Hub repo of this base) to make them portable.",
+        path,
+    )
+    return str(path), revision
+
+
 _USAGE_IMAGE = """```python
 import torch
 from diffusers_pdmd import PhasedMoEPipeline
