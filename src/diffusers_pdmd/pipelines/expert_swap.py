@@ -86,11 +86,12 @@ def choose_swap_mode(
 ) -> tuple[str, str]:
     """The mode `"auto"` resolves to, and why.
 
-    - `"adapter"` where merging is impossible: a LoRA layer whose base is not a plain floating point `Linear` of at
-      least 16 bits on a real device (quantized, fp8 layerwise-casting storage, sequential / group offloading), or a
-      LoRA variant such as DoRA;
-    - `"delta"` where the module is CPU-offloaded (the weights move at each forward, copies would not), or where
-      the resident copies ([`resident_extra_bytes`]) do not fit in `free_bytes - margin_fraction * total_bytes`;
+    - `"adapter"` where merging is impossible or does not pay: a LoRA layer whose base is not a plain floating point
+      `Linear` of at least 16 bits on a real device (quantized, fp8 layerwise-casting storage), a LoRA variant such
+      as DoRA, or a module that diffusers / accelerate offload (model, sequential or group offloading: the weights
+      move at each forward, merged copies would not, and an in-place merge would run on the host);
+    - `"delta"` where the resident copies ([`resident_extra_bytes`]) do not fit in
+      `free_bytes - margin_fraction * total_bytes`;
     - `"resident"` otherwise; also without any LoRA expert (nothing to merge, nothing to swap).
 
     Args:
@@ -105,6 +106,8 @@ def choose_swap_mode(
     grouped = [(m, names) for m, names in grouped if names]
     if not grouped:
         return "resident", "no LoRA experts"
+    if any(_is_offloaded(module) for module, _ in grouped):
+        return "adapter", "the transformer is offloaded (its weights move at each forward)"
     for module, names in grouped:
         try:
             layers = lora_linear_layers(module, names)
@@ -112,8 +115,6 @@ def choose_swap_mode(
             return "adapter", f"the LoRA experts cannot be merged ({err})"
         if not all(is_mergeable(layer, names) for layer in layers):
             return "adapter", "some adapted layers cannot take a merged weight (quantized, fp8 or offloaded base)"
-    if any(_is_offloaded(module) for module, _ in grouped):
-        return "delta", "the transformer is CPU-offloaded"
     if free_bytes is None or total_bytes is None:
         free_bytes, total_bytes = device_memory(next(grouped[0][0].parameters()).device)
     need = resident_extra_bytes(experts)

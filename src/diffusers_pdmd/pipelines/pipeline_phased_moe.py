@@ -221,6 +221,30 @@ class PhasedMoEPipeline(DiffusionPipeline):
         self._switcher = None
         self._switcher_key = None
 
+    def to(self, *args, **kwargs):
+        """`DiffusionPipeline.to`, after [`~PhasedMoEPipeline.release_experts`]: merged experts are released (base
+        weights back) before the modules move, and merged again on the new device at the next call."""
+        self.release_experts()
+        return super().to(*args, **kwargs)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
+        """diffusers' model offloading, after [`~PhasedMoEPipeline.release_experts`]; `"auto"` then swaps with
+        unfused adapters (the weights move at each forward)."""
+        self.release_experts()
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
+        """diffusers' sequential offloading, after [`~PhasedMoEPipeline.release_experts`]; `"auto"` then swaps with
+        unfused adapters."""
+        self.release_experts()
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_group_offload(self, *args, **kwargs):
+        """diffusers' group offloading, after [`~PhasedMoEPipeline.release_experts`]; `"auto"` then swaps with
+        unfused adapters."""
+        self.release_experts()
+        super().enable_group_offload(*args, **kwargs)
+
     def set_experts(self, experts: list, phase_boundaries: list[float] | None = None) -> None:
         """Replace the phase -> expert map (see the `experts` argument of the class) and, if given, the phase
         boundaries the experts belong to (to use the experts with a scheduler of other boundaries)."""
