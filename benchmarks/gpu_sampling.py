@@ -226,116 +226,129 @@ def sampling(args, run: Run, spec: dict, workdir: pathlib.Path) -> None:
     for m in transformers(student):
         gc_.set_compiled(m, "none")
     student.release_experts()
-    if args.memory_modes and args.model == "qwen":
-        memory_modes(args, run, spec, size, base_dir, experts_dir, student)
+    if not (args.memory_modes and args.model == "qwen"):
+        return
+    memory = MemoryModes(run, size, base_dir, experts_dir)
+    memory.shared(student)
+    # The modes that change the weights for good load the pipeline afresh: free the device and the host first.
+    del student, base
+    extra = None
+    gc_.free()
+    memory.fresh()
 
 
 # ----------------------------------------------------------------------------------------------- memory modes
 
 
-def memory_modes(args, run: Run, spec: dict, size: dict, base_dir, experts_dir, student) -> None:
-    """Each way of fitting Qwen-Image on a smaller card against the plain call: max |image difference|, peak
-    memory. Modes that change the weights for good (fp8 storage, fp16, group offloading) get a fresh load."""
-    import numpy as np
+class MemoryModes:
+    """Each way of fitting Qwen-Image on a smaller card against the plain call (batch 1): the largest difference of
+    the image (in [0, 1]) to the plain call's, and the peak device memory of the call itself
+    (`torch.cuda.max_memory_allocated`, reset after the mode is set up). Offloading and `to()` use the benchmark's
+    pipeline; fp8 layerwise casting, fp16 and group offloading (which change the weights or their placement for good)
+    a fresh `PhasedMoEPipeline.from_pretrained` of the same folders."""
 
-    from diffusers_pdmd import PhasedMoEPipeline
+    def __init__(self, run: Run, size: dict, base_dir, experts_dir):
+        self.run, self.size, self.base_dir, self.experts_dir = run, size, pathlib.Path(base_dir), experts_dir
+        self.results = run.res.setdefault("memory_modes", {})
+        self.reference = None
 
-    dev = gc_.device()
-    results = run.res.setdefault("memory_modes", {})
+    def image(self, pipe):
+        import numpy as np
 
-    def image(pipe):
-        out = pipe(prompt=PROMPT, generator=torch.Generator(dev).manual_seed(0), output_type="np", **size).images
-        return np.asarray(out, dtype=np.float32)
+        gc_.free()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        out = pipe(
+            prompt=PROMPT, generator=torch.Generator(gc_.device()).manual_seed(0), output_type="np", **self.size
+        )
+        self.peak = gc_.mem()["peak_gib"]
+        return np.asarray(out.images, dtype=np.float32)
 
-    def fresh(dtype=torch.bfloat16):
-        if pathlib.Path(base_dir, "transformer").is_dir():
-            pipe = PhasedMoEPipeline.from_pretrained(str(base_dir), experts=str(experts_dir), dtype=dtype)
-        else:  # in-memory base: the student's own modules, cast (they are not used again afterwards)
-            pipe = student.to(dtype=dtype)
+    def record(self, name: str, fn):
+        import numpy as np
+
+        key = f"memory/{name}"
+        if not self.run.wanted(key):
+            return
+        try:
+            out, mode = fn()
+            entry = {"max_abs_diff": float(np.abs(out - self.reference).max()), "peak_gib": self.peak, "mode": mode}
+        except Exception as err:  # keep the other modes; the error is part of the result
+            entry = {"error": repr(err)[:500]}
+        gc_.free()
+        self.results[name] = entry
+        print(key, entry, flush=True)
+        self.run.save()
+
+    def shared(self, student) -> None:
+        dev = gc_.device()
+        student.expert_swap_mode = "auto"
+        self.reference = self.image(student)
+        self.results["plain"] = {"max_abs_diff": 0.0, "peak_gib": self.peak, "mode": student.expert_switcher.mode}
+        self.run.save()
+
+        def moved(mode):
+            def fn():
+                student.expert_swap_mode = mode
+                student(prompt=PROMPT, output_type="latent", **self.size)  # merged on the device
+                student.to("cpu")
+                student.to(dev)
+                return self.image(student), student.expert_switcher.mode
+
+            return fn
+
+        self.record("to_cpu_and_back_resident", moved("resident"))
+        self.record("to_cpu_and_back_delta", moved("delta"))
+
+        def offload(method):
+            def fn():
+                student.expert_swap_mode = "auto"
+                getattr(student, method)(device=dev)
+                try:
+                    return self.image(student), student.expert_switcher.mode
+                finally:
+                    student.remove_all_hooks()
+                    student.to(dev)
+
+            return fn
+
+        self.record("model_cpu_offload", offload("enable_model_cpu_offload"))
+        self.record("sequential_cpu_offload", offload("enable_sequential_cpu_offload"))
+        student.release_experts()
+
+    def load(self, dtype=torch.bfloat16):
+        from diffusers_pdmd import PhasedMoEPipeline
+
+        if not (self.base_dir / "transformer").is_dir():
+            raise ValueError("needs a saved base pipeline (--base) to load afresh")
+        pipe = PhasedMoEPipeline.from_pretrained(str(self.base_dir), experts=str(self.experts_dir), dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def record(name: str, fn):
-        key = f"memory/{name}"
-        if not run.wanted(key):
-            return
-        try:
-            gc_.free()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            out, mode = fn()
-            entry = {
-                "max_abs_diff": float(np.abs(out - reference).max()),
-                "peak_gib": gc_.mem()["peak_gib"],
-                "mode": mode,
-            }
-        except Exception as err:
-            entry = {"error": repr(err)[:500]}
-        results[name] = entry
-        print(key, entry, flush=True)
-        run.save()
+    def fresh(self) -> None:
+        dev = gc_.device()
 
-    student.expert_swap_mode = "auto"
-    gc_.free()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    reference = image(student)
-    results["plain"] = {"max_abs_diff": 0.0, "peak_gib": gc_.mem()["peak_gib"], "mode": student.expert_switcher.mode}
-    run.save()
+        def layerwise_fp8():
+            pipe = self.load().to(dev)
+            pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+            return self.image(pipe), pipe.expert_switcher.mode
 
-    def moved(mode):
-        def fn():
-            student.expert_swap_mode = mode
-            image(student)  # merged on the device
-            student.to("cpu")
-            student.to(dev)
-            return image(student), student.expert_switcher.mode
+        def fp16():
+            pipe = self.load(torch.float16).to(dev)
+            return self.image(pipe), pipe.expert_switcher.mode
 
-        return fn
+        def group_offload():
+            pipe = self.load()
+            pipe.enable_group_offload(
+                onload_device=dev,
+                offload_device=torch.device("cpu"),
+                offload_type="leaf_level",
+                use_stream=torch.cuda.is_available(),
+            )
+            return self.image(pipe), pipe.expert_switcher.mode
 
-    record("to_cpu_and_back_resident", moved("resident"))
-    record("to_cpu_and_back_delta", moved("delta"))
-
-    def offload(method):
-        def fn():
-            student.expert_swap_mode = "auto"
-            getattr(student, method)(device=dev)
-            try:
-                return image(student), student.expert_switcher.mode
-            finally:
-                student.remove_all_hooks()
-                student.to(dev)
-
-        return fn
-
-    record("model_cpu_offload", offload("enable_model_cpu_offload"))
-    record("sequential_cpu_offload", offload("enable_sequential_cpu_offload"))
-
-    def group_offload():
-        pipe = fresh()
-        cuda = torch.cuda.is_available()
-        pipe.enable_group_offload(
-            onload_device=dev, offload_device=torch.device("cpu"), offload_type="leaf_level", use_stream=cuda
-        )
-        return image(pipe), pipe.expert_switcher.mode
-
-    def layerwise_fp8():
-        pipe = fresh().to(dev)
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-        return image(pipe), pipe.expert_switcher.mode
-
-    def fp16():
-        pipe = fresh(torch.float16).to(dev)
-        return image(pipe), pipe.expert_switcher.mode
-
-    student.release_experts()
-    if pathlib.Path(base_dir, "transformer").is_dir():
-        for name, fn in (("group_offload_leaf", group_offload), ("layerwise_fp8", layerwise_fp8), ("fp16", fp16)):
-            record(name, fn)
-            gc_.free()
-    else:
-        for name, fn in (("layerwise_fp8", layerwise_fp8), ("fp16", fp16)):
-            record(name, fn)
+        for name, fn in (("layerwise_fp8", layerwise_fp8), ("fp16", fp16), ("group_offload_leaf", group_offload)):
+            self.record(name, fn)
 
 
 # ----------------------------------------------------------------------------------------------- report
