@@ -403,3 +403,119 @@ def maybe_from_json(args, name: str, render: Callable[[dict], str]) -> bool:
     print(markdown)
     write_section(args.doc, name, markdown)
     return True
+
+
+# ----------------------------------------------------------------------------------------------- public pipelines
+
+# LoRA on the attention and FFN linears of the Wan2.2 blocks (self- and cross-attention).
+WAN_LORA_TARGETS = (
+    r".*blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
+)
+
+
+def build_family_pipeline(model: str, tiny: bool, dtype=torch.bfloat16):
+    """A family pipeline in memory on `device()`: `QwenImagePipeline` (`model="qwen"`) or Wan2.2 T2V A14B's
+    `WanPipeline` (`model="wan"`), random weights at the published configs (tiny: `diffusers_pdmd.tiny`'s).
+
+    The tokenizer and scheduler are the tiny ones of `diffusers_pdmd.tiny` (no download; a full-size text encoder
+    reads their token ids as any other).
+    """
+    from diffusers_pdmd import tiny as tiny_models
+
+    family = "qwen-image" if model == "qwen" else "wan2.2-t2v-a14b"
+    components = tiny_models.build_components(family)
+    if not tiny:
+        with build_context(dtype):
+            if model == "qwen":
+                from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+                from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+                torch.manual_seed(0)
+                components["transformer"] = QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER)
+                components["vae"] = AutoencoderKLQwenImage()
+                config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+                components["text_encoder"] = Qwen2_5_VLForConditionalGeneration(config)
+            else:
+                from diffusers import AutoencoderKLWan, WanTransformer3DModel
+                from transformers import UMT5Config, UMT5EncoderModel
+
+                torch.manual_seed(0)
+                components["transformer"] = WanTransformer3DModel(**WAN22_A14B_TRANSFORMER)
+                torch.manual_seed(1)
+                components["transformer_2"] = WanTransformer3DModel(**WAN22_A14B_TRANSFORMER)
+                components["vae"] = AutoencoderKLWan()
+                components["text_encoder"] = UMT5EncoderModel(UMT5Config(**UMT5_XXL_ENCODER))
+    pipe = tiny_models.pipeline_class(family)(**components)
+    for _name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    return pipe.to(device(), dtype)
+
+
+def fabricate_experts(pipe, out_dir, experts, phase_boundaries, steps_per_phase, rank: int = 64, targets=None):
+    """Write an experts-only folder with the library's own `save_pretrained`: one random LoRA per phase on the
+    family pipeline's transformers (`experts[k] = (slot, adapter_name)`), rescaled as `add_lora` does; the adapters
+    are removed from the modules afterwards. Returns the folder."""
+    from diffusers_pdmd import PhasedDMDScheduler
+    from diffusers_pdmd.pipelines import PhasedMoEPipeline
+
+    targets = targets or (QWEN_LORA_TARGETS if "Qwen" in type(pipe).__name__ else WAN_LORA_TARGETS)
+    by_slot: dict[str, list[str]] = {}
+    for slot, name in experts:
+        by_slot.setdefault(slot, []).append(name)
+    for slot, names in by_slot.items():
+        add_lora(getattr(pipe, slot), names, rank=rank, targets=targets)
+    scheduler = PhasedDMDScheduler.from_config(
+        pipe.scheduler.config, phase_boundaries=phase_boundaries, steps_per_phase=steps_per_phase
+    )
+    extra = {"boundary_ratio": pipe.config.get("boundary_ratio")} if "transformer_2" in pipe.components else {}
+    student = PhasedMoEPipeline(
+        **{**pipe.components, "scheduler": scheduler}, experts=[list(e) for e in experts], **extra
+    )
+    student.save_pretrained(out_dir, experts_only=True, base_model="in-memory-base")
+    for slot, names in by_slot.items():
+        getattr(pipe, slot).delete_adapters(names)
+    return pathlib.Path(out_dir)
+
+
+def time_call(fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> dict:
+    """Wall clock (ms) of `fn` as a user sees it: host time from call to return, device synchronised before and
+    after; median of `reps` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "all_ms": [round(t, 2) for t in times]}
+
+
+def compile_counts() -> dict:
+    """Snapshot of torch.compile's work so far: frames compiled, graphs made, recompilations (dynamo counters)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames_compiled": int(counters["frames"]["ok"]),
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "recompiles": int(sum(counters["recompiles"].values())),
+    }
+
+
+def compile_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in before}
+
+
+def set_compiled(module, kind: str, **compile_kwargs):
+    """Compile `module` in place: `"none"` (undo any compile), `"regional"` (diffusers' `compile_repeated_blocks`)
+    or `"full"` (`module.compile()`, the whole transformer)."""
+    for sub in module.modules():
+        sub._compiled_call_impl = None
+    if kind == "regional":
+        module.compile_repeated_blocks(**compile_kwargs)
+    elif kind == "full":
+        module.compile(**compile_kwargs)
+    elif kind != "none":
+        raise ValueError(f"compile kind must be none, regional or full, got {kind!r}")

@@ -1,341 +1,450 @@
-"""Teacher vs 4-step / 2-phase student sampling time, transformer only and end to end, at full size.
+"""Sampling time through the public pipelines, end to end: teacher, the family's own 4 steps, Phased DMD experts.
 
-Qwen-Image (1024x1024): teacher 50 steps with true CFG (cond + uncond forward per step, as `QwenImagePipeline`)
-against 4 steps / 2 phases with two LoRA experts on the one transformer, swapped by the fastest option of
-`gpu_swap.py` (resident merged copies) and, for comparison, by the in-place delta. End to end adds the text encoder
-(Qwen2.5-VL-7B at full size, text-only forward of the templated prompt; the teacher also encodes the negative
-prompt) and the VAE decode (`AutoencoderKLQwenImage`, published config).
+Every figure is the wall clock of a whole `pipe(...)` call as a user makes it (prompt in, images or frames out;
+device synchronised before and after; median of `--reps` after warm-up), all measured side by side in one run:
 
-Wan2.2 T2V A14B (480x832, 81 frames = latent 21x60x104 = 32760 tokens): two 14B transformers. The student's two
-phase experts live on the two transformers (high-noise and low-noise, boundary at the teacher's own switch), merged,
-so a phase change is a change of module and costs nothing. Teacher 40 steps with CFG (80 forwards) is
-extrapolated from the measured per-forward time (say so in the doc); the student's 4-step loop is run. End to end adds
-UMT5-XXL (512 tokens) and the Wan VAE decode (bf16).
+- the family pipeline with its teacher settings (Qwen-Image: `QwenImagePipeline`, 50 steps, true CFG 4; Wan2.2 T2V
+  A14B: `WanPipeline`, 40 steps, CFG 4 / 3, run for real);
+- the family pipeline's own 4-step call (no guidance);
+- `PhasedMoEPipeline.from_pretrained(base, experts=<experts folder>)` in each `expert_swap_mode` (adapter, delta,
+  resident, auto), uncompiled, with diffusers' regional compilation (`compile_repeated_blocks`) and with a
+  whole-transformer `compile()`, at batch 1 and 4; torch.compile's recompilations are counted over the timed calls
+  (after warm-up), which swap experts at every call.
 
-    python benchmarks/gpu_sampling.py --model qwen --out sampling_qwen.json
-    python benchmarks/gpu_sampling.py --model wan --out sampling_wan.json      # needs ~70 GB: nvidia-h200
+`--memory_modes` adds, for Qwen-Image with LoRA experts, what a user with a small card does: model / sequential /
+group offloading, layerwise casting (fp8 storage, bf16 compute), fp16 instead of bf16, and `to()` to the host and
+back with merged experts: the largest difference to the plain call's image and the peak device memory of each.
+
+    # base: a saved QwenImagePipeline; experts: a folder written by examples/phased_dmd/train_phased_dmd_qwen_image.py
+    python benchmarks/gpu_sampling.py --model qwen --base BASE_DIR --experts EXPERTS_DIR --out sampling_qwen.json
+    python benchmarks/gpu_sampling.py --model qwen --base BASE_DIR --experts EXPERTS_DIR --memory_modes \
+        --skip student teacher family --out memory_qwen.json
+    # Wan2.2 A14B (nvidia-h200): base built in memory (random weights), experts fabricated unless --experts
+    python benchmarks/gpu_sampling.py --model wan --out sampling_wan.json
+    python benchmarks/gpu_sampling.py --tiny --memory_modes    # CPU logic check, < 2 min
+
+`--skip` drops every measurement whose key contains one of the given words (keys look like
+`student/auto/regional/b4`, `family4/none/b1`, `teacher/none/b1`, `memory/group_offload`); `--compile`, `--modes`
+and `--batches` choose the grid. Results are saved to `--out` after every measurement, so a run cut short keeps
+what it measured.
 """
 
 from __future__ import annotations
 
+import pathlib
+import tempfile
+
 import gpu_common as gc_
 import torch
 
-from diffusers_pdmd.pipelines.lora_delta import DeltaExperts, ResidentExperts
-
 
 NAME = "gpu_sampling"
-EXPERTS = ("phase0", "phase1")
-STUDENT_SIGMAS = [1.0, 0.95, 0.875, 0.66, 0.0]
+PROMPT = "a red fox sitting in fresh snow at sunrise, detailed fur, soft light"
+NEGATIVE = " "
+MODES = ("auto", "resident", "delta", "adapter")
+COMPILES = ("none", "regional", "full")
+SETTINGS = {
+    # family teacher settings, sizes, and the experts fabricated when --experts is not given
+    "qwen": {
+        "family": "qwen-image",
+        "teacher": {"num_inference_steps": 50, "true_cfg_scale": 4.0, "negative_prompt": NEGATIVE},
+        "family4": {"num_inference_steps": 4},
+        "size": {"height": 1024, "width": 1024},
+        "tiny_size": {"height": 32, "width": 32},
+        "experts": [("transformer", "phase0"), ("transformer", "phase1")],
+        "boundaries": [0.875],
+        "batch_arg": "num_images_per_prompt",
+    },
+    "wan": {
+        "family": "wan2.2-t2v-a14b",
+        "teacher": {"num_inference_steps": 40, "guidance_scale": 4.0, "guidance_scale_2": 3.0},
+        "family4": {"num_inference_steps": 4, "guidance_scale": 1.0, "guidance_scale_2": 1.0},
+        "size": {"height": 480, "width": 832, "num_frames": 81},
+        "tiny_size": {"height": 16, "width": 16, "num_frames": 5},
+        "experts": [("transformer", "phase0"), ("transformer_2", "phase1")],
+        "boundaries": [0.875],
+        "batch_arg": "num_videos_per_prompt",
+    },
+}
 
 
-def teacher_sigmas(steps: int) -> list[float]:
-    return torch.linspace(1.0, 0.0, steps + 1).tolist()
+class Run:
+    """Holds the results and the filters of one run; saves the JSON after every measurement."""
+
+    def __init__(self, args, res: dict):
+        self.args, self.res = args, res
+
+    def wanted(self, key: str) -> bool:
+        return not any(word in key for word in self.args.skip)
+
+    def save(self):
+        gc_.save_json(self.args.out, self.res)
+
+    def measure(self, key: str, fn, warmup: int, extra: callable = None) -> dict | None:
+        """Time `fn` (a whole pipeline call) under `key` and count torch.compile's work over the timed calls."""
+        if not self.wanted(key):
+            return None
+        try:
+            start = gc_.compile_counts()
+            for _ in range(warmup):
+                fn()
+            before = gc_.compile_counts()
+            gc_.free()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            out = gc_.time_call(
+                fn, reps=self.args.reps if not key.startswith("teacher") else self.args.teacher_reps, warmup=0
+            )
+            out["compile_in_warmup"] = gc_.compile_delta(start, before)
+            out["compile_after_warmup"] = gc_.compile_delta(before, gc_.compile_counts())
+            out["peak_gib"] = gc_.mem()["peak_gib"]
+            if extra is not None:
+                out.update(extra())
+        except Exception as err:  # keep the other figures; the error is part of the result
+            out = {"error": repr(err)[:500]}
+        self.res["calls"][key] = out
+        print(key, {k: v for k, v in out.items() if k != "all_ms"}, flush=True)
+        self.save()
+        return out
 
 
-# ----------------------------------------------------------------------------------------------- Qwen-Image
+def family_call(pipe, spec: dict, size: dict, batch: int, settings: dict, output_type=None):
+    kwargs = {**size, **settings, spec["batch_arg"]: batch}
+    if output_type is not None:
+        kwargs["output_type"] = output_type
+
+    def call():
+        return pipe(prompt=PROMPT, generator=torch.Generator(gc_.device()).manual_seed(0), **kwargs)
+
+    return call
 
 
-def qwen_text_encoder(tiny: bool):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def load_base(args, spec: dict, workdir: pathlib.Path):
+    """The family pipeline and the folder `PhasedMoEPipeline.from_pretrained` reads its index from."""
+    import diffusers
 
-    text, vision = dict(gc_.QWEN25_VL_7B_TEXT), dict(gc_.QWEN25_VL_7B_VISION)
-    if tiny:
-        text.update(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-        text.update(num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
-        vision.update(depth=2, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64)
-        vision.update(fullatt_block_indexes=[1])
-    with gc_.build_context():
-        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    from diffusers_pdmd import tiny as tiny_models
 
-
-def encode_time(encoder, length: int, reps: int, vocab: int) -> dict:
-    ids = torch.randint(0, vocab, (1, length), device=gc_.device())
-    mask = torch.ones_like(ids)
-
-    def run():
-        with torch.no_grad():
-            out = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        return out.hidden_states[-1] if hasattr(out, "hidden_states") and out.hidden_states else out[0]
-
-    return gc_.time_ms(run, reps=reps, warmup=2)
+    if args.base:
+        index = gc_.load_json(pathlib.Path(args.base) / "model_index.json")
+        cls = getattr(diffusers, index["_class_name"])
+        pipe = cls.from_pretrained(args.base, dtype=torch.bfloat16, use_safetensors=True).to(gc_.device())
+        return pipe, pathlib.Path(args.base)
+    base_dir = workdir / "base"
+    if args.tiny and args.model == "qwen":  # the whole public path, from a saved folder
+        tiny_models.save_pipeline(spec["family"], base_dir)
+        pipe = tiny_models.pipeline_class(spec["family"]).from_pretrained(base_dir, dtype=torch.bfloat16)
+        return pipe.to(gc_.device()), base_dir
+    # Wan2.2 A14B does not fit twice on the disk: the base stays in memory, its folder holds model_index.json only
+    # and `from_pretrained` takes the modules as keyword arguments (as diffusers' own from_pretrained does).
+    pipe = gc_.build_family_pipeline(args.model, args.tiny)
+    pipe.save_config(base_dir)
+    return pipe, base_dir
 
 
-def qwen_vae_decode(tiny: bool, reps: int) -> dict:
-    from diffusers import AutoencoderKLQwenImage
+def load_student(base_pipe, base_dir: pathlib.Path, experts_dir):
+    from diffusers_pdmd import PhasedMoEPipeline
 
-    kwargs = {"base_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1} if tiny else {}
-    with gc_.build_context():
-        vae = AutoencoderKLQwenImage(**kwargs).eval()
-    side = 16 if tiny else 128
-    z = torch.randn(1, 16, 1, side, side, device=gc_.device(), dtype=torch.bfloat16)
-    with torch.no_grad():
-        out = gc_.time_ms(lambda: vae.decode(z, return_dict=False)[0], reps=reps, warmup=1)
-    out["output_shape"] = list(vae.decode(z, return_dict=False)[0].shape) if tiny else [1, 3, 1, 1024, 1024]
-    vae = None
+    student = PhasedMoEPipeline.from_pretrained(
+        str(base_dir), experts=str(experts_dir), dtype=torch.bfloat16, **base_pipe.components
+    )
+    return student.to(gc_.device())
+
+
+def compile_kwargs(args) -> dict:
+    return {"backend": args.compile_backend, "fullgraph": False}
+
+
+def transformers(pipe) -> list:
+    return [m for m in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if m is not None]
+
+
+def sampling(args, run: Run, spec: dict, workdir: pathlib.Path) -> None:
+    size = spec["tiny_size"] if args.tiny else spec["size"]
+    torch._dynamo.config.recompile_limit = 64  # adapter and merged modes, two batch sizes: more than the default 8
+    base, base_dir = load_base(args, spec, workdir)
+    base.set_progress_bar_config(disable=True)
+    run.res["size"] = size
+    run.res["transformer_params"] = sum(gc_.param_count(m) for m in transformers(base))
+
+    # 1. The family pipeline (before the experts are put on its transformers): its own 4 steps, then the teacher
+    # (the most important figures first: a run cut short keeps them).
+    for batch in args.batches:
+        run.measure(f"family4/none/b{batch}", family_call(base, spec, size, batch, spec["family4"]), warmup=1)
+    for batch in args.batches:
+        run.measure(f"teacher/none/b{batch}", family_call(base, spec, size, batch, spec["teacher"]), warmup=0)
+    for kind in [k for k in args.compile if k != "none"]:
+        if not any(run.wanted(f"family4/{kind}/b{b}") for b in args.batches):
+            continue
+        for m in transformers(base):
+            gc_.set_compiled(m, kind, **compile_kwargs(args))
+        for batch in args.batches:
+            run.measure(f"family4/{kind}/b{batch}", family_call(base, spec, size, batch, spec["family4"]), warmup=2)
+    for m in transformers(base):
+        gc_.set_compiled(m, "none")
+
+    # 2. The experts: the folder given, or one fabricated with the library's save functions.
+    experts_dir = args.experts
+    if experts_dir is None:
+        experts_dir = gc_.fabricate_experts(
+            base,
+            workdir / "experts",
+            spec["experts"],
+            spec["boundaries"],
+            [2, 2],
+            rank=8 if args.tiny else 64,
+        )
+    run.res["experts"] = str(experts_dir)
+    if not any(run.wanted(f"student/{mode}") for mode in args.modes) and not args.memory_modes:
+        return
+    student = load_student(base, base_dir, experts_dir)
+    student.set_progress_bar_config(disable=True)
+    run.res["student_scheduler"] = {
+        "phase_boundaries": list(student.scheduler.config.phase_boundaries),
+        "steps_per_phase": list(student.scheduler.config.steps_per_phase),
+    }
+    student_settings = {}  # the experts' own settings: no guidance, the experts' 4 steps
+    for kind in args.compile:
+        if not any(run.wanted(f"student/{mode}/{kind}") for mode in args.modes):
+            continue
+        for m in transformers(student):
+            gc_.set_compiled(m, kind, **compile_kwargs(args))
+        for mode in args.modes:
+            student.expert_swap_mode = mode
+            for batch in args.batches:
+
+                def extra(student=student):
+                    switcher = student.expert_switcher
+                    return {"mode": switcher.mode, "mode_reason": switcher.mode_reason, "swaps": switcher.num_swaps}
+
+                run.measure(
+                    f"student/{mode}/{kind}/b{batch}",
+                    family_call(student, spec, size, batch, student_settings),
+                    warmup=1 if kind == "none" else 2,
+                    extra=extra,
+                )
+    for m in transformers(student):
+        gc_.set_compiled(m, "none")
+    student.release_experts()
+    if not (args.memory_modes and args.model == "qwen"):
+        return
+    memory = MemoryModes(run, size, base_dir, experts_dir)
+    memory.shared(student)
+    # The modes that change the weights for good load the pipeline afresh: free the device and the host first.
+    del student, base
+    extra = None
     gc_.free()
-    return out
+    memory.fresh()
 
 
-def qwen(args) -> dict:
-    tiny, reps = args.tiny, args.reps
-    res = {}
-    # text encoder (first, then freed: it does not share the card with the transformer's resident copies)
-    try:
-        enc = qwen_text_encoder(tiny)
-        vocab = enc.config.text_config.vocab_size
-        res["text_encoder_params"] = gc_.param_count(enc)
-        # QwenImagePipeline: 34 template tokens + prompt (64 here) + 5 closing tokens; negative prompt " "
-        res["text_encode_prompt"] = encode_time(enc, 34 + 64 + 5, reps, vocab)
-        res["text_encode_negative"] = encode_time(enc, 34 + 1 + 5, reps, vocab)
-        print("text encoder", res["text_encode_prompt"]["ms"], res["text_encode_negative"]["ms"], flush=True)
-    except Exception as e:  # keep the transformer figures if the text encoder fails on this transformers version
-        res["text_encoder_error"] = repr(e)
-        print("text encoder failed", repr(e), flush=True)
-    enc = None
-    gc_.free()
-    try:
-        res["vae_decode"] = qwen_vae_decode(tiny, reps=max(2, reps - 2))
-        print("vae decode", res["vae_decode"]["ms"], flush=True)
-    except Exception as e:
-        res["vae_error"] = repr(e)
-        print("vae failed", repr(e), flush=True)
-    gc_.free()
+# ----------------------------------------------------------------------------------------------- memory modes
 
-    model = gc_.build_qwen_transformer(tiny)
-    res["transformer_params"] = gc_.param_count(model)
-    cond = gc_.qwen_inputs(tiny)
-    uncond_text = gc_.qwen_inputs(tiny, text_len=8 if not tiny else 4, seed=1)["text"]
-    f_cond = gc_.qwen_velocity(model, cond["text"], cond["img_shapes"])
-    f_uncond = gc_.qwen_velocity(model, uncond_text, cond["img_shapes"])
-    x0 = cond["x"]
-    t = torch.full((1,), 0.9, device=gc_.device())
-    steps = 50 if not tiny else 3
 
-    def teacher(x, guidance=4.0):
-        sig = teacher_sigmas(steps)
-        for i in range(steps):
-            ti = torch.full((1,), sig[i], device=x.device)
-            c, u = f_cond(x, ti).float(), f_uncond(x, ti).float()
-            comb = u + guidance * (c - u)  # true CFG with the pipeline's norm rescale
-            v = comb * (c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
-            x = x + (sig[i + 1] - sig[i]) * v
-        return x
+class MemoryModes:
+    """Each way of fitting Qwen-Image on a smaller card against the plain call (batch 1): the largest difference of
+    the image (in [0, 1]) to the plain call's, and the peak device memory of the call itself
+    (`torch.cuda.max_memory_allocated`, reset after the mode is set up). Offloading and `to()` use the benchmark's
+    pipeline; fp8 layerwise casting, fp16 and group offloading (which change the weights or their placement for good)
+    a fresh `PhasedMoEPipeline.from_pretrained` of the same folders."""
 
-    def student(swap):
-        x = x0
-        for i in range(4):
-            if i in (0, 2):
-                swap(EXPERTS[i // 2])
-            ti = torch.full((1,), STUDENT_SIGMAS[i], device=x.device)
-            x = x + (STUDENT_SIGMAS[i + 1] - STUDENT_SIGMAS[i]) * f_cond(x, ti).float()
-        return x
+    def __init__(self, run: Run, size: dict, base_dir, experts_dir):
+        self.run, self.size, self.base_dir, self.experts_dir = run, size, pathlib.Path(base_dir), experts_dir
+        self.results = run.res.setdefault("memory_modes", {})
+        self.reference = None
 
-    with torch.no_grad():
-        res["forward_cond"] = gc_.time_ms(lambda: f_cond(x0, t), reps=reps, warmup=2)
-        res["forward_uncond"] = gc_.time_ms(lambda: f_uncond(x0, t), reps=reps, warmup=1)
-        res["teacher_steps"] = steps
-        res["teacher"] = gc_.time_ms(lambda: teacher(x0), reps=1, warmup=0)
-        print("teacher", res["teacher"]["ms"], flush=True)
-        res["student_base_no_swap"] = gc_.time_ms(lambda: student(lambda name: None), reps=reps, warmup=1)
+    def image(self, pipe):
+        import numpy as np
 
-        layers = gc_.add_lora(model, EXPERTS)
-        delta = DeltaExperts(layers, EXPERTS)
-        res["student_inplace_delta"] = gc_.time_ms(lambda: student(delta.activate), reps=reps, warmup=1)
-        delta.restore()
-        delta = None
         gc_.free()
-        resident = ResidentExperts(layers, EXPERTS, keep_base=False)
-        res["student_resident"] = gc_.time_ms(lambda: student(resident.activate), reps=reps, warmup=1)
-        res["memory_resident"] = gc_.mem()
-        print("student", res["student_inplace_delta"]["ms"], res["student_resident"]["ms"], flush=True)
-    model = resident = layers = None
-    gc_.free()
-    return res
-
-
-# ----------------------------------------------------------------------------------------------- Wan2.2 A14B
-
-
-def wan(args) -> dict:
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    tiny, reps = args.tiny, args.reps
-    res = {}
-    t5_config = dict(gc_.UMT5_XXL_ENCODER)
-    if tiny:
-        t5_config.update(vocab_size=1000, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_heads=4)
-    with gc_.build_context():
-        t5 = UMT5EncoderModel(UMT5Config(**t5_config)).eval()
-    res["text_encoder_params"] = gc_.param_count(t5)
-    res["text_encode"] = encode_time(t5, 512 if not tiny else 16, reps, t5_config["vocab_size"])
-    del t5
-    gc_.free()
-    print("umt5", res["text_encode"]["ms"], flush=True)
-
-    frames, h, w = (21, 60, 104) if not tiny else (3, 8, 8)
-    vae_kwargs = {"base_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1} if tiny else {}
-    with gc_.build_context():
-        vae = AutoencoderKLWan(**vae_kwargs).eval()
-    with torch.no_grad():
-        z_small = torch.randn(1, 16, 2, h, w, device=gc_.device(), dtype=torch.bfloat16)
-        vae.decode(z_small, return_dict=False)
-        z = torch.randn(1, 16, frames, h, w, device=gc_.device(), dtype=torch.bfloat16)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        res["vae_decode"] = gc_.time_ms(lambda: vae.decode(z, return_dict=False)[0], reps=1, warmup=0)
-        res["vae_decode"]["peak_gib"] = gc_.mem()["peak_gib"]
-    vae = z = z_small = None
-    gc_.free()
-    print("wan vae", res["vae_decode"]["ms"], flush=True)
+        out = pipe(
+            prompt=PROMPT, generator=torch.Generator(gc_.device()).manual_seed(0), output_type="np", **self.size
+        )
+        self.peak = gc_.mem()["peak_gib"]
+        return np.asarray(out.images, dtype=np.float32)
 
-    config = gc_.WAN22_A14B_TRANSFORMER_TINY if tiny else gc_.WAN22_A14B_TRANSFORMER
-    with gc_.build_context():
-        torch.manual_seed(0)
-        high = WanTransformer3DModel(**config).eval().requires_grad_(False)
-        torch.manual_seed(1)
-        low = WanTransformer3DModel(**config).eval().requires_grad_(False)
-    res["transformer_params"] = gc_.param_count(high)
-    res["tokens"] = frames * (h // 2) * (w // 2)
-    g = torch.Generator(gc_.device()).manual_seed(0)
-    x0 = torch.randn(1, 16, frames, h, w, generator=g, device=gc_.device())
-    text = torch.randn(1, 512 if not tiny else 16, config["text_dim"], generator=g, device=gc_.device())
-    text = text.to(torch.bfloat16)
+    def record(self, name: str, fn):
+        import numpy as np
 
-    def f(model, x, sigma):
-        t = torch.full((1,), 1000.0 * sigma, device=x.device)
-        return model(hidden_states=x.to(torch.bfloat16), timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        key = f"memory/{name}"
+        if not self.run.wanted(key):
+            return
+        try:
+            out, mode = fn()
+            entry = {"max_abs_diff": float(np.abs(out - self.reference).max()), "peak_gib": self.peak, "mode": mode}
+        except Exception as err:  # keep the other modes; the error is part of the result
+            entry = {"error": repr(err)[:500]}
+        gc_.free()
+        self.results[name] = entry
+        print(key, entry, flush=True)
+        self.run.save()
 
-    def student():
-        x = x0
-        for i in range(4):
-            model = high if i < 2 else low  # the phase experts, merged into the two teacher experts
-            x = x + (STUDENT_SIGMAS[i + 1] - STUDENT_SIGMAS[i]) * f(model, x, STUDENT_SIGMAS[i]).float()
-        return x
+    def shared(self, student) -> None:
+        dev = gc_.device()
+        student.expert_swap_mode = "auto"
+        self.reference = self.image(student)
+        self.results["plain"] = {"max_abs_diff": 0.0, "peak_gib": self.peak, "mode": student.expert_switcher.mode}
+        self.run.save()
 
-    with torch.no_grad():
-        res["forward_high"] = gc_.time_ms(lambda: f(high, x0, 0.95), reps=max(2, reps - 3), warmup=1)
-        res["forward_low"] = gc_.time_ms(lambda: f(low, x0, 0.5), reps=max(2, reps - 3), warmup=1)
-        print("wan forward", res["forward_high"]["ms"], res["forward_low"]["ms"], flush=True)
-        res["flops_per_forward"] = gc_.count_flops(lambda: f(high, x0, 0.5))
-        res["student"] = gc_.time_ms(student, reps=1, warmup=0)
-        res["memory"] = gc_.mem()
-    res["teacher_steps"] = 40 if not tiny else 3
-    per_forward = (res["forward_high"]["ms"] + res["forward_low"]["ms"]) / 2
-    res["teacher_extrapolated_ms"] = 2 * res["teacher_steps"] * per_forward
-    high = low = None
-    gc_.free()
-    return res
+        def moved(mode):
+            def fn():
+                student.expert_swap_mode = mode
+                student(prompt=PROMPT, output_type="latent", **self.size)  # merged on the device
+                student.to("cpu")
+                student.to(dev)
+                return self.image(student), student.expert_switcher.mode
+
+            return fn
+
+        self.record("to_cpu_and_back_resident", moved("resident"))
+        self.record("to_cpu_and_back_delta", moved("delta"))
+
+        def offload(method):
+            def fn():
+                student.expert_swap_mode = "auto"
+                getattr(student, method)(device=dev)
+                try:
+                    return self.image(student), student.expert_switcher.mode
+                finally:
+                    student.remove_all_hooks()
+                    student.to(dev)
+
+            return fn
+
+        self.record("model_cpu_offload", offload("enable_model_cpu_offload"))
+        self.record("sequential_cpu_offload", offload("enable_sequential_cpu_offload"))
+        student.release_experts()
+
+    def load(self, dtype=torch.bfloat16):
+        from diffusers_pdmd import PhasedMoEPipeline
+
+        if not (self.base_dir / "transformer").is_dir():
+            raise ValueError("needs a saved base pipeline (--base) to load afresh")
+        pipe = PhasedMoEPipeline.from_pretrained(str(self.base_dir), experts=str(self.experts_dir), dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def fresh(self) -> None:
+        dev = gc_.device()
+
+        def layerwise_fp8():
+            pipe = self.load().to(dev)
+            pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+            return self.image(pipe), pipe.expert_switcher.mode
+
+        def fp16():
+            pipe = self.load(torch.float16).to(dev)
+            return self.image(pipe), pipe.expert_switcher.mode
+
+        def group_offload():
+            pipe = self.load()
+            pipe.enable_group_offload(
+                onload_device=dev,
+                offload_device=torch.device("cpu"),
+                offload_type="leaf_level",
+                use_stream=torch.cuda.is_available(),
+            )
+            return self.image(pipe), pipe.expert_switcher.mode
+
+        for name, fn in (("layerwise_fp8", layerwise_fp8), ("fp16", fp16), ("group_offload_leaf", group_offload)):
+            self.record(name, fn)
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
-def run(args) -> dict:
-    res = {"env": {**gc_.environment(), "tiny": args.tiny}, "ceilings": gc_.ceilings(args.tiny)}
-    if args.model in ("qwen", "both"):
-        res["qwen"] = qwen(args)
-    if args.model in ("wan", "both"):
-        res["wan"] = wan(args)
+def run_all(args) -> dict:
+    spec = SETTINGS[args.model]
+    res = {
+        "env": {**gc_.environment(), "tiny": args.tiny},
+        "model": args.model,
+        "family": spec["family"],
+        "settings": {k: spec[k] for k in ("teacher", "family4")},
+        "calls": {},
+    }
+    run = Run(args, res)
+    with tempfile.TemporaryDirectory(prefix="gpu_sampling_") as tmp, torch.no_grad():
+        sampling(args, run, spec, pathlib.Path(tmp))
     return res
 
 
-def _speedup_rows(enc_teacher, teacher, dec, enc_student, student):
-    e2e_t = enc_teacher + teacher + dec
-    e2e_s = enc_student + student + dec
-    return e2e_t, e2e_s
+def _ms(res, key):
+    entry = res["calls"].get(key) or {}
+    return entry.get("ms")
 
 
 def render(res: dict) -> str:
     env = res["env"]
-    models = [name for key, name in (("qwen", "Qwen-Image"), ("wan", "Wan2.2 A14B")) if key in res]
+    model = {"qwen": "Qwen-Image, 1024x1024", "wan": "Wan2.2 T2V A14B, 480x832, 81 frames"}[res["model"]]
+    if env.get("tiny"):
+        model += " (tiny configs, CPU logic check: not a measurement)"
+    calls = res["calls"]
+    batches = sorted({int(k.rsplit("/b", 1)[1]) for k in calls})
+    teacher = res["settings"]["teacher"]
     lines = [
-        f"## Sampling: teacher vs 4-step / 2-phase student ({', '.join(models)})",
+        f"### Sampling through the public pipelines: {model}",
         "",
-        f"Device: **{env['device']}** ({gc_.env_line(env)}). Command: `{env['command']}`. Random bf16 weights at the "
-        "published configs, batch 1; CUDA events, median after warm-up.",
+        f"Device: **{env['device']}** ({gc_.env_line(env)}). Command: `{env['command']}`. Wall clock of the whole "
+        "`pipe(prompt)` call (text encoding, steps, VAE decode, PIL images), median after warm-up, all rows from "
+        "this one run. Random bf16 weights at the published configs; the experts: "
+        f"`{pathlib.Path(str(res.get('experts', '?'))).name}` "
+        f"(phases {res.get('student_scheduler', {}).get('phase_boundaries')}, steps "
+        f"{res.get('student_scheduler', {}).get('steps_per_phase')}). Teacher: the family pipeline with "
+        f"{teacher}.",
         "",
     ]
-    if "qwen" in res:
-        q = res["qwen"]
-        nan = {"ms": float("nan")}
-        q.setdefault("text_encode_prompt", nan), q.setdefault("text_encode_negative", nan)
-        q.setdefault("vae_decode", nan), q.setdefault("text_encoder_params", float("nan"))
-        enc_t = q["text_encode_prompt"]["ms"] + q["text_encode_negative"]["ms"]
-        enc_s = q["text_encode_prompt"]["ms"]
-        dec = q["vae_decode"]["ms"]
-        teach = q["teacher"]["ms"]
-        rows = []
-        for key, label in (
-            ("student_resident", "student, resident merged experts"),
-            ("student_inplace_delta", "student, in-place delta swaps"),
-            ("student_base_no_swap", "4 plain forwards (no experts, floor)"),
-        ):
-            s = q[key]["ms"]
-            e2e_t, e2e_s = _speedup_rows(enc_t, teach, dec, enc_s, s)
-            rows.append([label, round(s, 1), f"{teach / s:.1f}x", round(e2e_s, 1), f"{e2e_t / e2e_s:.1f}x"])
-        rows.insert(
-            0,
-            [
-                f"teacher, {q['teacher_steps']} steps, true CFG",
-                round(teach, 1),
-                "1x",
-                round(enc_t + teach + dec, 1),
-                "1x",
-            ],
-        )
-        lines += [
-            "### Qwen-Image, 1024x1024",
-            "",
-            gc_.md_table(["sampler", "transformer ms", "speed-up", "end-to-end ms", "end-to-end speed-up"], rows),
-            "",
-            f"Components: one transformer forward {q['forward_cond']['ms']:.1f} ms (64 text tokens; uncond, 8 "
-            f"tokens: {q['forward_uncond']['ms']:.1f} ms); text encoder ({q['text_encoder_params'] / 1e9:.2f}B "
-            f"Qwen2.5-VL-7B, text only) {q['text_encode_prompt']['ms']:.1f} ms for the 103-token templated prompt, "
-            f"{q['text_encode_negative']['ms']:.1f} ms for the negative prompt (teacher only); VAE decode to "
-            f"1024x1024 {dec:.1f} ms. End to end = text encode + transformer steps + decode (latent preparation, "
-            "scheduler arithmetic and image post-processing not counted). Peak memory with both experts resident: "
-            f"{q['memory_resident']['peak_gib']} GiB.",
-            "",
+    header = ["call", "compile"] + [f"batch {b}: s" for b in batches] + [f"vs family 4-step, b{b}" for b in batches]
+    header += [f"speed-up vs teacher, b{b}" for b in batches] + ["recompiles after warm-up"]
+    rows = []
+    keys = []
+    for key in calls:
+        stem = key.rsplit("/b", 1)[0]
+        if stem not in keys:
+            keys.append(stem)
+    for stem in keys:
+        parts = stem.split("/")
+        kind = parts[-1]
+        if parts[0] == "teacher":
+            label = "family pipeline, teacher settings"
+        elif parts[0] == "family4":
+            label = "family pipeline, its own 4 steps"
+        else:
+            resolved = {calls.get(f"{stem}/b{b}", {}).get("mode") for b in batches} - {None}
+            label = f"PhasedMoEPipeline, `{parts[1]}`" + (
+                f" (-> {', '.join(sorted(resolved))})" if parts[1] == "auto" else ""
+            )
+        row = [label, kind]
+        for b in batches:
+            ms = _ms(res, f"{stem}/b{b}")
+            err = (calls.get(f"{stem}/b{b}") or {}).get("error")
+            row.append(round(ms / 1e3, 3) if ms else ("error" if err else "-"))
+        for b in batches:
+            ms, ref = _ms(res, f"{stem}/b{b}"), _ms(res, f"family4/{kind}/b{b}") or _ms(res, f"family4/none/b{b}")
+            row.append(f"{ms / ref:.3f}" if ms and ref and parts[0] != "teacher" else "-")
+        for b in batches:
+            ms, t = _ms(res, f"{stem}/b{b}"), _ms(res, f"teacher/none/b{b}")
+            row.append(f"{t / ms:.1f}x" if ms and t else "-")
+        recompiles = [
+            (calls.get(f"{stem}/b{b}") or {}).get("compile_after_warmup", {}).get("frames_compiled") for b in batches
         ]
-    if "wan" in res:
-        w = res["wan"]
-        enc = w["text_encode"]["ms"]
-        dec = w["vae_decode"]["ms"]
-        teach = w["teacher_extrapolated_ms"]
-        s = w["student"]["ms"]
-        per_fwd = (w["forward_high"]["ms"] + w["forward_low"]["ms"]) / 2
+        row.append(", ".join("-" if r is None else str(r) for r in recompiles) if kind != "none" else "-")
+        rows.append(row)
+    lines += [gc_.md_table(header, rows), ""]
+    errors = {k: v["error"] for k, v in calls.items() if v and "error" in v}
+    if errors:
+        lines += ["Errors: " + "; ".join(f"`{k}`: {v}" for k, v in errors.items()), ""]
+    if "memory_modes" in res:
+        mm = res["memory_modes"]
         rows = [
-            [
-                f"teacher, {w['teacher_steps']} steps, CFG (extrapolated)",
-                round(teach),
-                "1x",
-                round(2 * enc + teach + dec),
-                "1x",
-            ],
-            [
-                "student, 4 steps / 2 phases (run)",
-                round(s),
-                f"{teach / s:.1f}x",
-                round(enc + s + dec),
-                f"{(2 * enc + teach + dec) / (enc + s + dec):.1f}x",
-            ],
+            [name, v.get("mode", "-"), v.get("max_abs_diff", "-"), v.get("peak_gib", "-"), v.get("error", "")]
+            for name, v in mm.items()
         ]
         lines += [
-            "### Wan2.2 T2V A14B, 480x832, 81 frames",
+            "Memory modes, Qwen-Image with the LoRA experts, batch 1 (image in [0, 1] compared with the plain call's; "
+            "peak = `torch.cuda.max_memory_allocated` over the call):",
             "",
-            gc_.md_table(["sampler", "transformer ms", "speed-up", "end-to-end ms", "end-to-end speed-up"], rows),
-            "",
-            f"One forward of a 14B transformer over {w['tokens']} tokens (512 text tokens): high-noise "
-            f"{w['forward_high']['ms']:.0f} ms, low-noise {w['forward_low']['ms']:.0f} ms "
-            f"({w['flops_per_forward'] / 1e15:.2f} PFLOP, {w['flops_per_forward'] / per_fwd / 1e9:.0f} TFLOP/s). "
-            f"The teacher's {2 * w['teacher_steps']} forwards were not run: its time is 2 x {w['teacher_steps']} x "
-            f"the mean forward. UMT5-XXL ({w['text_encoder_params'] / 1e9:.2f}B, 512 tokens) {enc:.1f} ms (teacher: "
-            f"prompt + negative prompt); Wan VAE decode (bf16) to 81x480x832 {dec:.0f} ms (peak "
-            f"{w['vae_decode']['peak_gib']} GiB). Both experts are merged into their own transformer, so the "
-            f"student's phase change is a change of module (no swap cost). Peak memory "
-            f"{w['memory']['peak_gib']} GiB.",
+            gc_.md_table(["mode", "expert swap", "max abs diff", "peak GiB", "error"], rows),
             "",
         ]
     return "\n".join(lines)
@@ -343,12 +452,27 @@ def render(res: dict) -> str:
 
 def main():
     parser = gc_.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("qwen", "wan", "both"), default="qwen")
+    parser.set_defaults(reps=3)
+    parser.add_argument("--model", choices=tuple(SETTINGS), default="qwen")
+    parser.add_argument("--base", default=None, help="saved family pipeline folder (default: built in memory)")
+    parser.add_argument("--experts", default=None, help="experts folder (default: random LoRAs, fabricated)")
+    parser.add_argument("--teacher_reps", type=int, default=1, help="timed teacher calls (no warm-up of its own)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--compile", nargs="+", choices=COMPILES, default=list(COMPILES))
+    parser.add_argument(
+        "--compile_backend", default=None, help="torch.compile backend (default: inductor; eager on CPU)"
+    )
+    parser.add_argument("--skip", nargs="*", default=[], help="skip measurements whose key contains any of these")
+    parser.add_argument("--memory_modes", action="store_true", help="also offloading / casting / to() (Qwen-Image)")
     args = parser.parse_args()
-    if gc_.maybe_from_json(args, f"{NAME}_{args.model}", render):
+    if args.compile_backend is None:
+        args.compile_backend = "inductor" if torch.cuda.is_available() else "eager"
+    name = f"{NAME}_{args.model}"
+    if gc_.maybe_from_json(args, name, render):
         return
-    res = run(args)
-    gc_.finish(args, f"{NAME}_{args.model}", res, render)
+    res = run_all(args)
+    gc_.finish(args, name, res, render)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ def test_copies_of_one_lora_equal_family_pipeline_with_that_lora():
     pipe = phased("qwen-image", components, experts=[("transformer", "p0"), ("transformer", "p1")])
     ours = run(pipe)
     assert pipe.expert_switcher.num_swaps == 1
+    pipe.release_experts()  # the default mode merged the experts; give the transformer back unmerged
     components["transformer"].set_adapter("p0")
     np.testing.assert_allclose(ours, reference("qwen-image", components, pipe.scheduler), atol=1e-6, rtol=0)
     components["transformer"].disable_lora()
@@ -205,6 +206,7 @@ def test_each_step_calls_exactly_the_expert_of_its_phase_qwen():
         experts=[("transformer", "p0"), ("transformer", None), ("transformer", "p2")],
     )
     pipe.set_progress_bar_config(disable=True)
+    pipe.expert_swap_mode = "adapter"  # the LoRA modules themselves run (merged modes: see the equality tests)
     fired, per_step = lora_firing_recorder(transformer, ["p0", "p2"]), []
 
     def callback(pipeline, i, t, kwargs):
@@ -228,6 +230,7 @@ def test_each_step_calls_exactly_the_expert_of_its_phase_wan_a14b():
         **{**components, "scheduler": scheduler}, experts=[("transformer", "high"), ("transformer_2", "low")]
     )
     pipe.set_progress_bar_config(disable=True)
+    pipe.expert_swap_mode = "adapter"
     calls = record_transformer_calls({n: components[n] for n in ("transformer", "transformer_2")})
     fired = lora_firing_recorder(components["transformer"], ["high"])
     fired_2 = lora_firing_recorder(components["transformer_2"], ["low"])

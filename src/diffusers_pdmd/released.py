@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hub import CONFIG_NAME
+from .hub import CONFIG_NAME, multiple_adapters
 
 
 LAYOUTS = ("phased_dmd", "wan_moe_lora", "lora", "full")
@@ -306,7 +306,8 @@ def load_lora(family: str, transformer: torch.nn.Module, file: pathlib.Path, ada
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already an adapter of the transformer.")
     state_dict, metadata = lora_state_dict(family, file, transformer)
-    transformer.load_lora_adapter(state_dict, prefix=LORA_PREFIX, adapter_name=adapter_name, metadata=metadata)
+    with multiple_adapters():
+        transformer.load_lora_adapter(state_dict, prefix=LORA_PREFIX, adapter_name=adapter_name, metadata=metadata)
 
 
 __all__ = ["LAYOUTS", "PRESETS", "Preset", "WAN_MOE_FILES", "detect_layout", "find_preset", "load_lora"]

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .lora_delta import set_active_adapter_
 
 
-MODES = ("adapter", "resident", "delta", "peft")
+MODES = ("auto", "adapter", "resident", "delta", "peft")
+# `auto` keeps this fraction of the device's total memory free for activations, the VAE decode and the allocator.
+RESIDENT_MARGIN_FRACTION = 0.1
 
 
 def _tuner_layers(module: torch.nn.Module) -> list:
@@ -26,6 +30,109 @@ def _layer_adapters(layer) -> set[str]:
         if isinstance(container, torch.nn.ModuleDict | torch.nn.ParameterDict):
             names.update(container.keys())
     return names
+
+
+def device_memory(device: torch.device | str | None) -> tuple[int, int]:
+    """`(free, total)` bytes of `device` (CUDA / XPU / MPS where torch reports it; the host's RAM for the CPU)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)
+    if device.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
+        return torch.xpu.mem_get_info(device)
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        return memory.available, memory.total
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * size, pages * size
+
+
+def _is_offloaded(module: torch.nn.Module) -> bool:
+    """Whether diffusers / accelerate move `module`'s weights at forward time (CPU or group offloading)."""
+    if getattr(module, "_hf_hook", None) is not None:
+        return True
+    return any(getattr(m, "_diffusers_hook", None) is not None and _has_offload_hook(m) for m in module.modules())
+
+
+def _has_offload_hook(module: torch.nn.Module) -> bool:
+    registry = module._diffusers_hook
+    return any("offload" in name for name in getattr(registry, "hooks", {}))
+
+
+def resident_extra_bytes(experts: list[tuple[torch.nn.Module, str | None]]) -> int:
+    """Device memory that `mode="resident"` adds: per module, one copy of the adapted weights per LoRA expert,
+    minus the one that reuses the base's storage when no phase uses the module without adapter (the base then
+    waits in host memory)."""
+    from .lora_delta import lora_linear_layers
+
+    total = 0
+    for module, adapters in _by_module(experts).values():
+        names = [a for a in adapters if a is not None]
+        if not names:
+            continue
+        layers = lora_linear_layers(module, names)
+        per_copy = sum(layer.get_base_layer().weight.nbytes for layer in layers)
+        total += per_copy * (len(names) - (0 if None in adapters else 1))
+    return total
+
+
+def choose_swap_mode(
+    experts: list[tuple[torch.nn.Module, str | None]],
+    free_bytes: int | None = None,
+    total_bytes: int | None = None,
+    margin_fraction: float = RESIDENT_MARGIN_FRACTION,
+) -> tuple[str, str]:
+    """The mode `"auto"` resolves to, and why.
+
+    - `"adapter"` where merging is impossible or does not pay: a LoRA layer whose base is not a plain floating point
+      `Linear` of at least 16 bits on a real device (quantized, fp8 layerwise-casting storage), a LoRA variant such
+      as DoRA, or a module that diffusers / accelerate offload (model, sequential or group offloading: the weights
+      move at each forward, merged copies would not, and an in-place merge would run on the host);
+    - `"delta"` where the resident copies ([`resident_extra_bytes`]) do not fit in
+      `free_bytes - margin_fraction * total_bytes`;
+    - `"resident"` otherwise; also without any LoRA expert (nothing to merge, nothing to swap).
+
+    Args:
+        experts: As for [`ExpertSwitcher`].
+        free_bytes (`int`, *optional*), total_bytes (`int`, *optional*): The device's free and total memory
+            (default: [`device_memory`] of the first expert module's device).
+        margin_fraction (`float`): Fraction of `total_bytes` kept free.
+    """
+    from .lora_delta import is_mergeable, lora_linear_layers
+
+    grouped = [(m, [a for a in adapters if a is not None]) for m, adapters in _by_module(experts).values()]
+    grouped = [(m, names) for m, names in grouped if names]
+    if not grouped:
+        return "resident", "no LoRA experts"
+    if any(_is_offloaded(module) for module, _ in grouped):
+        return "adapter", "the transformer is offloaded (its weights move at each forward)"
+    for module, names in grouped:
+        try:
+            layers = lora_linear_layers(module, names)
+        except ValueError as err:
+            return "adapter", f"the LoRA experts cannot be merged ({err})"
+        if not all(is_mergeable(layer, names) for layer in layers):
+            return "adapter", "some adapted layers cannot take a merged weight (quantized, fp8 or offloaded base)"
+    if free_bytes is None or total_bytes is None:
+        free_bytes, total_bytes = device_memory(next(grouped[0][0].parameters()).device)
+    need = resident_extra_bytes(experts)
+    margin = int(margin_fraction * total_bytes)
+    gib = 2**30
+    figures = f"{need / gib:.2f} GiB of merged copies, {free_bytes / gib:.2f} GiB free, margin {margin / gib:.2f} GiB"
+    if need <= free_bytes - margin:
+        return "resident", f"the merged copies fit ({figures})"
+    return "delta", f"the merged copies do not fit ({figures})"
+
+
+def _by_module(experts) -> dict[int, tuple[torch.nn.Module, list]]:
+    by_module: dict[int, tuple[torch.nn.Module, list]] = {}
+    for module, adapter in experts:
+        entry = by_module.setdefault(id(module), (module, []))
+        if adapter not in entry[1]:
+            entry[1].append(adapter)  # phase order: consecutive phases are neighbours on the delta path
+    return by_module
 
 
 class ExpertSwitcher:
@@ -53,28 +160,44 @@ class ExpertSwitcher:
     adapters on an H200, docs/benchmarks/gpu.md). Two modes merge the experts instead:
 
     - `mode="resident"`: each expert's merged weights `W + s B A` are computed once and kept on the device; a swap
-      re-points each adapted layer's weight (no GPU work). Costs one copy of the adapted weights per expert
-      (+25.3 GiB for two Qwen-Image experts); the 4-step, 2-phase sampling overhead measured +0.6%.
+      re-points each adapted layer's weight (no GPU work). Costs one device copy of the adapted weights per LoRA
+      expert beyond the first, whose copy reuses the base's storage while the base waits in host memory (+12.6 GiB
+      for two Qwen-Image experts); a phase that uses the base keeps it on the device instead (one copy more).
     - `mode="delta"`: the experts are merged in place into the shared weights; a swap is one fused `addmm_` per
       layer applying the difference of two experts (25 ms for Qwen-Image, +6.7% per image at batch 1, +1.5% at
       batch 4), with no extra copy of any weight and bounded bf16 drift ([`~lora_delta.DeltaExperts`]).
 
-    Both switch the unfused LoRA forward off for the adapted layers and cast the adapters to the module's dtype;
-    [`~ExpertSwitcher.release`] undoes this (base weights back, LoRA forward on).
+    While merged, each adapted layer runs exactly its base `Linear`: the peft wrapper is taken out of its parent's
+    slot ([`~lora_delta.UnwrappedLayers`]), so a forward does no peft work, no cast and no branch, and a compiled
+    transformer sees plain `Linear`s whose weights change in place (delta) or by pointer (resident), which does not
+    recompile. [`~ExpertSwitcher.release`] undoes all this: the wrappers back in their slots, the base weights back
+    (bitwise: resident keeps them, on the device if a phase uses the base, else in host memory; delta walks back
+    along the same fp32 products, within the bf16 rounding bound of [`~lora_delta.DeltaExperts`]), the LoRA forward
+    on, and the adapters untouched.
+
+    `mode="auto"` picks one of these by the rule of [`choose_swap_mode`]: resident when the merged copies fit in
+    free device memory with a margin of `RESIDENT_MARGIN_FRACTION` of the device's memory, else delta; adapter where
+    merging is impossible. The resolved mode is `switcher.mode`, the reason `switcher.mode_reason`.
 
     `mode="peft"` swaps with diffusers' `set_adapter` / `disable_lora` instead (the full-model walk); it exists as a
     reference to compare against.
 
     Args:
         experts (`list[tuple[torch.nn.Module, str | None]]`): `experts[k]` is the expert of phase `k`.
-        mode (`str`, defaults to `"adapter"`): `"adapter"`, `"resident"`, `"delta"` or `"peft"`.
+        mode (`str`, defaults to `"adapter"`): `"auto"`, `"adapter"`, `"resident"`, `"delta"` or `"peft"`.
+        memory (`tuple[int, int]`, *optional*): `(free, total)` device bytes for `"auto"` (default: measured).
 
     Attributes:
         num_swaps (`int`): Number of times the active expert changed since construction or the last
             [`~ExpertSwitcher.reset`]; the first activation is not a swap.
     """
 
-    def __init__(self, experts: list[tuple[torch.nn.Module, str | None]], mode: str = "adapter"):
+    def __init__(
+        self,
+        experts: list[tuple[torch.nn.Module, str | None]],
+        mode: str = "adapter",
+        memory: tuple[int, int] | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
         if len(experts) == 0:
@@ -107,33 +230,39 @@ class ExpertSwitcher:
         self._state: dict[int, str | None] = {}
         self._current: tuple[int, str | None] | None = None
         self.num_swaps = 0
+        self.requested_mode = mode
+        self.mode_reason = "requested"
+        if mode == "auto":
+            free, total = memory if memory is not None else (None, None)
+            self.mode, self.mode_reason = choose_swap_mode(self.experts, free, total)
         self._merged: dict[int, object] = {}
-        if mode in ("resident", "delta"):
+        self._unwrapped: dict[int, object] = {}
+        if self.mode in ("resident", "delta"):
             self._merge_experts()
 
     def _merge_experts(self) -> None:
-        from .lora_delta import DeltaExperts, ResidentExperts, cast_adapters_, lora_linear_layers
+        from .lora_delta import DeltaExperts, ResidentExperts, UnwrappedLayers, lora_linear_layers
 
-        by_module: dict[int, tuple[torch.nn.Module, list]] = {}
-        for module, adapter in self.experts:
-            entry = by_module.setdefault(id(module), (module, []))
-            if adapter not in entry[1]:
-                entry[1].append(adapter)  # phase order: consecutive phases are neighbours on the delta path
-        for key, (module, adapters) in by_module.items():
+        for key, (module, adapters) in _by_module(self.experts).items():
             names = [a for a in adapters if a is not None]
             if not names:
                 continue
             layers = lora_linear_layers(module, names)
-            cast_adapters_(layers, next(module.parameters()).dtype, names)
             if self.mode == "resident":
-                self._merged[key] = ResidentExperts(layers, names, keep_base=None in adapters)
+                keep_base = None in adapters
+                self._merged[key] = ResidentExperts(layers, names, keep_base=keep_base, host_base=not keep_base)
             else:
                 self._merged[key] = DeltaExperts(layers, names)
+            self._unwrapped[key] = UnwrappedLayers(module, layers)
 
     def release(self) -> None:
-        """Undo a merging mode: base weights back in the layers, the unfused LoRA forward on again."""
+        """Undo a merging mode: the peft wrappers back in their slots, the base weights back (see the class
+        docstring for the rounding), the unfused LoRA forward on again. A no-op in the unfused modes."""
+        for unwrapped in self._unwrapped.values():
+            unwrapped.restore()
         for engine in self._merged.values():
             engine.release() if hasattr(engine, "release") else engine.restore()
+        self._unwrapped.clear()
         self._merged.clear()
         self.reset()
 

@@ -41,7 +41,8 @@ def lora_linear_layers(module: torch.nn.Module, adapter_names: Sequence[str] | N
 
     Raises:
         ValueError: If a layer holds an adapter of `adapter_names` as a LoRA variant (DoRA, ...), which has no
-            plain `B @ A` delta, or if no layer matches.
+            plain `B @ A` delta, or with a LoRA bias (`lora_B.bias`, e.g. the `.diff_b` keys of extracted LoRAs),
+            which the merged modes do not carry, or if no layer matches.
     """
     layers = []
     for layer in module.modules():
@@ -52,6 +53,9 @@ def lora_linear_layers(module: torch.nn.Module, adapter_names: Sequence[str] | N
         variants = set(layer.lora_variant) & set(adapter_names or layer.lora_A.keys())
         if variants:
             raise ValueError(f"Adapters {sorted(variants)} are LoRA variants (e.g. DoRA): no plain B @ A delta.")
+        biased = sorted(a for a in adapter_names or layer.lora_A.keys() if getattr(layer, "lora_bias", {}).get(a))
+        if biased:
+            raise ValueError(f"Adapters {biased} carry a LoRA bias (`.diff_b`): not merged, use the adapter mode.")
         layers.append(layer)
     if not layers:
         raise ValueError(f"`module` has no peft LoRA Linear layer holding adapters {adapter_names}.")
@@ -109,13 +113,18 @@ def delta_factors(
     return torch.cat([b for b, _ in parts], dim=1), torch.cat([a for _, a in parts], dim=0)
 
 
-def _addmm_weight_(layer, factors: tuple[torch.Tensor, torch.Tensor], alpha: float) -> None:
+def _addmm_weight_(layer, factors: tuple[torch.Tensor, torch.Tensor], alpha: float) -> tuple[torch.Tensor, ...]:
+    """`W += alpha * B @ A` in place; returns the factors, moved to the weight's device if it moved (`to()`, model
+    offloading) since they were made."""
     b, a = factors
     w = _weight(layer).data
+    if b.device != w.device:
+        b, a = b.to(w.device), a.to(w.device)
     if layer.fan_in_fan_out:  # weight stored (in, out)
         w.addmm_(a.T, b.T, alpha=alpha)
     else:
         w.addmm_(b, a, alpha=alpha)
+    return b, a
 
 
 @torch.no_grad()
@@ -201,8 +210,9 @@ class DeltaExperts:
         while self._index != target:
             step = 1 if target > self._index else -1
             edge = self._index if step == 1 else self._index - 1
-            for layer, factors in zip(self.layers, self._edge(edge)):
-                _addmm_weight_(layer, factors, float(step))
+            factors = self._edge(edge)
+            for j, layer in enumerate(self.layers):
+                factors[j] = _addmm_weight_(layer, factors[j], float(step))
             self._index += step
             self.num_passes += 1
 
@@ -225,14 +235,19 @@ class ResidentExperts:
     reused for the first expert and the base itself is lost) and makes a swap free of GPU work. Each merged weight
     is computed once as `round(W + s B A)` in fp32 with one rounding, as peft's merge.
 
+    A copy follows its layer between devices: after `module.to(device)` (which moves the current weights only) the
+    next swap moves the target expert's copy to the layer's device and drops the copy left on the old device.
+
     Args:
         layers: peft LoRA `Linear` layers, e.g. from [`lora_linear_layers`].
         adapters (`Sequence[str]`): The experts' adapter names.
-        keep_base (`bool`, defaults to `True`): Keep the base weights too (needed for `activate(None)`, e.g. a
-            teacher that is the base without adapters).
+        keep_base (`bool`, defaults to `True`): Keep the base weights on the device too (needed for
+            `activate(None)`, e.g. a teacher that is the base without adapters).
+        host_base (`bool`, defaults to `False`): With `keep_base=False`, keep a copy of the base weights in host
+            memory so that [`~ResidentExperts.release`] restores them bitwise (costs host memory, not device memory).
     """
 
-    def __init__(self, layers: Sequence, adapters: Sequence[str], keep_base: bool = True):
+    def __init__(self, layers: Sequence, adapters: Sequence[str], keep_base: bool = True, host_base: bool = False):
         if len(adapters) == 0 or len(set(adapters)) != len(adapters) or None in adapters:
             raise ValueError(f"`adapters` must be distinct adapter names, got {list(adapters)}.")
         self.layers = list(layers)
@@ -240,9 +255,13 @@ class ResidentExperts:
             raise ValueError("Some layers have peft-merged adapters; unmerge them first.")
         self.keep_base = keep_base
         self.weights: dict[str | None, list[torch.Tensor]] = {name: [] for name in adapters}
+        self._host_base: list[torch.Tensor] | None = [] if host_base and not keep_base else None
+        self._first = adapters[0]
         with torch.no_grad():
             for layer in self.layers:
                 w = _weight(layer).data
+                if self._host_base is not None:
+                    self._host_base.append(w.to("cpu", copy=True))
                 for name in adapters:
                     b, a = _scaled_factors(layer, name, 1.0, torch.float32)
                     delta = (a.T @ b.T) if layer.fan_in_fan_out else (b @ a)
@@ -267,8 +286,13 @@ class ResidentExperts:
             raise ValueError(f"Unknown or dropped expert {adapter!r}; resident: {list(self.weights)}.")
         if adapter != self._current:
             self.num_swaps += 1
-        for layer, w in zip(self.layers, self.weights[adapter]):
-            _weight(layer).data = w
+        current, target = self.weights.get(self._current), self.weights[adapter]
+        for i, layer in enumerate(self.layers):
+            weight = _weight(layer)
+            if target[i].device != weight.device:  # the module moved since: the copies follow it
+                current[i] = weight.data
+                target[i] = target[i].to(weight.device)
+            weight.data = target[i]
         self._current = adapter
 
     def extra_bytes(self) -> int:
@@ -277,10 +301,59 @@ class ResidentExperts:
         return per_set * (len(self.weights) - 1)
 
     def release(self) -> None:
-        """Go back to the base weights and switch the LoRA forward on again (if the base was kept); drop the copies."""
+        """Go back to the base weights (bitwise) and switch the LoRA forward on again; drop the copies.
+
+        Without the base (`keep_base=False`, `host_base=False`) the weights stay merged on the first expert and the
+        LoRA forward stays off.
+        """
         if self.keep_base:
             self.activate(None)
+        elif self._host_base is not None:
+            self.activate(self._first)  # the base's own storage
+            with torch.no_grad():
+                for layer, w in zip(self.layers, self._host_base):
+                    _weight(layer).data.copy_(w)
+            self.weights = {None: [_weight(layer).data for layer in self.layers]}
+            self._current, self._host_base, self.keep_base = None, None, True
         self.weights = {k: v for k, v in self.weights.items() if k == self._current}
         if self.keep_base:  # without the base the weights stay merged, and the LoRA forward must stay off
             for layer in self.layers:
                 layer._disable_adapters = False
+
+
+def is_mergeable(layer, adapter_names: Sequence[str] | None = None) -> bool:
+    """Whether `W + s B A` can be merged into `layer`'s base weight: a plain `torch.nn.Linear` with a floating point
+    weight of at least 16 bits held on a real device (not quantized, not fp8 storage of layerwise casting, not
+    offloaded to the meta device), and no LoRA variant (DoRA, ...) among `adapter_names`."""
+    base = layer.get_base_layer()
+    w = getattr(base, "weight", None)
+    if type(base) is not torch.nn.Linear or not isinstance(w, torch.Tensor) or type(w.data) is not torch.Tensor:
+        return False
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.device.type == "meta":
+        return False
+    return not set(getattr(layer, "lora_variant", {})) & set(adapter_names or layer.lora_A.keys())
+
+
+class UnwrappedLayers:
+    """Puts each peft LoRA layer's `base_layer` in its parent's slot, so that a merged layer runs exactly its base
+    `Linear` (no peft wrapper, no cast, no branch); [`~UnwrappedLayers.restore`] puts the wrappers back.
+
+    Args:
+        root (`torch.nn.Module`): The module holding `layers` (e.g. the transformer).
+        layers: peft LoRA layers of `root`.
+    """
+
+    def __init__(self, root: torch.nn.Module, layers: Sequence):
+        wanted = {id(layer) for layer in layers}
+        self.slots = []
+        for parent in root.modules():
+            for name, child in parent._modules.items():
+                if child is not None and id(child) in wanted:
+                    self.slots.append((parent, name, child))
+        for parent, name, layer in self.slots:
+            parent._modules[name] = layer.get_base_layer()
+
+    def restore(self) -> None:
+        for parent, name, layer in self.slots:
+            parent._modules[name] = layer
+        self.slots = []

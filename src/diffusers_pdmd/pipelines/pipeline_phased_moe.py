@@ -219,9 +219,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
             base_revision=base_revision,
             method=method,
         )
-        self.expert_swap_mode = "adapter"
+        self.expert_swap_mode = "auto"
         self._switcher = None
         self._switcher_key = None
+        self._swap_memory = None  # (free, total) device bytes for "auto"; measured when None (tests inject it)
 
     # ------------------------------------------------------------------ experts
 
@@ -232,7 +233,14 @@ class PhasedMoEPipeline(DiffusionPipeline):
 
     @property
     def expert_switcher(self) -> ExpertSwitcher:
-        """The [`ExpertSwitcher`] over the current experts (rebuilt when experts, modules or adapters change)."""
+        """The [`ExpertSwitcher`] over the current experts, in `self.expert_swap_mode`.
+
+        `expert_swap_mode` is one of `"auto"` (the default), `"resident"`, `"delta"`, `"adapter"`, `"peft"` (see
+        [`ExpertSwitcher`]); `"auto"` resolves once, when the switcher is built (at the first call), by the rule of
+        [`~expert_swap.choose_swap_mode`], and logs the choice. The switcher is rebuilt, releasing the previous one
+        (base weights and peft layers restored), when the mode, the experts, the modules or their adapters change;
+        [`~PhasedMoEPipeline.release_experts`] releases it explicitly.
+        """
         experts = [(getattr(self, e["base_transformer"]), e["adapter_name"]) for e in self.config.experts]
         key = (
             self.expert_swap_mode,
@@ -240,11 +248,44 @@ class PhasedMoEPipeline(DiffusionPipeline):
             tuple(tuple(getattr(module, "peft_config", {})) for module, _ in experts),
         )
         if self._switcher is None or key != self._switcher_key:
-            if self._switcher is not None:
-                self._switcher.release()  # unmerge experts merged by a previous "resident" / "delta" switcher
-            self._switcher = ExpertSwitcher(experts, mode=self.expert_swap_mode)
+            self.release_experts()
+            self._switcher = ExpertSwitcher(experts, mode=self.expert_swap_mode, memory=self._swap_memory)
             self._switcher_key = key
+            if self.expert_swap_mode == "auto":
+                logger.info(f"expert_swap_mode='auto' chose {self._switcher.mode!r}: {self._switcher.mode_reason}.")
         return self._switcher
+
+    def release_experts(self) -> None:
+        """Undo the merging of a `"resident"` / `"delta"` switcher: base weights and peft layers back as they were
+        before the first call (see [`ExpertSwitcher.release`]); the next call merges again."""
+        if self._switcher is not None:
+            self._switcher.release()
+        self._switcher = None
+        self._switcher_key = None
+
+    def to(self, *args, **kwargs):
+        """`DiffusionPipeline.to`, after [`~PhasedMoEPipeline.release_experts`]: merged experts are released (base
+        weights back) before the modules move, and merged again on the new device at the next call."""
+        self.release_experts()
+        return super().to(*args, **kwargs)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
+        """diffusers' model offloading, after [`~PhasedMoEPipeline.release_experts`]; `"auto"` then swaps with
+        unfused adapters (the weights move at each forward)."""
+        self.release_experts()
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
+        """diffusers' sequential offloading, after [`~PhasedMoEPipeline.release_experts`]; `"auto"` then swaps with
+        unfused adapters."""
+        self.release_experts()
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_group_offload(self, *args, **kwargs):
+        """diffusers' group offloading, after [`~PhasedMoEPipeline.release_experts`]; `"auto"` then swaps with
+        unfused adapters."""
+        self.release_experts()
+        super().enable_group_offload(*args, **kwargs)
 
     def set_experts(self, experts: list, phase_boundaries: list[float] | None = None) -> None:
         """Replace the phase -> expert map (see the `experts` argument of the class) and, if given, the phase
@@ -304,6 +345,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
         root = resolve_repo(
             path_or_repo_id, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
+        self.release_experts()  # new adapters go on the unmerged base
         self._load_experts(root, ExpertsConfig.load(root), dtype, full_folder=False, variant=variant)
 
     def _load_experts(
@@ -644,6 +686,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
         if kwargs.get("push_to_hub"):
             raise ValueError("`push_to_hub` is not supported here; use `diffusers_pdmd.hub.push_experts_to_hub`.")
         self._check_experts()
+        self.release_experts()  # save the base and the adapters, not merged weights
         config = self.experts_config(base_model, base_revision, method)
         if experts_only and config.base_model is None:
             raise ValueError("`base_model` (repo id or path of the base pipeline) is needed to save experts only.")
@@ -982,9 +1025,13 @@ class PhasedMoEPipeline(DiffusionPipeline):
 
         # 2. Timesteps (a step count the scheduler cannot make is its ValueError, also before any model runs).
         seq_len = family.latent_shape(self, total, height, width, num_frames)[1]
-        self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=family.mu(self, seq_len))
+        # The phases and the host-side sigmas come from a CPU schedule, so the loop never waits on the device.
+        schedule = {"sigmas": sigmas, "mu": family.mu(self, seq_len)}
+        self.scheduler.set_timesteps(num_inference_steps, device="cpu", **schedule)
+        sigmas_cpu = self.scheduler.sigmas.tolist()
+        phases = [self.scheduler.phase_index_for_sigma(s) for s in sigmas_cpu[:-1]]
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **schedule)
         timesteps = self.scheduler.timesteps
-        phases = [self.scheduler.phase_index(t) for t in timesteps.cpu()]
 
         # 3. Guidance per phase: Qwen-Image's true CFG; Wan's scale of the expert's transformer.
         expert_slots = [e["base_transformer"] for e in self.config.experts]
@@ -1065,11 +1112,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 phase = phases[i]
                 model = switcher.activate(phase)
                 sigma = self.scheduler.sigmas[i].expand(latents.shape[0])
-                context = {
-                    "step_index": i,
-                    "sigma": float(self.scheduler.sigmas[i]),
-                    "num_inference_steps": len(timesteps),
-                }
+                context = {"step_index": i, "sigma": sigmas_cpu[i], "num_inference_steps": len(timesteps)}
                 with model.cache_context("cond", **context):
                     v = family.velocity(model, latents, sigma, cond, attention_kwargs=attention_kwargs)
                 if uncond is not None and phase_scales[phase] > 1:
