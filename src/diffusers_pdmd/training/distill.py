@@ -717,66 +717,71 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         eps = torch.randn((b * n_proc, *like.shape[1:]), generator=gen)[mine].to(device)
         return t, eps
 
+    def optimizer_step(params, opt, sch):
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        sch.step()
+        opt.zero_grad(set_to_none=True)
+
+    def fake_update(phase: int, step: int) -> dict:
+        """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13)."""
+        _, fake_params, _, f_opt, _, f_sch = opts[phase]
+        for _ in range(ga):
+            z, cond = noise_and_cond()
+            experts = [d.expert(j, cond) for j in range(plan.num_phases)]
+            with torch.no_grad():
+                x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen)
+            t, eps = t_and_eps(s, x_s)
+            loss, logs = fake_score_loss(d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting)
+            _finite(loss, "Fake-score", phase, step, last_ckpt)
+            accelerator.backward(loss / ga)
+        optimizer_step(fake_params, f_opt, f_sch)
+        return logs
+
+    def generator_update(phase: int, step: int) -> dict:
+        """One generator update: the DMD gradient on the reverse-nested interval (s, 1] (Eq. 11-12)."""
+        gen_params, _, g_opt, _, g_sch, _ = opts[phase]
+        for _ in range(ga):
+            z, cond = noise_and_cond()
+            experts = [d.expert(j, cond) for j in range(plan.num_phases)]
+            x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=True, generator=gen)
+            t, eps = t_and_eps(s, x_s)
+            loss, logs = dmd_loss(
+                x_s, s, d.teacher(cond, neg_cond), d.fake(phase, cond), t, eps, weighting=args.dmd_weighting
+            )
+            _finite(loss, "Generator (DMD)", phase, step, last_ckpt)
+            # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
+            d.switches[d.expert_base[phase]].set(f"phase_{phase}")
+            accelerator.backward(loss / ga)
+        optimizer_step(gen_params, g_opt, g_sch)
+        return logs
+
+    def enter_phase(phase: int) -> None:
+        """Fresh fake score and optimizers when a phase starts (sequential) or is first met (alternate)."""
+        nonlocal current_phase
+        if plan.order == "sequential" and phase != current_phase:
+            opts.clear()
+            current_phase = phase
+        elif plan.order == "sequential" or phase in opts:
+            return
+        d.start_phase(phase)
+        make_opts(phase)
+
     try:
         while global_step < plan.total_steps:
             phase, step = plan.position(global_step)
-            if plan.order == "sequential" and phase != current_phase:
-                opts.clear()
-                d.start_phase(phase)
-                make_opts(phase)
-                current_phase = phase
-            elif plan.order == "alternate" and phase not in opts:
-                d.start_phase(phase)
-                make_opts(phase)
-            gen_params, fake_params, g_opt, f_opt, g_sch, f_sch = opts[phase]
-
-            # fake score: subinterval score matching on stop-gradient generator samples
+            enter_phase(phase)
             fake_logs = {}
             for _ in range(args.fake_updates_per_step):
-                for _ in range(ga):
-                    z, cond = noise_and_cond()
-                    experts = [d.expert(j, cond) for j in range(plan.num_phases)]
-                    with torch.no_grad():
-                        x_s, s = generator_sample(
-                            plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen
-                        )
-                    t, eps = t_and_eps(s, x_s)
-                    loss_f, fake_logs = fake_score_loss(
-                        d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting
-                    )
-                    _finite(loss_f, "Fake-score", phase, step, last_ckpt)
-                    accelerator.backward(loss_f / ga)
-                if args.max_grad_norm:
-                    accelerator.clip_grad_norm_(fake_params, args.max_grad_norm)
-                f_opt.step()
-                f_sch.step()
-                f_opt.zero_grad(set_to_none=True)
-
-            # generator: DMD on the reverse-nested interval (s, 1]
-            for _ in range(ga):
-                z, cond = noise_and_cond()
-                experts = [d.expert(j, cond) for j in range(plan.num_phases)]
-                x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=True, generator=gen)
-                t, eps = t_and_eps(s, x_s)
-                loss_g, gen_logs = dmd_loss(
-                    x_s, s, d.teacher(cond, neg_cond), d.fake(phase, cond), t, eps, weighting=args.dmd_weighting
-                )
-                _finite(loss_g, "Generator (DMD)", phase, step, last_ckpt)
-                # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
-                d.switches[d.expert_base[phase]].set(f"phase_{phase}")
-                accelerator.backward(loss_g / ga)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(gen_params, args.max_grad_norm)
-            g_opt.step()
-            g_sch.step()
-            g_opt.zero_grad(set_to_none=True)
-
+                fake_logs = fake_update(phase, step)
+            gen_logs = generator_update(phase, step)
             global_step += 1
             logs = {**gen_logs, **fake_logs}
             if n_proc > 1:  # losses of the global batch: the mean over processes
                 values = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
                 logs = dict(zip(logs, values.tolist()))
-            logs.update(phase=phase, lr=g_sch.get_last_lr()[0])
+            logs.update(phase=phase, lr=opts[phase][4].get_last_lr()[0])
             history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
             progress.update(1)
             progress.set_postfix(
