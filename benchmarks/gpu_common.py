@@ -518,10 +518,10 @@ def linear_flops(model, tokens_of: Callable[[str], int]) -> int:
     """Multiply-add FLOPs (2 per MAC) of every `nn.Linear` of `model`, each applied to `tokens_of(name)` rows."""
     total = 0
     for name, module in model.named_modules():
+        if ".lora_" in name:  # peft adapters: left out; their base linear counts under the layer's own name
+            continue
+        name = name.replace(".base_layer", "")
         if isinstance(module, torch.nn.Linear):
-            base = getattr(module, "base_layer", None)  # a peft LoRA layer counts as its base linear
-            if base is not None:
-                continue
             total += 2 * module.in_features * module.out_features * tokens_of(name)
         elif isinstance(module, torch.nn.Conv3d) and module.kernel_size == module.stride:  # Wan's patch embedding
             macs = module.in_channels * module.out_channels * int(torch.Size(module.kernel_size).numel())
@@ -530,7 +530,13 @@ def linear_flops(model, tokens_of: Callable[[str], int]) -> int:
 
 
 def transformer_forward_flops(model, batch: int, tokens: int, text_tokens: int, per_token_time: bool = False) -> int:
-    """Model FLOPs of one forward of a Qwen-Image or Wan transformer, analytically from its modules and token counts.
+    """Model FLOPs of one forward (see [`transformer_flops`])."""
+    return sum(transformer_flops(model, batch, tokens, text_tokens, per_token_time))
+
+
+def transformer_flops(model, batch: int, tokens: int, text_tokens: int, per_token_time: bool = False):
+    """`(linear, attention)` model FLOPs of one forward of a Qwen-Image or Wan transformer, analytically from its
+    modules and token counts.
 
     Linears: `2 * in * out` per row they see (Qwen-Image: image-stream linears on `tokens`, text-stream linears
     (`add_*`, `to_add_out`, `txt_*`) on `text_tokens`, modulation / time linears on one row; Wan: the blocks on
@@ -566,4 +572,4 @@ def transformer_forward_flops(model, batch: int, tokens: int, text_tokens: int, 
         attention = layers * 4 * (tokens + text_tokens) ** 2 * inner
     else:
         attention = layers * 4 * (tokens * tokens + tokens * text_tokens) * inner
-    return batch * (linear + attention)
+    return batch * linear, batch * attention

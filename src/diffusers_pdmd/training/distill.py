@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +135,70 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--lr_scheduler", default="constant")
     a("--lr_warmup_steps", type=int, default=0)
+    # -- speed and memory (docs/training.md, "Speed and memory") ------------------------------------------------
+    a(
+        "--upcast_lora_inputs",
+        action="store_true",
+        help="peft's default: cast every adapted layer's input to the fp32 LoRA weights. Off: under mixed precision "
+        "LoRA computes in bf16/fp16 from fp32 master weights (same values under autocast, faster).",
+    )
+    a(
+        "--sequential_cfg",
+        action="store_true",
+        help="Run the teacher's conditional and unconditional passes one after another (default: one batch of 2).",
+    )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile the repeated transformer blocks (compile_repeated_blocks).",
+    )
+    a(
+        "--attention_backend",
+        default=None,
+        help="diffusers attention backend of the transformers, e.g. flash, _native_cudnn, _native_flash, sage.",
+    )
+    a(
+        "--fake_reuse_samples",
+        type=int,
+        default=1,
+        help="Fake-score updates that share one back-simulated batch (fresh t and noise each). 1: a fresh batch "
+        "for every update (the paper). Above 1 changes the algorithm (docs/training.md).",
+    )
+    a(
+        "--base_fp8",
+        action="store_true",
+        help="Store the frozen base transformers in float8 (e4m3), computed in bf16 (diffusers layerwise casting); "
+        "LoRA weights stay as they are. Needs --mixed_precision bf16.",
+    )
+    a(
+        "--offload_idle_transformers",
+        action="store_true",
+        help="Keep on the GPU only the transformers the current phase uses, the others in CPU memory (Wan2.2 "
+        "A14B phase 0 never uses transformer_2). Needs --phase_order sequential.",
+    )
     return p
+
+
+def check_speed_args(args) -> None:
+    """Raise `ValueError` for a bad speed / memory flag (before any model loads)."""
+    if args.fake_reuse_samples < 1:
+        raise ValueError(f"`--fake_reuse_samples` must be >= 1, got {args.fake_reuse_samples}.")
+    if args.base_fp8 and args.mixed_precision != "bf16":
+        raise ValueError(
+            f"`--base_fp8` computes in bf16: it needs `--mixed_precision bf16`, got {args.mixed_precision}."
+        )
+    if args.base_fp8 and args.fake_full_finetune:
+        raise ValueError("`--base_fp8` stores the frozen base in fp8; `--fake_full_finetune` trains a copy of it.")
+    if args.offload_idle_transformers and args.phase_order != "sequential":
+        raise ValueError(
+            "`--offload_idle_transformers` needs `--phase_order sequential` (alternate uses every model)."
+        )
+    if args.attention_backend is not None:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        allowed = [b.value for b in AttentionBackendName]
+        if args.attention_backend not in allowed:
+            raise ValueError(f"`--attention_backend` must be one of {allowed}, got {args.attention_backend!r}.")
 
 
 def check_args(args) -> None:
@@ -263,6 +327,43 @@ def select_cond(cond: dict, index: torch.Tensor, n: int) -> dict:
     return out
 
 
+def cat_cond(a: dict, b: dict, n: int) -> dict:
+    """The conditioning of a batch of `a`'s `n` rows followed by `b`'s `n` rows (batched classifier-free guidance).
+
+    Prompt embeddings of different lengths are zero-padded at the end to the longer one and `prompt_embeds_mask`
+    marks the real tokens (ones where a mask was `None`), as diffusers pads a batch of prompts; the padded tokens
+    are masked out of attention. Other per-sample entries (tensors with `n` rows, lists of `n` items) are
+    concatenated; shared entries are kept.
+    """
+    a, b = dict(a), dict(b)
+    ea, eb = a.get("prompt_embeds"), b.get("prompt_embeds")
+    masked = "prompt_embeds_mask" in a or "prompt_embeds_mask" in b
+    if isinstance(ea, torch.Tensor) and isinstance(eb, torch.Tensor) and masked:
+        length = max(ea.shape[1], eb.shape[1])
+        if (
+            ea.shape[1] != eb.shape[1]
+            or a.get("prompt_embeds_mask") is not None
+            or b.get("prompt_embeds_mask") is not None
+        ):
+            for c, e in ((a, ea), (b, eb)):
+                mask = c.get("prompt_embeds_mask")
+                if mask is None:
+                    mask = torch.ones(e.shape[:2], dtype=torch.long, device=e.device)
+                pad = length - e.shape[1]
+                c["prompt_embeds"] = torch.nn.functional.pad(e, (0, 0, 0, pad))
+                c["prompt_embeds_mask"] = torch.nn.functional.pad(mask, (0, pad))
+    out = {}
+    for key in a.keys() | b.keys():
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, torch.Tensor) and va.ndim > 0 and va.shape[0] == n:
+            out[key] = torch.cat([va, vb.to(va.device)])
+        elif isinstance(va, list) and len(va) == n:
+            out[key] = va + vb
+        else:
+            out[key] = va
+    return out
+
+
 def _to_device(cond: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
@@ -296,9 +397,10 @@ class Distiller:
         for name in (n for n in family.transformer_names if self.components.get(n) is not None):
             model = self.components[name]
             model.requires_grad_(False)
-            model.to(self.device)
             if args.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
+            if args.attention_backend:
+                model.set_attention_backend(args.attention_backend)
             self.models[name] = model
         if self.components.get("vae") is not None:
             self.components["vae"].requires_grad_(False).to(self.device)
@@ -319,7 +421,23 @@ class Distiller:
             for model in self.models.values():
                 for j in plan.phases:
                     ad.add_lora(model, f"fake_{j}", rank, args.lora_alpha, targets)
+        if args.base_fp8:  # after the adapters: peft makes them in its base layer's dtype; they are skipped here
+            for model in self.models.values():
+                ad.store_base_in_fp8(model, compute_dtype=torch.bfloat16)
+        if not args.offload_idle_transformers:  # else `start_phase` places them
+            for model in self.models.values():
+                model.to(self.device)
         self.switches = {n: ad.AdapterSwitch(m) for n, m in self.models.items()}
+        if accelerator.mixed_precision in ("fp16", "bf16") and not args.upcast_lora_inputs:
+            for switch in self.switches.values():  # autocast casts the fp32 LoRA weights per matmul instead
+                ad.keep_input_dtype(switch.layers)
+        if args.compile:
+            from torch import _dynamo
+
+            # one graph per block for each adapter (experts, fake scores, none for the teacher) and batch size
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            for model in self.models.values():
+                model.compile_repeated_blocks()
         # What a velocity query calls: the model itself, or its DDP / FSDP wrapper in a distributed run.
         self.callers = {n: self._wrap(m) for n, m in self.models.items()}
 
@@ -404,6 +522,19 @@ class Distiller:
 
     # -- trainable parameters -------------------------------------------------------------------------------------
 
+    def adamw(self, params: list, lr: float) -> torch.optim.AdamW:
+        """AdamW with the flags' betas and weight decay; the fused CUDA kernel when every parameter is a CUDA fp32
+        tensor (one kernel for all tensors instead of a few per tensor; same update up to rounding)."""
+        a = self.args
+        fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+        return torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=(a.adam_beta1, a.adam_beta2),
+            weight_decay=a.adam_weight_decay,
+            **({"fused": True} if fused else {}),
+        )
+
     def expert_params(self, phase: int):
         return ad.adapter_parameters(self.models[self.expert_base[phase]], f"phase_{phase}")
 
@@ -412,8 +543,27 @@ class Distiller:
             return [p for m in self.fake_full.values() for p in getattr(m, "raw", m).parameters() if p.requires_grad]
         return [p for m in self.models.values() for p in ad.adapter_parameters(m, f"fake_{phase}")]
 
+    def transformers_used(self, phase: int) -> set[str]:
+        """Transformers that training `phase` calls: the experts of phases 0..phase (back-simulation) and the
+        teacher / fake-score transformers owning some `t` in `(s, 1]`, `s` the end of the phase."""
+        used = {self.expert_base[j] for j in range(phase + 1)}
+        end = float(self.sigmas_by_phase[phase][-1])
+        grid = torch.linspace(end, 1.0, 257, dtype=torch.float64)[1:]
+        return used | {self.family.teacher_transformer_for_sigma(float(v)) for v in grid}
+
+    def place(self, phase: int) -> None:
+        """With `--offload_idle_transformers`: the transformers `phase` uses on the device, the others on the CPU."""
+        if not self.args.offload_idle_transformers:
+            return
+        used = self.transformers_used(phase)
+        for name in sorted(self.models, key=lambda n: n in used):  # free the device first, then fill it
+            self.models[name].to(self.device if name in used else "cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def start_phase(self, phase: int) -> None:
         """Reset the fake score of `phase` to the teacher (a fresh zero-B LoRA, or a fresh full copy)."""
+        self.place(phase)
         if self.args.fake_full_finetune:
             self.fake_full = {}
             for name, model in self.models.items():
@@ -432,6 +582,8 @@ class Distiller:
 
     def _call(self, model, switch_name, adapter, x, t, cond):
         if switch_name is not None:
+            if self.args.offload_idle_transformers and self.models[switch_name].device != self.device:
+                self.models[switch_name].to(self.device)  # outside its phase (validation at the end)
             self.switches[switch_name].set(adapter)
         with self.accelerator.autocast():
             return self.family.velocity(model, x, t, cond).float()
@@ -466,13 +618,20 @@ class Distiller:
             return n
 
         def one(name, x, t, c):
-            v = self._call(self.callers[name], name, None, x, t, c)
             scale = a.guidance_scale
             if name == "transformer_2" and a.guidance_scale_2 is not None:
                 scale = a.guidance_scale_2
             if neg_cond is None or scale == 1.0:
-                return v
-            v_neg = self._call(self.callers[name], name, None, x, t, negative(c, x.shape[0]))
+                return self._call(self.callers[name], name, None, x, t, c)
+            n = x.shape[0]
+            if a.sequential_cfg:
+                v = self._call(self.callers[name], name, None, x, t, c)
+                v_neg = self._call(self.callers[name], name, None, x, t, negative(c, n))
+            else:  # one forward of batch 2n: the conditional rows, then the negative ones
+                both = cat_cond(c, negative(c, n), n)
+                v, v_neg = self._call(
+                    self.callers[name], name, None, torch.cat([x, x]), torch.cat([t, t]), both
+                ).split(n)
             return self.family.combine_cfg(v, v_neg, scale)
 
         return lambda x, t: self._routed(x, t, cond, one)
@@ -496,11 +655,30 @@ def _finite(loss: torch.Tensor, what: str, phase: int, step: int, last_ckpt) -> 
         )
 
 
-def train(args, expected_families: tuple[str, ...]) -> Path:
-    """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder."""
+def _synchronized_clock(device) -> float:
+    """Host time after the device has finished its queued work (for per-step wall times in the history)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def load_base_pipeline(args, dtype: torch.dtype):
+    """The base (teacher) pipeline that `--pretrained_model_name_or_path` names: the default loader of [`train`]."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, use_safetensors=True, dtype=dtype
+    )
+
+
+def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipeline) -> Path:
+    """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder.
+
+    `load_pipeline(args, dtype)` returns the base pipeline (default: [`load_base_pipeline`]); a benchmark hands
+    in a pipeline already in memory through it when the disk cannot hold a saved copy.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers import DiffusionPipeline
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -508,6 +686,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     from ..families import get_family
 
     check_args(args)
+    check_speed_args(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -524,9 +703,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
 
     prompts = load_prompts(args.prompts, args.prompt_column)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, use_safetensors=True, dtype=weight_dtype
-    )
+    pipe = load_pipeline(args, weight_dtype)
     family = get_family(pipe)
     if family.name not in expected_families:
         raise ValueError(
@@ -587,9 +764,8 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         for p in gen_params + fake_params:
             p.requires_grad_(True)
             p.data = p.data.float()
-        betas = (args.adam_beta1, args.adam_beta2)
-        g_opt = torch.optim.AdamW(gen_params, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
-        f_opt = torch.optim.AdamW(fake_params, lr=fake_lr, betas=betas, weight_decay=args.adam_weight_decay)
+        g_opt = d.adamw(gen_params, args.learning_rate)
+        f_opt = d.adamw(fake_params, fake_lr)
         g_sch = get_scheduler(
             args.lr_scheduler, g_opt, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
         )
@@ -772,16 +948,18 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         while global_step < plan.total_steps:
             phase, step = plan.position(global_step)
             enter_phase(phase)
+            started = _synchronized_clock(device)
             fake_logs = {}
             for _ in range(args.fake_updates_per_step):
                 fake_logs = fake_update(phase, step)
             gen_logs = generator_update(phase, step)
+            step_seconds = _synchronized_clock(device) - started
             global_step += 1
             logs = {**gen_logs, **fake_logs}
             if n_proc > 1:  # losses of the global batch: the mean over processes
                 values = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
                 logs = dict(zip(logs, values.tolist()))
-            logs.update(phase=phase, lr=opts[phase][4].get_last_lr()[0])
+            logs.update(phase=phase, lr=opts[phase][4].get_last_lr()[0], step_seconds=step_seconds)
             history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
             progress.update(1)
             progress.set_postfix(
@@ -810,6 +988,9 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     if accelerator.is_main_process:
         figures = _summary(history, plan)
         (output_dir / "training_summary.json").write_text(json.dumps(figures, indent=2))
+        # every generator update's losses and wall time (`step_seconds`: its fake updates included, synchronised)
+        (output_dir / args.logging_dir).mkdir(parents=True, exist_ok=True)
+        (output_dir / args.logging_dir / "history.json").write_text(json.dumps(history, indent=1))
         config = hub.ExpertsConfig.load(output_dir)
         repo_id = args.hub_model_id or output_dir.name
         hub.write_model_card(
@@ -854,8 +1035,14 @@ def _load_experts(d: Distiller, folder: Path, skip) -> None:
         if j in skip or j >= d.plan.num_phases or e.get("type", "lora") != "lora":
             continue
         path = folder / e["path"]
-        if path.exists():
-            hub.load_lora_expert(d.models[d.expert_base[j]], path, f"phase_{j}")
+        if path.is_dir():
+            path = path / hub.LORA_WEIGHT_NAME
+        if path.exists():  # into the adapter the Distiller already made for phase j
+            from safetensors.torch import load_file
+
+            prefix = hub.LORA_PREFIX + "."
+            state_dict = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+            ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", state_dict)
 
 
 def save_experts(d: Distiller, output_dir: Path, history) -> None:
