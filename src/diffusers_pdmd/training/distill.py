@@ -900,14 +900,27 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         sch.step()
         opt.zero_grad(set_to_none=True)
 
+    # --fake_reuse_samples N: the back-simulated batches of one fake update serve the next N - 1 as well (fresh t and
+    # noise each); never across a generator update, which changes the generator
+    shared = {"uses_left": 0, "batches": []}
+
     def fake_update(phase: int, step: int) -> dict:
         """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13)."""
         _, fake_params, _, f_opt, _, f_sch = opts[phase]
-        for _ in range(ga):
-            z, cond = noise_and_cond()
-            experts = [d.expert(j, cond) for j in range(plan.num_phases)]
-            with torch.no_grad():
-                x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen)
+        fresh = shared["uses_left"] == 0
+        if fresh:
+            shared["batches"], shared["uses_left"] = [], args.fake_reuse_samples
+        shared["uses_left"] -= 1
+        for i in range(ga):
+            if fresh:
+                z, cond = noise_and_cond()
+                experts = [d.expert(j, cond) for j in range(plan.num_phases)]
+                with torch.no_grad():
+                    x_s, s = generator_sample(
+                        plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen
+                    )
+                shared["batches"].append((x_s, s, cond))
+            x_s, s, cond = shared["batches"][i]
             t, eps = t_and_eps(s, x_s)
             loss, logs = fake_score_loss(d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting)
             _finite(loss, "Fake-score", phase, step, last_ckpt)
@@ -918,6 +931,7 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
     def generator_update(phase: int, step: int) -> dict:
         """One generator update: the DMD gradient on the reverse-nested interval (s, 1] (Eq. 11-12)."""
         gen_params, _, g_opt, _, g_sch, _ = opts[phase]
+        shared["uses_left"] = 0
         for _ in range(ga):
             z, cond = noise_and_cond()
             experts = [d.expert(j, cond) for j in range(plan.num_phases)]
