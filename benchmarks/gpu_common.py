@@ -436,12 +436,14 @@ TRAIN_SIZES_TINY = {"qwen": (32, 32, None), "wan-a14b": (16, 16, 5), "wan-ti2v-5
 TRAIN_FAMILIES = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-ti2v-5b": "wan2.2-ti2v-5b"}
 
 
-def build_train_pipeline(model: str, tiny: bool, transformer_device=None):
+def build_train_pipeline(model: str, tiny: bool, in_cpu_memory: bool = False):
     """A random-weight pipeline of `model` (`qwen`, `wan-a14b`, `wan-ti2v-5b`) in bf16.
 
-    Full size: transformers with the published configs, built on `transformer_device` (default: the GPU; random
-    init there takes seconds), VAE with the published config, text encoder at full width with 2 layers, the tiny
-    offline tokenizer of `diffusers_pdmd.tiny`. `tiny`: `diffusers_pdmd.tiny.build_pipeline` (CPU, float32).
+    Full size: transformers with the published configs, built on the GPU (random init there takes seconds), VAE
+    with the published config, text encoder at full width with 2 layers, the tiny offline tokenizer of
+    `diffusers_pdmd.tiny`. `in_cpu_memory`: every module moved to the CPU as soon as it is built, as
+    `from_pretrained` leaves a pipeline (a GPU never holds two bf16 A14B transformers at once). `tiny`:
+    `diffusers_pdmd.tiny.build_pipeline` (CPU, float32).
     """
     from diffusers_pdmd import tiny as tiny_models
 
@@ -451,7 +453,25 @@ def build_train_pipeline(model: str, tiny: bool, transformer_device=None):
     import diffusers
     import transformers
 
-    dev = transformer_device or device()
+    def built(module):
+        return module.to("cpu") if in_cpu_memory else module
+
+    if model == "qwen":  # schedulers outside the build context: they keep their tables on the CPU
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=1.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=0.9,
+            base_image_seq_len=256,
+            max_image_seq_len=8192,
+            shift_terminal=0.02,
+            time_shift_type="exponential",
+        )
+    else:
+        scheduler = diffusers.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if model == "wan-ti2v-5b" else 3.0
+        )
     with build_context():
         if model == "qwen":
             text_config = dict(QWEN25_VL_7B_TEXT, num_hidden_layers=2)
@@ -462,47 +482,32 @@ def build_train_pipeline(model: str, tiny: bool, transformer_device=None):
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                 pad_token_id=tok.pad_token_id,
             )
-            encoder = transformers.Qwen2_5_VLForConditionalGeneration(
-                transformers.Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config)
-            ).eval()
-            with torch.device(dev):
-                transformer = diffusers.QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER)
-            scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=1000,
-                shift=1.0,
-                use_dynamic_shifting=True,
-                base_shift=0.5,
-                max_shift=0.9,
-                base_image_seq_len=256,
-                max_image_seq_len=8192,
-                shift_terminal=0.02,
-                time_shift_type="exponential",
+            encoder = built(
+                transformers.Qwen2_5_VLForConditionalGeneration(
+                    transformers.Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config)
+                ).eval()
             )
+            transformer = built(diffusers.QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER))
             return diffusers.QwenImagePipeline(
                 scheduler=scheduler,
-                vae=diffusers.AutoencoderKLQwenImage(),
+                vae=built(diffusers.AutoencoderKLQwenImage()),
                 text_encoder=encoder,
                 tokenizer=tok,
                 transformer=transformer.eval(),
             )
         tok = tiny_models.build_tokenizer(family)
         t5 = dict(UMT5_XXL_ENCODER, num_layers=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(**t5)).eval()
+        encoder = built(transformers.UMT5EncoderModel(transformers.UMT5Config(**t5)).eval())
         ti2v = model == "wan-ti2v-5b"
         config = WAN22_TI2V_5B_TRANSFORMER if ti2v else WAN22_A14B_TRANSFORMER
-        with torch.device(dev):
-            transformer = diffusers.WanTransformer3DModel(**config).eval()
+        transformer = built(diffusers.WanTransformer3DModel(**config).eval())
         if ti2v:
             transformer_2, extra = None, {"boundary_ratio": None, "expand_timesteps": True}
-            vae = diffusers.AutoencoderKLWan(**WAN22_VAE)
+            vae = built(diffusers.AutoencoderKLWan(**WAN22_VAE))
         else:
-            with torch.device(dev):
-                transformer_2 = diffusers.WanTransformer3DModel(**config).eval()
+            transformer_2 = built(diffusers.WanTransformer3DModel(**config).eval())
             extra = {"boundary_ratio": 0.875, "expand_timesteps": False}
-            vae = diffusers.AutoencoderKLWan()
-        scheduler = diffusers.UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if ti2v else 3.0
-        )
+            vae = built(diffusers.AutoencoderKLWan())
         return diffusers.WanPipeline(
             tokenizer=tok,
             text_encoder=encoder,

@@ -179,6 +179,8 @@ def script_argv(args, base: str, phase: int, prompts_file: pathlib.Path) -> list
         "--cache_text_embeddings",
         "--checkpointing_steps",
         "1000000",
+        "--checkpoints_total_limit",
+        "1",
     ]
     argv += ["--resolution", str(h)] if f is None else ["--height", str(h), "--width", str(w), "--num_frames", str(f)]
     if args.tiny:
@@ -197,6 +199,8 @@ def run_phase(args, script, loader, base: str, phase: int, prompts_file, meter: 
         meter.device_peak = dev_peak
         script.main(argv, load_pipeline=loader)
     wall = time.perf_counter() - t0
+    for ckpt in pathlib.Path(args.output_dir).glob("checkpoint-*"):  # ~10 GB each at full size; the experts stay
+        shutil.rmtree(ckpt)
     history = json.loads((pathlib.Path(args.output_dir) / "logs" / "history.json").read_text())
     rows = [r for r in history if int(r["phase"]) == phase]
     times = [r["step_seconds"] for r in rows]
@@ -228,9 +232,20 @@ def fp8_check(args) -> dict:
     """One teacher forward of a freshly built transformer: base stored in fp8 (compute bf16) against bf16."""
     from diffusers_pdmd.training import adapters as ad
 
-    pipe = gc_.build_train_pipeline(args.model, args.tiny)
-    model = pipe.transformer.to(gc_.device(), torch.bfloat16)
-    pipe = None
+    if args.tiny:
+        model = gc_.build_train_pipeline(args.model, True).transformer.to(torch.bfloat16)
+    else:  # only the (first) transformer, built on the device
+        import diffusers
+
+        config = {
+            "qwen": gc_.QWEN_IMAGE_TRANSFORMER,
+            "wan-a14b": gc_.WAN22_A14B_TRANSFORMER,
+            "wan-ti2v-5b": gc_.WAN22_TI2V_5B_TRANSFORMER,
+        }[args.model]
+        cls = diffusers.QwenImageTransformer2DModel if args.model == "qwen" else diffusers.WanTransformer3DModel
+        torch.manual_seed(0)
+        with gc_.build_context():
+            model = cls(**config).eval()
     h, w, f = (gc_.TRAIN_SIZES_TINY if args.tiny else gc_.TRAIN_SIZES)[args.model]
     g = torch.Generator(gc_.device()).manual_seed(0)
     cfg = model.config
@@ -324,7 +339,7 @@ def run(args) -> dict:
             state["pipe"] = None  # free the previous phase's pipeline (its adapters) before building a new one
             gc_.free()
             t0 = time.perf_counter()
-            state["pipe"] = gc_.build_train_pipeline(args.model, args.tiny, transformer_device=args.build_device)
+            state["pipe"] = gc_.build_train_pipeline(args.model, args.tiny, in_cpu_memory=args.base_in_cpu_memory)
             res.setdefault("build_s", round(time.perf_counter() - t0, 1))
             # a user's run loads the base into CPU memory: the peaks count from here, not the bf16 build on the GPU
             if torch.cuda.is_available():
@@ -416,11 +431,18 @@ def main(argv=None):
     parser.add_argument("--phases", type=int, nargs="+", default=[0, 1], help="phases to run, one script call each")
     parser.add_argument("--extra", default="", help='more script flags, one string: --extra "--compile"')
     parser.add_argument("--fp8_check", action="store_true", help="teacher forward, base in fp8 vs bf16")
-    parser.add_argument("--build_device", default=None, help="Wan: build the transformers here (e.g. cpu)")
+    parser.add_argument(
+        "--base_in_cpu_memory",
+        action="store_true",
+        help="Wan: hand the script the base in CPU memory, as from_pretrained does (the script places it)",
+    )
     parser.add_argument("--keep_output", dest="fresh_output", action="store_false", help="keep --output_dir")
     args = parser.parse_args(argv)
-    if gc_.maybe_from_json(args, f"{NAME}_{args.model}", render):
-        return
+    if args.from_json:  # re-render the doc section of a result that came back from the GPU machine
+        res = gc_.load_json(args.from_json)
+        gc_.write_section(args.doc, f"{NAME}_{res['model']}", render(res))
+        print(render(res))
+        return res
     if args.tiny:
         args.base_dir = str(pathlib.Path(args.output_dir).parent / (pathlib.Path(args.output_dir).name + "-base"))
     res = run(args)
