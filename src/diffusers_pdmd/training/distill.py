@@ -435,7 +435,7 @@ class Distiller:
             from torch import _dynamo
 
             # one graph per block for each adapter (experts, fake scores, none for the teacher) and batch size
-            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
             for model in self.models.values():
                 model.compile_repeated_blocks()
         # What a velocity query calls: the model itself, or its DDP / FSDP wrapper in a distributed run.
@@ -713,6 +713,7 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
     plan = make_plan(args, family)
     d = Distiller(args, accelerator, family, pipe, plan)
+    del pipe  # the Distiller holds the components; no second reference may keep a freed text encoder alive
     height, width, num_frames = d.size()
     device = accelerator.device
 
@@ -728,6 +729,7 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         all_cond = encode(prompts)
         neg_cond = encode([args.negative_prompt]) if need_neg else None
         val_cond = encode(val_prompts) if val_prompts else None
+        d.components["text_encoder"].to("cpu")  # off the device even if the caller still holds the pipeline
         d.components["text_encoder"] = None
         gc.collect()
         if torch.cuda.is_available():
