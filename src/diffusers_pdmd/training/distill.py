@@ -29,7 +29,7 @@ import torch
 from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
 from . import checkpoint as ckpt
-from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, dmd_loss, fake_score_loss, sample_t
+from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, T_SAMPLINGS, dmd_loss, fake_score_loss, sample_t
 from .simulate import METHODS, generator_sample, split_by_phase
 
 
@@ -112,7 +112,23 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--fake_lora_rank", type=int, default=None, help="Rank of the fake-score LoRA (default: --lora_rank).")
     a("--fake_full_finetune", action="store_true", help="Full-parameter fake score (paper); needs much memory.")
     a("--dmd_weighting", default="normalized", choices=DMD_WEIGHTINGS)
-    a("--fake_weighting", default="clamped", choices=FAKE_WEIGHTINGS)
+    a(
+        "--fake_weighting",
+        default="paper",
+        choices=FAKE_WEIGHTINGS,
+        help="Fake-score loss weight: paper = Eq. 13, min(1, 10 sigma_{t|s}^2) on ||F - v*||^2; inverse_variance = "
+        "min(1/sigma_{t|s}^2, 10) (the earlier default); none.",
+    )
+    a(
+        "--timestep_sampling",
+        default="shifted",
+        choices=T_SAMPLINGS,
+        help="How t is drawn in (s, 1]: shifted = uniform on the teacher's own shifted time scale (Wan's flow shift, "
+        "Qwen-Image's resolution-dependent shift; paper); uniform = uniform sigma, no shift (the earlier default); "
+        "logit_normal = SD3's logit-normal, shifted.",
+    )
+    a("--logit_mean", type=float, default=0.0, help="Mean of `--timestep_sampling logit_normal`.")
+    a("--logit_std", type=float, default=1.0, help="Std of `--timestep_sampling logit_normal`.")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--gradient_checkpointing", action="store_true")
     a("--cache_text_embeddings", action="store_true", help="Encode prompts once, then free the text encoder.")
@@ -130,7 +146,7 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--hub_model_id", default=None)
     a("--hub_token", default=None, help="Token for the push; prefer `hf auth login`. Never printed.")
     a("--max_grad_norm", type=float, default=1.0)
-    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta1", type=float, default=0.0, help="AdamW beta1 of both networks (paper: 0).")
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--lr_scheduler", default="constant")
@@ -226,6 +242,11 @@ def check_args(args) -> None:
         raise ValueError("`--fake_full_finetune` supports `--phase_order sequential` only (one full copy at a time).")
     if args.push_to_hub and args.hub_token is not None:
         logger.warning("`--hub_token` is visible to other users of this machine; prefer `hf auth login`.")
+    if not args.logit_std > 0:
+        raise ValueError(f"`--logit_std` must be > 0, got {args.logit_std}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be >= 1, got {args.checkpoints_total_limit}.")
 
@@ -408,7 +429,8 @@ class Distiller:
             self.components["text_encoder"].requires_grad_(False).to(self.device)
 
         k = plan.num_phases
-        sigmas = self._sigmas_by_phase()
+        self._schedules = {}
+        sigmas, self.time_shift = self.schedule(*self.size())
         self.sigmas_by_phase = sigmas
         # An expert lives on the teacher transformer that owns the middle of its phase.
         self.expert_base = [family.teacher_transformer_for_sigma(0.5 * (s[0] + s[-1])) for s in sigmas]
@@ -511,14 +533,17 @@ class Distiller:
             return a.resolution, a.resolution, None
         return a.height, a.width, a.num_frames
 
-    def _sigmas_by_phase(self) -> list[list[float]]:
-        sched = self.scheduler()
-        h, w, f = self.size()
-        self.family.check_size(h, w, f)
-        shape = self.family.latent_shape(self.components, 1, h, w, f)
-        mu = self.family.mu(self.components, shape[1]) if sched.config.use_dynamic_shifting else None
-        sched.set_timesteps(mu=mu)
-        return split_by_phase(sched.sigmas.double(), self.plan.steps_per_phase, self.plan.boundaries)
+    def schedule(self, h, w, f=None) -> tuple[list[list[float]], float]:
+        """`(sigmas by phase, time shift)` at a sample size: Wan's flow shift, Qwen-Image's `exp(mu)` of the size."""
+        if (h, w, f) not in self._schedules:
+            sched = self.scheduler()
+            self.family.check_size(h, w, f)
+            shape = self.family.latent_shape(self.components, 1, h, w, f)
+            mu = self.family.mu(self.components, shape[1]) if sched.config.use_dynamic_shifting else None
+            sched.set_timesteps(mu=mu)
+            sigmas = split_by_phase(sched.sigmas.double(), self.plan.steps_per_phase, self.plan.boundaries)
+            self._schedules[(h, w, f)] = (sigmas, sched._effective_shift(mu))
+        return self._schedules[(h, w, f)]
 
     # -- trainable parameters -------------------------------------------------------------------------------------
 
@@ -890,8 +915,10 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         z = family.prepare_latents(d.components, b * n_proc, height, width, num_frames, gen, "cpu", torch.float32)
         return z[mine].to(device), batch_cond(index)
 
+    logit = {"logit_mean": args.logit_mean, "logit_std": args.logit_std}
+
     def t_and_eps(s, like):
-        t = sample_t(s, b * n_proc, gen)[mine].to(device)
+        t = sample_t(s, b * n_proc, gen, sampling=args.timestep_sampling, shift=d.time_shift, **logit)[mine].to(device)
         eps = torch.randn((b * n_proc, *like.shape[1:]), generator=gen)[mine].to(device)
         return t, eps
 
