@@ -437,6 +437,11 @@ def main(argv=None):
         help="Wan: hand the script the base in CPU memory, as from_pretrained does (the script places it)",
     )
     parser.add_argument("--keep_output", dest="fresh_output", action="store_false", help="keep --output_dir")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv[:-1]):  # `--extra "--compile"`: the value starts with dashes, argparse needs `=`
+        if a == "--extra":
+            argv[i : i + 2] = [f"--extra={argv[i + 1]}"]
+            break
     args = parser.parse_args(argv)
     if args.from_json:  # re-render the doc section of a result that came back from the GPU machine
         res = gc_.load_json(args.from_json)
@@ -451,4 +456,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 0)
+    main()
