@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -33,6 +34,8 @@ def main(argv=None):
     parser.add_argument("--samples_per_prompt", type=int, default=40)
     parser.add_argument("--work_dir", default="outputs/quality_digits")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks" / "quality.md"))
+    parser.add_argument("--methods", nargs="+", default=list(demo.METHODS), choices=list(demo.METHODS))
+    parser.add_argument("--extra", default="", help='more training-script flags: --extra "--fake_reuse_samples 5"')
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -40,7 +43,14 @@ def main(argv=None):
     start = time.time()
     per_seed = {}
     for seed in args.seeds:
-        result = demo.run(work / f"seed{seed}", args.max_train_steps, args.samples_per_prompt, seed)
+        result = demo.run(
+            work / f"seed{seed}",
+            args.max_train_steps,
+            args.samples_per_prompt,
+            seed,
+            methods=tuple(args.methods),
+            extra=tuple(shlex.split(args.extra)),
+        )
         per_seed[seed] = result["rows"]
         print(f"seed {seed}:\n{result['table']}\n", flush=True)
     names = list(per_seed[args.seeds[0]])
@@ -103,6 +113,8 @@ def plot(mean, std, path):
 
 
 def analysis(mean, std) -> str:
+    if "phased_dmd" not in mean or "sgts" not in mean:  # a run of some methods only (--methods)
+        return "Methods run: " + ", ".join(n for n in mean if n != "teacher") + " (no SGTS comparison)."
     p, s = mean["phased_dmd"], mean["sgts"]
     more = p["feature_diversity"] > s["feature_diversity"] and p["pixel_diversity"] > s["pixel_diversity"]
     gap = p["feature_diversity"] - s["feature_diversity"]

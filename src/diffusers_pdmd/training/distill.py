@@ -19,6 +19,7 @@ import copy
 import gc
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
 from . import checkpoint as ckpt
-from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, dmd_loss, fake_score_loss, sample_t
+from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, T_SAMPLINGS, dmd_loss, fake_score_loss, sample_t
 from .simulate import METHODS, generator_sample, split_by_phase
 
 
@@ -120,7 +121,23 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--fake_lora_rank", type=int, default=None, help="Rank of the fake-score LoRA (default: --lora_rank).")
     a("--fake_full_finetune", action="store_true", help="Full-parameter fake score (paper); needs much memory.")
     a("--dmd_weighting", default="normalized", choices=DMD_WEIGHTINGS)
-    a("--fake_weighting", default="clamped", choices=FAKE_WEIGHTINGS)
+    a(
+        "--fake_weighting",
+        default="paper",
+        choices=FAKE_WEIGHTINGS,
+        help="Fake-score loss weight: paper = Eq. 13, min(1, 10 sigma_{t|s}^2) on ||F - v*||^2; inverse_variance = "
+        "min(1/sigma_{t|s}^2, 10) (the earlier default); none.",
+    )
+    a(
+        "--timestep_sampling",
+        default="shifted",
+        choices=T_SAMPLINGS,
+        help="How t is drawn in (s, 1]: shifted = uniform on the teacher's own shifted time scale (Wan's flow shift, "
+        "Qwen-Image's resolution-dependent shift; paper); uniform = uniform sigma, no shift (the earlier default); "
+        "logit_normal = SD3's logit-normal, shifted.",
+    )
+    a("--logit_mean", type=float, default=0.0, help="Mean of `--timestep_sampling logit_normal`.")
+    a("--logit_std", type=float, default=1.0, help="Std of `--timestep_sampling logit_normal`.")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--gradient_checkpointing", action="store_true")
     a("--cache_text_embeddings", action="store_true", help="Encode prompts once, then free the text encoder.")
@@ -138,12 +155,75 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--hub_model_id", default=None)
     a("--hub_token", default=None, help="Token for the push; prefer `hf auth login`. Never printed.")
     a("--max_grad_norm", type=float, default=1.0)
-    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta1", type=float, default=0.0, help="AdamW beta1 of both networks (paper: 0).")
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--lr_scheduler", default="constant")
     a("--lr_warmup_steps", type=int, default=0)
+    # -- speed and memory (docs/training.md, "Speed and memory") ------------------------------------------------
+    a(
+        "--upcast_lora_inputs",
+        action="store_true",
+        help="peft's default: cast every adapted layer's input to the fp32 LoRA weights. Off: under mixed precision "
+        "LoRA computes in bf16/fp16 from fp32 master weights (same values under autocast, faster).",
+    )
+    a(
+        "--sequential_cfg",
+        action="store_true",
+        help="Run the teacher's conditional and unconditional passes one after another (default: one batch of 2).",
+    )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile the repeated transformer blocks (compile_repeated_blocks).",
+    )
+    a(
+        "--attention_backend",
+        default=None,
+        help="diffusers attention backend of the transformers, e.g. flash, _native_cudnn, _native_flash, sage.",
+    )
+    a(
+        "--fake_reuse_samples",
+        type=int,
+        default=1,
+        help="Fake-score updates that share one back-simulated batch (fresh t and noise each). 1: a fresh batch "
+        "for every update (the paper). Above 1 changes the algorithm (docs/training.md).",
+    )
+    a(
+        "--base_fp8",
+        action="store_true",
+        help="Store the frozen base transformers in float8 (e4m3), computed in bf16 (diffusers layerwise casting); "
+        "LoRA weights stay as they are. Needs --mixed_precision bf16.",
+    )
+    a(
+        "--offload_idle_transformers",
+        action="store_true",
+        help="Keep on the GPU only the transformers the current phase uses, the others in CPU memory (Wan2.2 "
+        "A14B phase 0 never uses transformer_2). Needs --phase_order sequential.",
+    )
     return p
+
+
+def check_speed_args(args) -> None:
+    """Raise `ValueError` for a bad speed / memory flag (before any model loads)."""
+    if args.fake_reuse_samples < 1:
+        raise ValueError(f"`--fake_reuse_samples` must be >= 1, got {args.fake_reuse_samples}.")
+    if args.base_fp8 and args.mixed_precision != "bf16":
+        raise ValueError(
+            f"`--base_fp8` computes in bf16: it needs `--mixed_precision bf16`, got {args.mixed_precision}."
+        )
+    if args.base_fp8 and args.fake_full_finetune:
+        raise ValueError("`--base_fp8` stores the frozen base in fp8; `--fake_full_finetune` trains a copy of it.")
+    if args.offload_idle_transformers and args.phase_order != "sequential":
+        raise ValueError(
+            "`--offload_idle_transformers` needs `--phase_order sequential` (alternate uses every model)."
+        )
+    if args.attention_backend is not None:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        allowed = [b.value for b in AttentionBackendName]
+        if args.attention_backend not in allowed:
+            raise ValueError(f"`--attention_backend` must be one of {allowed}, got {args.attention_backend!r}.")
 
 
 def check_args(args) -> None:
@@ -171,6 +251,11 @@ def check_args(args) -> None:
         raise ValueError("`--fake_full_finetune` supports `--phase_order sequential` only (one full copy at a time).")
     if args.push_to_hub and args.hub_token is not None:
         logger.warning("`--hub_token` is visible to other users of this machine; prefer `hf auth login`.")
+    if not args.logit_std > 0:
+        raise ValueError(f"`--logit_std` must be > 0, got {args.logit_std}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be >= 1, got {args.checkpoints_total_limit}.")
 
@@ -272,6 +357,43 @@ def select_cond(cond: dict, index: torch.Tensor, n: int) -> dict:
     return out
 
 
+def cat_cond(a: dict, b: dict, n: int) -> dict:
+    """The conditioning of a batch of `a`'s `n` rows followed by `b`'s `n` rows (batched classifier-free guidance).
+
+    Prompt embeddings of different lengths are zero-padded at the end to the longer one and `prompt_embeds_mask`
+    marks the real tokens (ones where a mask was `None`), as diffusers pads a batch of prompts; the padded tokens
+    are masked out of attention. Other per-sample entries (tensors with `n` rows, lists of `n` items) are
+    concatenated; shared entries are kept.
+    """
+    a, b = dict(a), dict(b)
+    ea, eb = a.get("prompt_embeds"), b.get("prompt_embeds")
+    masked = "prompt_embeds_mask" in a or "prompt_embeds_mask" in b
+    if isinstance(ea, torch.Tensor) and isinstance(eb, torch.Tensor) and masked:
+        length = max(ea.shape[1], eb.shape[1])
+        if (
+            ea.shape[1] != eb.shape[1]
+            or a.get("prompt_embeds_mask") is not None
+            or b.get("prompt_embeds_mask") is not None
+        ):
+            for c, e in ((a, ea), (b, eb)):
+                mask = c.get("prompt_embeds_mask")
+                if mask is None:
+                    mask = torch.ones(e.shape[:2], dtype=torch.long, device=e.device)
+                pad = length - e.shape[1]
+                c["prompt_embeds"] = torch.nn.functional.pad(e, (0, 0, 0, pad))
+                c["prompt_embeds_mask"] = torch.nn.functional.pad(mask, (0, pad))
+    out = {}
+    for key in a.keys() | b.keys():
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, torch.Tensor) and va.ndim > 0 and va.shape[0] == n:
+            out[key] = torch.cat([va, vb.to(va.device)])
+        elif isinstance(va, list) and len(va) == n:
+            out[key] = va + vb
+        else:
+            out[key] = va
+    return out
+
+
 def _to_device(cond: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
@@ -305,9 +427,10 @@ class Distiller:
         for name in (n for n in family.transformer_names if self.components.get(n) is not None):
             model = self.components[name]
             model.requires_grad_(False)
-            model.to(self.device)
             if args.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
+            if args.attention_backend:
+                model.set_attention_backend(args.attention_backend)
             self.models[name] = model
         if self.components.get("vae") is not None:
             self.components["vae"].requires_grad_(False).to(self.device)
@@ -315,7 +438,8 @@ class Distiller:
             self.components["text_encoder"].requires_grad_(False).to(self.device)
 
         k = plan.num_phases
-        sigmas = self._sigmas_by_phase()
+        self._schedules = {}
+        sigmas, self.time_shift = self.schedule(*self.size())
         self.sigmas_by_phase = sigmas
         # An expert lives on the teacher transformer that owns the middle of its phase.
         self.expert_base = [family.teacher_transformer_for_sigma(0.5 * (s[0] + s[-1])) for s in sigmas]
@@ -328,7 +452,23 @@ class Distiller:
             for model in self.models.values():
                 for j in plan.phases:
                     ad.add_lora(model, f"fake_{j}", rank, args.lora_alpha, targets)
+        if args.base_fp8:  # after the adapters: peft makes them in its base layer's dtype; they are skipped here
+            for model in self.models.values():
+                ad.store_base_in_fp8(model, compute_dtype=torch.bfloat16)
+        if not args.offload_idle_transformers:  # else `start_phase` places them
+            for model in self.models.values():
+                model.to(self.device)
         self.switches = {n: ad.AdapterSwitch(m) for n, m in self.models.items()}
+        if accelerator.mixed_precision in ("fp16", "bf16") and not args.upcast_lora_inputs:
+            for switch in self.switches.values():  # autocast casts the fp32 LoRA weights per matmul instead
+                ad.keep_input_dtype(switch.layers)
+        if args.compile:
+            from torch import _dynamo
+
+            # one graph per block for each adapter (experts, fake scores, none for the teacher) and batch size
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+            for model in self.models.values():
+                model.compile_repeated_blocks()
         # What a velocity query calls: the model itself, or its DDP / FSDP wrapper in a distributed run.
         self.callers = {n: self._wrap(m) for n, m in self.models.items()}
 
@@ -402,16 +542,32 @@ class Distiller:
             return a.resolution, a.resolution, None
         return a.height, a.width, a.num_frames
 
-    def _sigmas_by_phase(self) -> list[list[float]]:
-        sched = self.scheduler()
-        h, w, f = self.size()
-        self.family.check_size(h, w, f)
-        shape = self.family.latent_shape(self.components, 1, h, w, f)
-        mu = self.family.mu(self.components, shape[1]) if sched.config.use_dynamic_shifting else None
-        sched.set_timesteps(mu=mu)
-        return split_by_phase(sched.sigmas.double(), self.plan.steps_per_phase, self.plan.boundaries)
+    def schedule(self, h, w, f=None) -> tuple[list[list[float]], float]:
+        """`(sigmas by phase, time shift)` at a sample size: Wan's flow shift, Qwen-Image's `exp(mu)` of the size."""
+        if (h, w, f) not in self._schedules:
+            sched = self.scheduler()
+            self.family.check_size(h, w, f)
+            shape = self.family.latent_shape(self.components, 1, h, w, f)
+            mu = self.family.mu(self.components, shape[1]) if sched.config.use_dynamic_shifting else None
+            sched.set_timesteps(mu=mu)
+            sigmas = split_by_phase(sched.sigmas.double(), self.plan.steps_per_phase, self.plan.boundaries)
+            self._schedules[(h, w, f)] = (sigmas, sched._effective_shift(mu))
+        return self._schedules[(h, w, f)]
 
     # -- trainable parameters -------------------------------------------------------------------------------------
+
+    def adamw(self, params: list, lr: float) -> torch.optim.AdamW:
+        """AdamW with the flags' betas and weight decay; the fused CUDA kernel when every parameter is a CUDA fp32
+        tensor (one kernel for all tensors instead of a few per tensor; same update up to rounding)."""
+        a = self.args
+        fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+        return torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=(a.adam_beta1, a.adam_beta2),
+            weight_decay=a.adam_weight_decay,
+            **({"fused": True} if fused else {}),
+        )
 
     def expert_params(self, phase: int):
         return ad.adapter_parameters(self.models[self.expert_base[phase]], f"phase_{phase}")
@@ -421,8 +577,27 @@ class Distiller:
             return [p for m in self.fake_full.values() for p in getattr(m, "raw", m).parameters() if p.requires_grad]
         return [p for m in self.models.values() for p in ad.adapter_parameters(m, f"fake_{phase}")]
 
+    def transformers_used(self, phase: int) -> set[str]:
+        """Transformers that training `phase` calls: the experts of phases 0..phase (back-simulation) and the
+        teacher / fake-score transformers owning some `t` in `(s, 1]`, `s` the end of the phase."""
+        used = {self.expert_base[j] for j in range(phase + 1)}
+        end = float(self.sigmas_by_phase[phase][-1])
+        grid = torch.linspace(end, 1.0, 257, dtype=torch.float64)[1:]
+        return used | {self.family.teacher_transformer_for_sigma(float(v)) for v in grid}
+
+    def place(self, phase: int) -> None:
+        """With `--offload_idle_transformers`: the transformers `phase` uses on the device, the others on the CPU."""
+        if not self.args.offload_idle_transformers:
+            return
+        used = self.transformers_used(phase)
+        for name in sorted(self.models, key=lambda n: n in used):  # free the device first, then fill it
+            self.models[name].to(self.device if name in used else "cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def start_phase(self, phase: int) -> None:
         """Reset the fake score of `phase` to the teacher (a fresh zero-B LoRA, or a fresh full copy)."""
+        self.place(phase)
         if self.args.fake_full_finetune:
             self.fake_full = {}
             for name, model in self.models.items():
@@ -441,6 +616,8 @@ class Distiller:
 
     def _call(self, model, switch_name, adapter, x, t, cond):
         if switch_name is not None:
+            if self.args.offload_idle_transformers and self.models[switch_name].device != self.device:
+                self.models[switch_name].to(self.device)  # outside its phase (validation at the end)
             self.switches[switch_name].set(adapter)
         with self.accelerator.autocast():
             return self.family.velocity(model, x, t, cond).float()
@@ -475,13 +652,20 @@ class Distiller:
             return n
 
         def one(name, x, t, c):
-            v = self._call(self.callers[name], name, None, x, t, c)
             scale = a.guidance_scale
             if name == "transformer_2" and a.guidance_scale_2 is not None:
                 scale = a.guidance_scale_2
             if neg_cond is None or scale == 1.0:
-                return v
-            v_neg = self._call(self.callers[name], name, None, x, t, negative(c, x.shape[0]))
+                return self._call(self.callers[name], name, None, x, t, c)
+            n = x.shape[0]
+            if a.sequential_cfg:
+                v = self._call(self.callers[name], name, None, x, t, c)
+                v_neg = self._call(self.callers[name], name, None, x, t, negative(c, n))
+            else:  # one forward of batch 2n: the conditional rows, then the negative ones
+                both = cat_cond(c, negative(c, n), n)
+                v, v_neg = self._call(
+                    self.callers[name], name, None, torch.cat([x, x]), torch.cat([t, t]), both
+                ).split(n)
             return self.family.combine_cfg(v, v_neg, scale)
 
         return lambda x, t: self._routed(x, t, cond, one)
@@ -505,11 +689,30 @@ def _finite(loss: torch.Tensor, what: str, phase: int, step: int, last_ckpt) -> 
         )
 
 
-def train(args, expected_families: tuple[str, ...]) -> Path:
-    """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder."""
+def _synchronized_clock(device) -> float:
+    """Host time after the device has finished its queued work (for per-step wall times in the history)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def load_base_pipeline(args, dtype: torch.dtype):
+    """The base (teacher) pipeline that `--pretrained_model_name_or_path` names: the default loader of [`train`]."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, use_safetensors=True, dtype=dtype
+    )
+
+
+def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipeline) -> Path:
+    """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder.
+
+    `load_pipeline(args, dtype)` returns the base pipeline (default: [`load_base_pipeline`]); a benchmark hands
+    in a pipeline already in memory through it when the disk cannot hold a saved copy.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers import DiffusionPipeline
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -517,6 +720,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     from ..families import get_family
 
     check_args(args)
+    check_speed_args(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -533,9 +737,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
 
     prompts = load_prompts(args.prompts, args.prompt_column)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, use_safetensors=True, dtype=weight_dtype
-    )
+    pipe = load_pipeline(args, weight_dtype)
     family = get_family(pipe)
     if family.name not in expected_families:
         raise ValueError(
@@ -547,6 +749,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
     plan = make_plan(args, family)
     d = Distiller(args, accelerator, family, pipe, plan)
+    del pipe  # the Distiller holds the components; no second reference may keep a freed text encoder alive
     height, width, num_frames = d.size()
     device = accelerator.device
 
@@ -562,6 +765,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         all_cond = encode(prompts)
         neg_cond = encode([args.negative_prompt]) if need_neg else None
         val_cond = encode(val_prompts) if val_prompts else None
+        d.components["text_encoder"].to("cpu")  # off the device even if the caller still holds the pipeline
         d.components["text_encoder"] = None
         gc.collect()
         if torch.cuda.is_available():
@@ -598,9 +802,8 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         for p in gen_params + fake_params:
             p.requires_grad_(True)
             p.data = p.data.float()
-        betas = (args.adam_beta1, args.adam_beta2)
-        g_opt = torch.optim.AdamW(gen_params, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
-        f_opt = torch.optim.AdamW(fake_params, lr=fake_lr, betas=betas, weight_decay=args.adam_weight_decay)
+        g_opt = d.adamw(gen_params, args.learning_rate)
+        f_opt = d.adamw(fake_params, fake_lr)
         g_sch = get_scheduler(
             args.lr_scheduler, g_opt, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
         )
@@ -723,71 +926,94 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         z = family.prepare_latents(d.components, b * n_proc, height, width, num_frames, gen, "cpu", torch.float32)
         return z[mine].to(device), batch_cond(index)
 
+    logit = {"logit_mean": args.logit_mean, "logit_std": args.logit_std}
+
     def t_and_eps(s, like):
-        t = sample_t(s, b * n_proc, gen)[mine].to(device)
+        t = sample_t(s, b * n_proc, gen, sampling=args.timestep_sampling, shift=d.time_shift, **logit)[mine].to(device)
         eps = torch.randn((b * n_proc, *like.shape[1:]), generator=gen)[mine].to(device)
         return t, eps
+
+    def optimizer_step(params, opt, sch):
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        sch.step()
+        opt.zero_grad(set_to_none=True)
+
+    # --fake_reuse_samples N: the back-simulated batches of one fake update serve the next N - 1 as well (fresh t and
+    # noise each); never across a generator update, which changes the generator
+    shared = {"uses_left": 0, "batches": []}
+
+    def fake_update(phase: int, step: int) -> dict:
+        """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13)."""
+        _, fake_params, _, f_opt, _, f_sch = opts[phase]
+        fresh = shared["uses_left"] == 0
+        if fresh:
+            shared["batches"], shared["uses_left"] = [], args.fake_reuse_samples
+        shared["uses_left"] -= 1
+        for i in range(ga):
+            if fresh:
+                z, cond = noise_and_cond()
+                experts = [d.expert(j, cond) for j in range(plan.num_phases)]
+                with torch.no_grad():
+                    x_s, s = generator_sample(
+                        plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen
+                    )
+                shared["batches"].append((x_s, s, cond))
+            x_s, s, cond = shared["batches"][i]
+            t, eps = t_and_eps(s, x_s)
+            loss, logs = fake_score_loss(d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting)
+            _finite(loss, "Fake-score", phase, step, last_ckpt)
+            accelerator.backward(loss / ga)
+        optimizer_step(fake_params, f_opt, f_sch)
+        return logs
+
+    def generator_update(phase: int, step: int) -> dict:
+        """One generator update: the DMD gradient on the reverse-nested interval (s, 1] (Eq. 11-12)."""
+        gen_params, _, g_opt, _, g_sch, _ = opts[phase]
+        shared["uses_left"] = 0
+        for _ in range(ga):
+            z, cond = noise_and_cond()
+            experts = [d.expert(j, cond) for j in range(plan.num_phases)]
+            x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=True, generator=gen)
+            t, eps = t_and_eps(s, x_s)
+            loss, logs = dmd_loss(
+                x_s, s, d.teacher(cond, neg_cond), d.fake(phase, cond), t, eps, weighting=args.dmd_weighting
+            )
+            _finite(loss, "Generator (DMD)", phase, step, last_ckpt)
+            # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
+            d.switches[d.expert_base[phase]].set(f"phase_{phase}")
+            accelerator.backward(loss / ga)
+        optimizer_step(gen_params, g_opt, g_sch)
+        return logs
+
+    def enter_phase(phase: int) -> None:
+        """Fresh fake score and optimizers when a phase starts (sequential) or is first met (alternate)."""
+        nonlocal current_phase
+        if plan.order == "sequential" and phase != current_phase:
+            opts.clear()
+            current_phase = phase
+        elif plan.order == "sequential" or phase in opts:
+            return
+        d.start_phase(phase)
+        make_opts(phase)
 
     try:
         while global_step < plan.total_steps:
             phase, step = plan.position(global_step)
-            if plan.order == "sequential" and phase != current_phase:
-                opts.clear()
-                d.start_phase(phase)
-                make_opts(phase)
-                current_phase = phase
-            elif plan.order == "alternate" and phase not in opts:
-                d.start_phase(phase)
-                make_opts(phase)
-            gen_params, fake_params, g_opt, f_opt, g_sch, f_sch = opts[phase]
-
-            # fake score: subinterval score matching on stop-gradient generator samples
+            enter_phase(phase)
+            started = _synchronized_clock(device)
             fake_logs = {}
             for _ in range(args.fake_updates_per_step):
-                for _ in range(ga):
-                    z, cond = noise_and_cond()
-                    experts = [d.expert(j, cond) for j in range(plan.num_phases)]
-                    with torch.no_grad():
-                        x_s, s = generator_sample(
-                            plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen
-                        )
-                    t, eps = t_and_eps(s, x_s)
-                    loss_f, fake_logs = fake_score_loss(
-                        d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting
-                    )
-                    _finite(loss_f, "Fake-score", phase, step, last_ckpt)
-                    accelerator.backward(loss_f / ga)
-                if args.max_grad_norm:
-                    accelerator.clip_grad_norm_(fake_params, args.max_grad_norm)
-                f_opt.step()
-                f_sch.step()
-                f_opt.zero_grad(set_to_none=True)
-
-            # generator: DMD on the reverse-nested interval (s, 1]
-            for _ in range(ga):
-                z, cond = noise_and_cond()
-                experts = [d.expert(j, cond) for j in range(plan.num_phases)]
-                x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=True, generator=gen)
-                t, eps = t_and_eps(s, x_s)
-                loss_g, gen_logs = dmd_loss(
-                    x_s, s, d.teacher(cond, neg_cond), d.fake(phase, cond), t, eps, weighting=args.dmd_weighting
-                )
-                _finite(loss_g, "Generator (DMD)", phase, step, last_ckpt)
-                # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
-                d.switches[d.expert_base[phase]].set(f"phase_{phase}")
-                accelerator.backward(loss_g / ga)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(gen_params, args.max_grad_norm)
-            g_opt.step()
-            g_sch.step()
-            g_opt.zero_grad(set_to_none=True)
-
+                fake_logs = fake_update(phase, step)
+            gen_logs = generator_update(phase, step)
+            step_seconds = _synchronized_clock(device) - started
             global_step += 1
             logs = {**gen_logs, **fake_logs}
             if n_proc > 1:  # losses of the global batch: the mean over processes
                 values = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
                 logs = dict(zip(logs, values.tolist()))
-            logs.update(phase=phase, lr=g_sch.get_last_lr()[0])
+            logs.update(phase=phase, lr=opts[phase][4].get_last_lr()[0], step_seconds=step_seconds)
             history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
             progress.update(1)
             progress.set_postfix(
@@ -816,6 +1042,9 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     if accelerator.is_main_process:
         figures = _summary(history, plan)
         (output_dir / "training_summary.json").write_text(json.dumps(figures, indent=2))
+        # every generator update's losses and wall time (`step_seconds`: its fake updates included, synchronised)
+        (output_dir / args.logging_dir).mkdir(parents=True, exist_ok=True)
+        (output_dir / args.logging_dir / "history.json").write_text(json.dumps(history, indent=1))
         config = hub.ExpertsConfig.load(output_dir)
         repo_id = args.hub_model_id or output_dir.name
         hub.write_model_card(
@@ -861,8 +1090,14 @@ def _load_experts(d: Distiller, folder: Path, skip) -> None:
         if j in skip or j >= d.plan.num_phases or e.get("type", "lora") != "lora":
             continue
         path = folder / e["path"]
-        if path.exists():
-            hub.load_lora_expert(d.models[d.expert_base[j]], path, f"phase_{j}")
+        if path.is_dir():
+            path = path / hub.LORA_WEIGHT_NAME
+        if path.exists():  # into the adapter the Distiller already made for phase j
+            from safetensors.torch import load_file
+
+            prefix = hub.LORA_PREFIX + "."
+            state_dict = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+            ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", state_dict)
 
 
 def save_experts(d: Distiller, output_dir: Path, history) -> None:
