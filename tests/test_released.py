@@ -233,3 +233,24 @@ def test_preset_sigmas_are_what_its_scheduler_makes():
     for preset in PRESETS.values():
         scheduler = preset.scheduler()
         torch.testing.assert_close(scheduler.sigmas[:-1], torch.tensor(preset.sigmas, dtype=torch.float32))
+
+
+def test_load_experts_on_a_built_pipeline_equals_from_pretrained(qwen_base, tmp_path):
+    ref = tiny.build_pipeline("qwen-image")
+    tensors = fabricate_lora(ref.transformer, {m: m for m in QWEN_MODULES}, "transformer_blocks", "", 0)[0]
+    file = tmp_path / "Qwen-Image-Lightning-4steps-V1.0.safetensors"
+    save_file(tensors, file)
+    from diffusers_pdmd import PhasedDMDScheduler
+
+    components = tiny.build_components("qwen-image")
+    components["scheduler"] = PhasedDMDScheduler.from_config(components["scheduler"].config)
+    built = PhasedMoEPipeline(**components)
+    built.load_experts(file)
+    loaded = PhasedMoEPipeline.from_pretrained(qwen_base, experts=file)
+    assert built.config.method == loaded.config.method == "qwen-image-lightning-4steps"
+    g = torch.Generator().manual_seed(2)
+    x, embeds = torch.randn(1, 16, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    outs = [
+        p(prompt_embeds=embeds, latents=x, output_type="latent", height=32, width=32).images for p in (built, loaded)
+    ]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)

@@ -123,6 +123,26 @@ def _resolve_base(root: pathlib.Path, config: ExpertsConfig, hub: dict) -> pathl
         ) from err
 
 
+def _released_scheduler(family: str, base_config, folder, layout, files, scheduler=None):
+    """The sampler of released experts: `scheduler`, else the folder's own (an exported folder), else the release's
+    preset; returns `(scheduler, preset or None)`."""
+    if scheduler is not None:
+        if not isinstance(scheduler, PhasedDMDScheduler):
+            raise ValueError(f"`scheduler` must be a PhasedDMDScheduler, got {type(scheduler).__name__}.")
+        return scheduler, None
+    own = folder / "scheduler" / "scheduler_config.json"
+    if own.is_file():
+        return PhasedDMDScheduler.from_pretrained(own.parent), None
+    preset = find_preset(family, layout, files)
+    if preset is None:
+        raise ValueError(
+            f"{folder}: no preset of `diffusers_pdmd.released.PRESETS` matches these {layout!r} experts on a {family} "
+            f"base (presets: {sorted(PRESETS)}); pass `scheduler=` (a PhasedDMDScheduler with the sampler the experts "
+            "were made for)."
+        )
+    return preset.scheduler(base_config), preset
+
+
 def _has_adapters(module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
@@ -286,13 +306,29 @@ class PhasedMoEPipeline(DiffusionPipeline):
         token: str | bool | None = None,
         local_files_only: bool | None = None,
         torch_dtype: torch.dtype | None = None,
+        subfolder: str | None = None,
+        experts_format: str | None = None,
+        scheduler: PhasedDMDScheduler | None = None,
     ) -> None:
-        """Load the experts of an experts folder or Hub repo into this pipeline (LoRA adapters `phase_k`, full
-        transformers into their slots) and take its scheduler. The base components must be the experts' base."""
-        root = resolve_repo(
-            path_or_repo_id, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        """Load experts into this pipeline (LoRA adapters `phase_k`, full transformers into their slots) and take
+        their scheduler. The base components must be the experts' base.
+
+        `path_or_repo_id` is a folder, a Hub repo id or a LoRA file in any layout of `released.LAYOUTS` (see
+        [`~PhasedMoEPipeline.from_pretrained`]); released experts get `scheduler`, else their folder's own, else
+        their release's preset.
+        """
+        hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+        path = _resolve_experts(path_or_repo_id, revision, subfolder, hub)
+        layout, root, files = detect_layout(path, experts_format)
+        if layout == "phased_dmd":
+            self._load_experts(root, ExpertsConfig.load(root), torch_dtype, full_folder=False)
+            return
+        scheduler, preset = _released_scheduler(
+            self.config.family, self.scheduler.config, root, layout, files, scheduler
         )
-        self._load_experts(root, ExpertsConfig.load(root), torch_dtype, full_folder=False)
+        self.register_modules(scheduler=scheduler)
+        self._load_released(layout, root, files, torch_dtype)
+        self.register_to_config(method=preset.name if preset is not None else "released")
 
     def _load_experts(self, root: pathlib.Path, config: ExpertsConfig, torch_dtype, full_folder: bool) -> None:
         if config.family != self.config.family:
@@ -452,22 +488,9 @@ class PhasedMoEPipeline(DiffusionPipeline):
         base = getattr(diffusers, class_name).from_pretrained(base_root, **load_kwargs)
         base_family = get_family(base)
         if config is None:
-            # The sampler: `scheduler=`, else the folder's own (an exported folder), else the release's preset.
-            own = experts_root / "scheduler" / "scheduler_config.json"
-            preset = None
-            if released_scheduler is not None:
-                scheduler = released_scheduler
-            elif own.is_file():
-                scheduler = PhasedDMDScheduler.from_pretrained(own.parent)
-            else:
-                preset = find_preset(base_family.name, layout, released_files)
-                scheduler = preset.scheduler(base.scheduler.config) if preset else None
-            if scheduler is None:
-                raise ValueError(
-                    f"{experts_root}: no preset of `diffusers_pdmd.released.PRESETS` matches these {layout!r} experts "
-                    f"on a {base_family.name} base (presets: {sorted(PRESETS)}); pass `scheduler=` (a "
-                    "PhasedDMDScheduler with the sampler the experts were made for)."
-                )
+            scheduler, preset = _released_scheduler(
+                base_family.name, base.scheduler.config, experts_root, layout, released_files, released_scheduler
+            )
         elif base_family.name != config.family:
             raise ValueError(f"The experts are for `family` {config.family!r}; the base is {base_family.name!r}.")
         else:
