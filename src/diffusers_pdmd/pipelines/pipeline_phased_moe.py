@@ -90,14 +90,20 @@ def _default_experts(family: Family, scheduler) -> list[dict]:
     ]
 
 
-def _resolve_experts(experts, revision, subfolder, hub: dict) -> pathlib.Path:
-    """Local path of `experts=`: a local file or folder as it is, otherwise a Hub snapshot (only `subfolder`)."""
+def _resolve_experts(experts, revision, subfolder, hub: dict, weight_name: str | None = None) -> pathlib.Path:
+    """Local path of `experts=`: a local file or folder as it is, otherwise a Hub snapshot of only `subfolder` (and
+    only `weight_name` in it when given)."""
+    inner = "/".join(part.strip("/") for part in (subfolder, weight_name) if part)
     path = pathlib.Path(experts)
     if path.is_file() or path.is_dir():
-        return path / subfolder if subfolder else path
-    patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
+        return path / inner if inner else path
+    patterns = None
+    if weight_name:
+        patterns = [inner]
+    elif subfolder:
+        patterns = [f"{inner}/*"]
     root = resolve_repo(experts, revision, allow_patterns=patterns, **hub)
-    return root / subfolder if subfolder else root
+    return root / inner if inner else root
 
 
 def _resolve_base(root: pathlib.Path, config: ExpertsConfig, hub: dict) -> pathlib.Path:
@@ -402,6 +408,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
         experts_revision: str | None = None,
         experts_subfolder: str | None = None,
         experts_format: str | None = None,
+        experts_weight_name: str | None = None,
         **kwargs,
     ) -> PhasedMoEPipeline:
         """Load a Phased DMD pipeline.
@@ -434,6 +441,9 @@ class PhasedMoEPipeline(DiffusionPipeline):
             experts_subfolder (`str`, *optional*): Folder inside `experts` that holds them (only it is downloaded),
                 e.g. `"Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"` of `lightx2v/Wan2.2-Lightning`.
             experts_format (`str`, *optional*): One of `diffusers_pdmd.released.LAYOUTS`; detected when omitted.
+            experts_weight_name (`str`, *optional*): One LoRA file of `experts` (inside `experts_subfolder`) to use,
+                e.g. `"Qwen-Image-Lightning-8steps-V1.0.safetensors"` of `lightx2v/Qwen-Image-Lightning`; only it is
+                downloaded.
             **kwargs: Forwarded to diffusers' `from_pretrained` of the base pipeline (e.g. `device_map`), except
                 `scheduler`: a `PhasedDMDScheduler` for released experts (default: the release's preset).
 
@@ -461,7 +471,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 )
             if not has_index:
                 raise ValueError(f"{pretrained_model_name_or_path} is not a diffusers pipeline (no model_index.json).")
-            experts_path = _resolve_experts(experts, experts_revision, experts_subfolder, hub)
+            experts_path = _resolve_experts(experts, experts_revision, experts_subfolder, hub, experts_weight_name)
             layout, experts_root, released_files = detect_layout(experts_path, experts_format)
             base_root = root
         elif has_experts:
