@@ -116,6 +116,7 @@ def test_wan22_lightning_matches_authors_sampler(family, boundary, diff_b, tmp_p
     pipe = PhasedMoEPipeline.from_pretrained(base_dir, experts=folder)
     assert pipe.config.method == f"{family}-lightning"
     x, embeds = _wan_inputs()
+    authors = [1.0, 0.9375, 5 / 6, 0.625]  # shift 5 on linspace(1, 0, 5)[:-1], as the authors compute them
     kwargs, concat = {}, None
     if family == "wan2.2-i2v-a14b":
         kwargs["image"] = Image.new("RGB", (16, 16), (200, 40, 90))
@@ -125,9 +126,24 @@ def test_wan22_lightning_matches_authors_sampler(family, boundary, diff_b, tmp_p
     )
 
     hi, lo = merged(ref.transformer, d_high), merged(ref.transformer_2, d_low)
-    authors = [1.0, 0.9375, 5 / 6, 0.625]
     expected = euler(lambda t: hi if t >= boundary else lo, authors, x, _wan_velocity(embeds, concat))
     torch.testing.assert_close(out.frames, expected, atol=1e-5, rtol=1e-5)
+    # The authors' grid passed explicitly, their threshold as the (off-grid) phase boundary: the same sampler.
+    from diffusers_pdmd import PhasedDMDScheduler
+
+    pipe.scheduler = PhasedDMDScheduler(phase_boundaries=[boundary / 1000], steps_per_phase=[2, 2])
+    pipe.set_experts(pipe.config.experts, phase_boundaries=[boundary / 1000])
+    again = pipe(
+        prompt_embeds=embeds,
+        latents=x.clone(),
+        output_type="latent",
+        height=16,
+        width=16,
+        num_frames=5,
+        sigmas=authors,
+        **kwargs,
+    )
+    torch.testing.assert_close(again.frames, expected, atol=1e-5, rtol=1e-5)
     # The LoRAs really changed the output (the test can fail).
     plain = euler(
         lambda t: ref.transformer if t >= boundary else ref.transformer_2, authors, x, _wan_velocity(embeds, concat)
