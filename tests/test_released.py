@@ -128,6 +128,13 @@ def test_wan22_lightning_matches_authors_sampler(family, boundary, diff_b, tmp_p
     hi, lo = merged(ref.transformer, d_high), merged(ref.transformer_2, d_low)
     expected = euler(lambda t: hi if t >= boundary else lo, authors, x, _wan_velocity(embeds, concat))
     torch.testing.assert_close(out.frames, expected, atol=1e-5, rtol=1e-5)
+    # Saved in our format (its config names the base it was loaded on) they load back as the same sampler.
+    pipe.save_pretrained(tmp_path / "ours", experts_only=True)
+    resaved = PhasedMoEPipeline.from_pretrained(tmp_path / "ours")
+    again = resaved(
+        prompt_embeds=embeds, latents=x.clone(), output_type="latent", height=16, width=16, num_frames=5, **kwargs
+    )
+    torch.testing.assert_close(again.frames, expected, atol=1e-5, rtol=1e-5)
     # The authors' grid passed explicitly, their threshold as the (off-grid) phase boundary: the same sampler.
     from diffusers_pdmd import PhasedDMDScheduler
 
