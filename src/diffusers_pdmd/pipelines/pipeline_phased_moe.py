@@ -519,9 +519,11 @@ class PhasedMoEPipeline(DiffusionPipeline):
             raise ValueError("`use_safetensors` must be True: Phased DMD pipelines load safetensors only.")
         if experts_format is not None and experts_format not in LAYOUTS:
             raise ValueError(f"`experts_format` must be one of {LAYOUTS} or None, got {experts_format!r}.")
-        released_scheduler = kwargs.pop("scheduler", None) if experts is not None else None
-        if released_scheduler is not None and not isinstance(released_scheduler, PhasedDMDScheduler):
-            raise ValueError(f"`scheduler` must be a PhasedDMDScheduler, got {type(released_scheduler).__name__}.")
+        # A `PhasedDMDScheduler` is the sampler of released experts; any other scheduler is a base component given
+        # by keyword (as diffusers' `from_pretrained` takes components), whose config the phased scheduler follows.
+        released_scheduler = None
+        if experts is not None and isinstance(kwargs.get("scheduler"), PhasedDMDScheduler):
+            released_scheduler = kwargs.pop("scheduler")
         hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
         root = resolve_repo(pretrained_model_name_or_path, revision, **hub)
         has_index, has_experts = (root / "model_index.json").is_file(), (root / CONFIG_NAME).is_file()
