@@ -7,12 +7,18 @@ CHECK_DIRS := src tests examples benchmarks
 
 .PHONY: install demo test style quality bench clean
 
+# pip prints its progress (no -q): the first install downloads torch and the diffusers stack, which takes minutes.
 $(STAMP): setup.py
+	@echo "==> [1/4] creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	@echo "==> [2/4] upgrading pip"
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	@echo "==> [3/4] installing torch 2.13.0 (the largest download)"
+	$(BIN)/python -m pip install --progress-bar on torch==2.13.0
+	@echo "==> [4/4] installing diffusers-pdmd with its [dev] extra (diffusers, transformers, peft, accelerate, ...)"
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
 	touch $(STAMP)
+	@echo "==> installed into $(VENV)"
 
 install: $(STAMP)
 

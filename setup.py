@@ -27,6 +27,16 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-learn>=1.3", "matplotlib"],  # the digits teacher, its metrics and plots
-        "dev": ["pytest>=8", "pytest-xdist", "ruff>=0.6", "scikit-learn>=1.3", "matplotlib"],
+        # diffusers' `export_to_video` (Wan2.2 samples as .mp4): imageio with its ffmpeg binary
+        "video": ["imageio>=2.27", "imageio-ffmpeg>=0.4.9"],
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist",
+            "ruff>=0.6",
+            "scikit-learn>=1.3",
+            "matplotlib",
+            "imageio>=2.27",  # the docs' Wan recipes are tested, `export_to_video` included
+            "imageio-ffmpeg>=0.4.9",
+        ],
     },
 )

@@ -26,7 +26,39 @@ def test_demo_writes_grid_and_table(tmp_path):
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid.png")
-    # 4 models x 2 seeds rows + 3 separator rows of 16x16 images, 10 columns, 1-pixel borders, scale 3
-    assert grid.size == (3 * (10 * 17 + 1), 3 * (11 * 17 + 1))
-    assert "Phased DMD" in (tmp_path / "metrics.md").read_text() and result["seconds"] > 0
+    # 4 models x 2 seeds rows + 3 separator rows of 16x16 images, 10 columns, 1-pixel borders, scale 3, plus labels
+    assert grid.width > 3 * (10 * 17 + 1) and grid.height > 3 * (11 * 17 + 1)
+    table = (tmp_path / "metrics.md").read_text()
+    assert "Phased DMD" in table and result["seconds"] > 0
+    assert f"CFG {digits.TRUE_CFG_SCALE:g}" in table  # the scale the teacher was sampled with
     torch.testing.assert_close(torch.tensor(rows["dmd"]["nfe"]), torch.tensor(1))
+
+
+def test_grid_labels_models_and_digits(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_pdmd import metrics
+
+    images, labels = metrics.real_digits("test")
+    seeds = 2
+    models = dict.fromkeys(["teacher", "phased_dmd", "sgts", "dmd"], (images, 1.0, 1))
+    demo.grid(models, labels, seeds, tmp_path / "grid.png")
+    labelled = np.asarray(Image.open(tmp_path / "grid.png").convert("L")).astype(int)
+    order = torch.cat([torch.nonzero(labels == d)[:seeds, 0] for d in range(10)])
+    block = images[order].view(10, seeds, 3, 16, 16).transpose(0, 1).reshape(-1, 3, 16, 16)
+    blank = torch.zeros(10, 3, 16, 16)
+    digits.save_grid(torch.cat([block, blank] * 3 + [block]), tmp_path / "plain.png", nrow=10, scale=3)
+    plain = np.asarray(Image.open(tmp_path / "plain.png").convert("L")).astype(int)
+    top, left = labelled.shape[0] - plain.shape[0], labelled.shape[1] - plain.shape[1]
+    assert top > 0 and left > 0
+    np.testing.assert_array_equal(labelled[top:, left:], plain)  # the images are untouched, below and right
+    cell = 17 * 3
+    for d in range(10):  # a digit (dark ink on white) above each column
+        assert (labelled[:top, left + d * cell : left + (d + 1) * cell] < 128).any(), d
+    for k in range(4):  # a name left of each model's block, none left of the blank rows between blocks
+        rows = labelled[top + k * (seeds + 1) * cell : top + (k * (seeds + 1) + seeds) * cell, :left]
+        assert (rows < 128).any(), k
+        if k < 3:
+            gap = labelled[top + (k * (seeds + 1) + seeds) * cell + 3 : top + (k + 1) * (seeds + 1) * cell, :left]
+            assert (gap >= 128).all(), k

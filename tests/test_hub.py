@@ -13,14 +13,12 @@ from peft import LoraConfig
 from safetensors import safe_open
 
 from diffusers_pdmd import PhasedDMDScheduler, hub, tiny
+from diffusers_pdmd.hub import multiple_adapters
 from diffusers_pdmd.pipelines import PhasedMoEPipeline
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
-
-
 def add_lora(module, name, seed, targets=("to_q", "to_k", "to_v")):
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), multiple_adapters():
         torch.manual_seed(seed)
         config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
         module.add_adapter(config, adapter_name=name)
@@ -310,3 +308,35 @@ def test_model_card(tmp_path):
     card = hub.write_model_card(tmp_path, qwen)
     assert card.data.base_model is None  # a local path is not Hub metadata
     assert "text-to-image" in card.data.tags and ".images[0]" in str(card)
+
+
+def _python_block(markdown: str) -> str:
+    blocks = [b.split("\n", 1)[1] for b in markdown.split("```")[1::2] if b.startswith("python")]
+    assert len(blocks) == 1, blocks
+    return blocks[0]
+
+
+def test_model_card_snippet_runs_on_the_folder_it_describes(tmp_path, monkeypatch):
+    base_dir = tiny.save_pipeline("qwen-image", tmp_path / "base")
+    _qwen_experts_pipeline(str(base_dir)).save_pretrained(tmp_path / "experts", experts_only=True)
+    config = hub.ExpertsConfig.load(tmp_path / "experts")
+    hub.write_model_card(tmp_path / "experts", config, prompt='a "quoted" digit seven')
+    snippet = _python_block((tmp_path / "experts" / "README.md").read_text())
+    # Not pushed: the folder's absolute path, never its basename posing as a repo id; the run's prompt.
+    assert f'from_pretrained("{(tmp_path / "experts").resolve()}"' in snippet
+    assert 'pipe("a \\"quoted\\" digit seven"' in snippet and "dtype=torch.bfloat16" in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet.replace('"cuda"', '"cpu"'), "README.md", "exec"), {})  # the GPU lines on the CPU
+    assert (tmp_path / "sample.png").is_file()
+
+
+def test_push_puts_the_repo_id_into_a_card_written_before_the_repo_existed(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **k: RepoUrl(f"https://huggingface.co/me/{repo_id}")
+    )
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **k: None)
+    _qwen_experts_pipeline("org/base").save_pretrained(tmp_path / "experts", experts_only=True)
+    hub.write_model_card(tmp_path / "experts", hub.ExpertsConfig.load(tmp_path / "experts"))
+    hub.push_experts_to_hub(tmp_path / "experts", "experts")  # no namespace: the Hub puts it in the user's
+    text = (tmp_path / "experts" / "README.md").read_text()
+    assert 'from_pretrained("me/experts"' in text and str(tmp_path) not in text

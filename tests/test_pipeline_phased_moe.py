@@ -9,11 +9,9 @@ from peft import LoraConfig
 
 from diffusers_pdmd import PhasedDMDScheduler, tiny
 from diffusers_pdmd.families import get_family
+from diffusers_pdmd.hub import multiple_adapters
 from diffusers_pdmd.pipelines import ExpertSwitcher, PhasedMoEPipeline
 from diffusers_pdmd.training.adapters import LORA_TARGET_MODULES
-
-
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
 
 
 SIZES = {
@@ -33,7 +31,7 @@ PHASES = {
 
 def add_lora(module, name, seed, targets=("to_q", "to_k", "to_v")):
     """Adds a peft LoRA with non-zero random weights (seeded, global RNG untouched)."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), multiple_adapters():
         torch.manual_seed(seed)
         config = LoraConfig(r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights=False)
         module.add_adapter(config, adapter_name=name)
@@ -484,7 +482,8 @@ BAD_INPUTS = [
         "either `negative_prompt` or",
     ),
     ("qwen-image", None, {"num_inference_steps": 7}, "`num_inference_steps`=7"),
-    ("qwen-image", None, {"guidance_scale": 4.0}, "`guidance_scale` is not an argument of qwen-image"),
+    ("qwen-image", None, {"negative_prompt_embeds": torch.zeros(2, 4, 16)}, "`negative_prompt_embeds` must be"),
+    ("qwen-image", None, {"guidance_scale": -1.0}, "`guidance_scale` must be a number"),
     ("qwen-image", None, {"num_images_per_prompt": 0}, "`num_images_per_prompt` must be a positive int"),
     ("qwen-image", None, {"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
     ("qwen-image", None, {"max_sequence_length": 2048}, "`max_sequence_length`"),

@@ -69,6 +69,36 @@ def test_save_load_roundtrip(tmp_path):
     torch.testing.assert_close(loaded.sigmas, scheduler.sigmas)
 
 
+def _public(config):
+    """A config without the keys diffusers adds on load (`_class_name`, `_diffusers_version`, `_use_default_values`)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"steps_per_phase": (3, 1)}, {"phase_boundaries": (0.9, 0.4), "steps_per_phase": (1, 2, 1), "shift": 3.0}],
+)
+def test_config_survives_save_load_as_a_value(tmp_path, kwargs):
+    # diffusers' SchedulerCommonTest.test_from_pretrained: the loaded config equals the object's, tuples included.
+    scheduler = PhasedDMDScheduler(**kwargs)
+    scheduler.save_pretrained(tmp_path)
+    loaded = PhasedDMDScheduler.from_pretrained(tmp_path)
+    assert _public(loaded.config) == _public(scheduler.config)
+    assert loaded.config.steps_per_phase == scheduler.config.steps_per_phase
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"phase_boundaries": [0.9, 0.4], "steps_per_phase": [1, 2, 1], "shift": 3.0}])
+@pytest.mark.parametrize("other_cls", [FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler])
+def test_compatible_scheduler_round_trip_keeps_config(kwargs, other_cls):
+    # diffusers' SchedulerCommonTest.test_compatibles: to a compatible scheduler and back gives the same config,
+    # `_use_default_values` included.
+    scheduler = PhasedDMDScheduler(**kwargs)
+    assert other_cls in scheduler.compatibles
+    back = PhasedDMDScheduler.from_config(other_cls.from_config(scheduler.config).config)
+    assert {k: v for k, v in back.config.items() if k in scheduler.config} == dict(scheduler.config)
+    assert sorted(back.config["_use_default_values"]) == sorted(scheduler.config["_use_default_values"])
+
+
 def test_explicit_sigmas():
     scheduler = PhasedDMDScheduler(phase_boundaries=[0.5], steps_per_phase=[1, 1])
     scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5000001, 0.2])

@@ -1,15 +1,39 @@
-"""diffusers-pdmd: Phased DMD (few-step distribution matching distillation with one expert per SNR subinterval)."""
+"""diffusers-pdmd: Phased DMD (few-step distribution matching distillation with one expert per SNR subinterval).
+
+The public classes are imported on first use (module `__getattr__`), so `import diffusers_pdmd` loads neither torch
+nor diffusers; `from diffusers_pdmd import PhasedMoEPipeline` loads what that class needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 
 __version__ = "0.1.0.dev0"
 
-from .schedulers import PhasedDMDScheduler, PhasedDMDSchedulerOutput
+# public name -> submodule that defines it
+_LAZY = {
+    "PhasedDMDScheduler": ".schedulers",
+    "PhasedDMDSchedulerOutput": ".schedulers",
+    "PhasedMoEPipeline": ".pipelines",
+    "ExpertSwitcher": ".pipelines",
+}
+
+__all__ = ["ExpertSwitcher", "PhasedDMDScheduler", "PhasedDMDSchedulerOutput", "PhasedMoEPipeline", "__version__"]
+
+if TYPE_CHECKING:
+    from .pipelines import ExpertSwitcher, PhasedMoEPipeline
+    from .schedulers import PhasedDMDScheduler, PhasedDMDSchedulerOutput
 
 
-__all__ = ["PhasedDMDScheduler", "PhasedDMDSchedulerOutput", "__version__"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-try:  # the pipeline is optional while it is being built; it only needs diffusers, which is a hard dependency
-    from .pipelines import PhasedMoEPipeline  # noqa: F401
 
-    __all__.append("PhasedMoEPipeline")
-except ImportError:  # pragma: no cover
-    pass
+def __dir__():
+    return sorted({*globals(), *_LAZY})

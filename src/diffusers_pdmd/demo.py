@@ -8,7 +8,8 @@
    code as `diffusers_pdmd.training.distill`): `phased_dmd` (4 steps, 2 phases), `sgts` (4 steps) and `dmd`
    (1 step).
 3. Samples teacher and students (students with `PhasedMoEPipeline`), and writes `grid.png` (one block of rows per
-   model, one column per prompt, one row per seed) and `metrics.md` / `metrics.json` (diversity, Fréchet distances,
+   model, labelled teacher / Phased DMD / SGTS / DMD; one column per prompt, labelled with its digit; one row per
+   seed) and `metrics.md` / `metrics.json` (diversity, Fréchet distances,
    prompt accuracy, sampling cost relative to the teacher).
 
 `benchmarks/quality_digits.py` repeats this over several training seeds for `docs/benchmarks/quality.md`.
@@ -35,11 +36,12 @@ METHODS = {  # method -> (extra flags, sampling steps)
     "dmd": (["--method", "dmd"], 1),
 }
 LABELS = {
-    "teacher": "teacher (30 steps, CFG 4)",
+    "teacher": f"teacher ({digits.SAMPLE_STEPS} steps, CFG {digits.TRUE_CFG_SCALE:g})",  # as `digits.sample_digits`
     "phased_dmd": "Phased DMD (4 steps, 2 phases)",
     "sgts": "SGTS (4 steps)",
     "dmd": "DMD (1 step)",
 }
+GRID_LABELS = {"teacher": "teacher", "phased_dmd": "Phased DMD", "sgts": "SGTS", "dmd": "DMD"}
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "examples" / "phased_dmd" / "train_phased_dmd_qwen_image.py"
 
 
@@ -170,14 +172,36 @@ def markdown_table(rows: dict[str, dict], stds: dict[str, dict] | None = None) -
     return "\n".join(lines)
 
 
-def grid(models: dict[str, tuple[torch.Tensor, float, int]], labels: torch.Tensor, seeds: int, path) -> None:
-    """One block of `seeds` rows per model (teacher first), one column per digit; a blank row between blocks."""
+def grid(
+    models: dict[str, tuple[torch.Tensor, float, int]], labels: torch.Tensor, seeds: int, path, scale: int = 3
+) -> None:
+    """One block of `seeds` rows per model (teacher first), one column per digit; a blank row between blocks. The
+    model's name is written left of its block and the digit above its column."""
+    from PIL import Image, ImageDraw, ImageFont
+
     blocks = []
     for images, _, _ in models.values():
         order = torch.cat([torch.nonzero(labels == d)[:seeds, 0] for d in range(10)])
         block = images[order].view(10, seeds, *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
         blocks += [block, torch.zeros(10, *images.shape[1:])]
-    digits.save_grid(torch.cat(blocks[:-1]), path, nrow=10, scale=3)
+    digits.save_grid(torch.cat(blocks[:-1]), path, nrow=10, scale=scale)
+
+    images = Image.open(path).convert("RGB")
+    cell = (digits.IMAGE_SIZE + 1) * scale  # one image and its 1-pixel border, scaled
+    try:
+        font = ImageFont.load_default(size=4 * scale + 2)
+    except (OSError, TypeError, ValueError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    left, top = 30 * scale + 16, 8 * scale
+    labelled = Image.new("RGB", (images.width + left, images.height + top), "white")
+    labelled.paste(images, (left, top))
+    draw = ImageDraw.Draw(labelled)
+    for d in range(10):
+        draw.text((left + scale + d * cell + cell // 2, top // 2), str(d), fill="black", font=font, anchor="mm")
+    for k, name in enumerate(models):
+        middle = top + scale + k * (seeds + 1) * cell + seeds * cell // 2
+        draw.text((left - 8, middle), GRID_LABELS.get(name, name), fill="black", font=font, anchor="rm")
+    labelled.save(path)
 
 
 def run(
@@ -210,8 +234,10 @@ def run(
     table = markdown_table(rows)
     (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "metrics.md").write_text(
-        f"{table}\n\n{per_prompt} samples per prompt (10 prompts); {steps} generator updates per phase; "
-        f"seed {seed}; {time.time() - start:.0f} s in all.\n"
+        f"{table}\n\n{per_prompt} samples per prompt (10 prompts); teacher: {digits.SAMPLE_STEPS} steps with true "
+        f"CFG {digits.TRUE_CFG_SCALE:g} against the empty prompt (2 model evaluations per step), students distilled "
+        f"with guidance scale {digits.TRUE_CFG_SCALE:g}; {steps} generator updates per phase; seed {seed}; "
+        f"{time.time() - start:.0f} s in all.\n"
     )
     return {"rows": rows, "table": table, "seconds": time.time() - start}
 

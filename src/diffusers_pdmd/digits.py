@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import pathlib
@@ -56,11 +55,13 @@ import time
 import numpy as np
 import torch
 
+from . import metrics
+from .metrics import IMAGE_SIZE, real_digits  # the data set lives with the metrics that are measured on it
+
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPTS = [f"a handwritten digit {name}" for name in DIGIT_NAMES]
 NEGATIVE_PROMPT = ""
-IMAGE_SIZE = 16
 
 ASSET_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "digits_teacher"
 
@@ -102,38 +103,6 @@ def label_for(prompt: str) -> int:
     if prompt not in PROMPTS:
         raise ValueError(f"`prompt` must be one of PROMPTS, got {prompt!r}.")
     return PROMPTS.index(prompt)
-
-
-@functools.lru_cache(maxsize=1)
-def _digit_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    images, labels = data.images.astype(np.float32) / 16.0, data.target.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.2, stratify=labels, random_state=0)
-    return {"train": (train_x, train_y), "test": (test_x, test_y), "all": (images, labels)}
-
-
-def real_digits(split: str = "train", size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real digits at the teacher's resolution, in the format a pipeline returns with ``output_type="pt"``.
-
-    Args:
-        split: ``"train"`` (1437 digits), ``"test"`` (360) or ``"all"`` (1797). The split is stratified by class
-            and fixed (``random_state=0``).
-        size: Side of the images; the 8x8 sources are resized bilinearly.
-
-    Returns:
-        ``(images, labels)``: float32 (N, 3, size, size) in [0, 1] (ink bright on a dark background, grey replicated
-        to RGB), and int64 (N,) digits.
-    """
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"`split` must be 'train', 'test' or 'all', got {split!r}.")
-    images, labels = _digit_splits()[split]
-    x = torch.from_numpy(images)[:, None]
-    if size != 8:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.clamp(0, 1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(labels)
 
 
 @contextlib.contextmanager
@@ -503,8 +472,6 @@ def evaluate_teacher(
         `diffusers_pdmd.metrics.digit_metrics` of the samples (Fréchet distance to the real test digits), plus the
         classifier's own test accuracy (``classifier_test_accuracy``).
     """
-    from . import metrics
-
     pipe = load_teacher(path)
     labels = torch.arange(10).repeat_interleave(per_class)
     images = sample_digits(pipe, labels, num_inference_steps, true_cfg_scale, seed=seed)

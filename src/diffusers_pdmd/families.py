@@ -278,13 +278,22 @@ class QwenImageFamily(Family):
                     "`family.size_cond(height, width, batch_size=B)` into `cond`."
                 )
             img_shapes = [[(1, side, side)]] * x_t.shape[0]
+        guidance = None
+        if getattr(getattr(transformer, "config", None), "guidance_embeds", False):
+            # A guidance-distilled transformer takes the guidance scale as an input (QwenImagePipeline's `guidance`).
+            guidance = cond.get("guidance")
+            if guidance is None:
+                raise ValueError(
+                    "`cond['guidance']` (the guidance scale, one value per sample) is required: the transformer is "
+                    "guidance-distilled (`guidance_embeds=True`)."
+                )
         x_in = x_t.to(transformer.dtype)
         # QwenImagePipeline rounds the 1000-scale timestep in the latents' dtype before dividing; do the same.
         timestep = (sigma * num_train_timesteps).to(device=x_in.device, dtype=x_in.dtype) / num_train_timesteps
         return transformer(
             hidden_states=x_in,
             timestep=timestep,
-            guidance=None,
+            guidance=guidance,
             encoder_hidden_states_mask=cond.get("prompt_embeds_mask"),
             encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
             img_shapes=img_shapes,

@@ -15,10 +15,12 @@ A full pipeline folder is the same plus `model_index.json` and the base componen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -203,6 +205,18 @@ class ExpertsConfig:
         return cls.from_dict(data)
 
 
+@contextlib.contextmanager
+def multiple_adapters():
+    """Silence peft's "Already found a `peft_config` attribute in the model" warning inside the block.
+
+    peft warns each time a second adapter is added to a model; Phased DMD keeps one adapter per phase (and fake
+    scores in training) on one base by design, so the warning says nothing a user could act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        yield
+
+
 def _tuner_layers(transformer: torch.nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -226,10 +240,23 @@ def base_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: str | os.PathLike) -> pathlib.Path:
+def lora_weight_name(variant: str | None = None) -> str:
+    """File name of a LoRA expert: `pytorch_lora_weights.safetensors`, or with a variant inserted before the
+    extension as diffusers names variants (`"fp16"` -> `pytorch_lora_weights.fp16.safetensors`)."""
+    from diffusers.utils.hub_utils import _add_variant
+
+    if variant is not None and (not isinstance(variant, str) or not variant or "/" in variant or "." in variant):
+        raise ValueError(f"`variant` must be a short name such as 'fp16' (no '.' or '/'), got {variant!r}.")
+    return _add_variant(LORA_WEIGHT_NAME, variant)
+
+
+def save_lora_expert(
+    transformer: torch.nn.Module, adapter_name: str, out_dir: str | os.PathLike, variant: str | None = None
+) -> pathlib.Path:
     """Write one peft adapter of `transformer` as a diffusers LoRA file.
 
-    The file is `out_dir/pytorch_lora_weights.safetensors`: keys prefixed `transformer.` and the adapter's
+    The file is `out_dir/pytorch_lora_weights.safetensors` (`pytorch_lora_weights.<variant>.safetensors` with a
+    `variant`): keys prefixed `transformer.` and the adapter's
     `LoraConfig` (rank, alpha, target modules, ...) in the safetensors metadata, as diffusers' `save_lora_weights`
     writes it, so `transformer.load_lora_adapter(out_dir, weight_name=..., prefix="transformer")` and the family
     pipelines' `load_lora_weights` read it.
@@ -238,6 +265,7 @@ def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: s
         transformer (`torch.nn.Module`): A diffusers transformer holding the adapter.
         adapter_name (`str`): The peft adapter to save.
         out_dir (`str` or `os.PathLike`): Destination folder (created if needed).
+        variant (`str`, *optional*): Variant name put in the file name, e.g. `"fp16"`.
 
     Returns:
         `pathlib.Path`: The written file.
@@ -250,6 +278,7 @@ def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: s
         raise ValueError(
             f"`adapter_name` {adapter_name!r} is not an adapter of the transformer: {sorted(peft_config)}."
         )
+    weight_name = lora_weight_name(variant)
     layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     state_dict = {f"{LORA_PREFIX}.{k}": v.detach().contiguous() for k, v in layers.items()}
     metadata = {f"{LORA_PREFIX}.{k}": v for k, v in peft_config[adapter_name].to_dict().items()}
@@ -258,55 +287,70 @@ def save_lora_expert(transformer: torch.nn.Module, adapter_name: str, out_dir: s
         state_dict=state_dict,
         save_directory=str(out_dir),
         is_main_process=True,
-        weight_name=LORA_WEIGHT_NAME,
+        weight_name=weight_name,
         save_function=None,
         safe_serialization=True,
         lora_adapter_metadata=metadata,
     )
-    return out_dir / LORA_WEIGHT_NAME
+    return out_dir / weight_name
 
 
-def load_lora_expert(transformer: torch.nn.Module, path_or_dir: str | os.PathLike, adapter_name: str) -> None:
-    """Add the LoRA in `path_or_dir` (a file or a folder holding `pytorch_lora_weights.safetensors`) to
-    `transformer` as peft adapter `adapter_name`, unfused. Only safetensors files are read."""
+def load_lora_expert(
+    transformer: torch.nn.Module, path_or_dir: str | os.PathLike, adapter_name: str, variant: str | None = None
+) -> None:
+    """Add the LoRA in `path_or_dir` (a file or a folder holding `pytorch_lora_weights.safetensors`, or
+    `pytorch_lora_weights.<variant>.safetensors` with a `variant`) to `transformer` as peft adapter `adapter_name`,
+    unfused. Only safetensors files are read."""
     path = pathlib.Path(path_or_dir)
-    folder, weight_name = (path, LORA_WEIGHT_NAME) if path.is_dir() else (path.parent, path.name)
+    folder, weight_name = (path, lora_weight_name(variant)) if path.is_dir() else (path.parent, path.name)
     if not (folder / weight_name).is_file():
         raise ValueError(f"No LoRA weights at {folder / weight_name}.")
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already an adapter of the transformer.")
-    transformer.load_lora_adapter(
-        str(folder), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name, use_safetensors=True
-    )
+    with multiple_adapters():
+        transformer.load_lora_adapter(
+            str(folder), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name, use_safetensors=True
+        )
 
 
 def save_full_expert(
-    transformer: torch.nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "10GB"
+    transformer: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    max_shard_size: int | str = "10GB",
+    variant: str | None = None,
 ) -> pathlib.Path:
-    """Write a fully fine-tuned transformer as a diffusers model folder (`config.json` + safetensors).
+    """Write a fully fine-tuned transformer as a diffusers model folder (`config.json` + safetensors, named with
+    `variant` as diffusers' `save_pretrained(variant=...)` names them).
 
     peft LoRA layers, if any, are left out: only the transformer's own weights are written.
     """
     out_dir = pathlib.Path(out_dir)
     if not _tuner_layers(transformer):
-        transformer.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+        transformer.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size, variant=variant)
         return out_dir
+    from diffusers.utils.hub_utils import _add_variant
     from huggingface_hub import save_torch_state_dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
     transformer.save_config(out_dir)
-    save_torch_state_dict(
-        base_state_dict(transformer),
-        out_dir,
-        filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
+    # The file names diffusers' `ModelMixin.save_pretrained(variant=...)` writes and `from_pretrained` reads.
+    pattern = _add_variant("diffusion_pytorch_model.safetensors", variant).replace(
+        ".safetensors", "{suffix}.safetensors"
     )
+    save_torch_state_dict(
+        base_state_dict(transformer), out_dir, filename_pattern=pattern, max_shard_size=max_shard_size
+    )
+    index = out_dir / (pattern.format(suffix="") + ".index.json")
+    if variant is not None and index.is_file():
+        index.rename(out_dir / _add_variant("diffusion_pytorch_model.safetensors.index.json", variant))
     return out_dir
 
 
-def load_full_expert(transformer_cls, out_dir: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+def load_full_expert(
+    transformer_cls, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, variant: str | None = None
+):
     """Load a transformer folder written by [`save_full_expert`] (safetensors only)."""
-    return transformer_cls.from_pretrained(str(out_dir), torch_dtype=torch_dtype, use_safetensors=True)
+    return transformer_cls.from_pretrained(str(out_dir), dtype=dtype, variant=variant, use_safetensors=True)
 
 
 def resolve_repo(
@@ -354,18 +398,19 @@ _USAGE_IMAGE = """```python
 import torch
 from diffusers_pdmd import PhasedMoEPipeline
 
-pipe = PhasedMoEPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
-image = pipe("{prompt}", generator=torch.Generator("cuda").manual_seed(0)).images[0]
+pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=torch.bfloat16).to("cuda")
+image = pipe({prompt}, generator=torch.Generator("cuda").manual_seed(0)).images[0]
 image.save("sample.png")
 ```"""
 
 _USAGE_VIDEO = """```python
+# pip install "diffusers-pdmd[video]"  (imageio and imageio-ffmpeg, for export_to_video)
 import torch
 from diffusers.utils import export_to_video
 from diffusers_pdmd import PhasedMoEPipeline
 
-pipe = PhasedMoEPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")
-frames = pipe("{prompt}", generator=torch.Generator("cuda").manual_seed(0)).frames[0]
+pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=torch.bfloat16).to("cuda")
+frames = pipe({prompt}, generator=torch.Generator("cuda").manual_seed(0)).frames[0]
 export_to_video(frames, "sample.mp4", fps=16)
 ```"""
 
@@ -387,6 +432,7 @@ def write_model_card(
     config: ExpertsConfig,
     *,
     repo_id: str | None = None,
+    prompt: str | None = None,
     training_figures: dict | None = None,
     validation_images: list[str] | None = None,
     extra_text: str = "",
@@ -396,8 +442,11 @@ def write_model_card(
     Args:
         out_dir (`str` or `os.PathLike`): The experts folder.
         config ([`ExpertsConfig`]): Its config.
-        repo_id (`str`, *optional*): The repo the card will live in (used in the usage snippet; the folder name
-            otherwise).
+        repo_id (`str`, *optional*): The Hub repo the card will live in, used in the usage snippet and the title.
+            Without it the snippet loads the folder by its absolute path (it is not on the Hub yet;
+            [`push_experts_to_hub`] puts the repo id in).
+        prompt (`str`, *optional*): The prompt of the usage snippet, e.g. the run's first validation prompt (a
+            generic one otherwise).
         training_figures (`dict`, *optional*): Name -> value pairs shown as a table (e.g. steps, batch size, lr).
         validation_images (`list[str]`, *optional*): Paths, relative to `out_dir`, of sample images to show.
         extra_text (`str`): Markdown appended at the end.
@@ -408,7 +457,6 @@ def write_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     out_dir = pathlib.Path(out_dir)
-    repo_id = repo_id or out_dir.resolve().name
     family = get_family(config.family)
     task = "text-to-video" if family.is_video else "text-to-image"
     kinds = {e["type"] for e in config.experts}
@@ -429,9 +477,11 @@ def write_model_card(
         for k, e in enumerate(config.experts)
     )
     revision = f" (revision `{config.base_revision}`)" if config.base_revision else ""
-    usage = (_USAGE_VIDEO if family.is_video else _USAGE_IMAGE).format(repo_id=repo_id, prompt="a red fox in snow")
+    usage = (_USAGE_VIDEO if family.is_video else _USAGE_IMAGE).format(
+        repo_id=json.dumps(repo_id or str(out_dir.resolve())), prompt=json.dumps(prompt or "a red fox in snow")
+    )
     sections = [
-        f"# {repo_id.split('/')[-1]}",
+        f"# {(repo_id or out_dir.resolve().name).split('/')[-1]}",
         f"{config.num_phases} few-step experts for `{config.base_model}`{revision}, distilled with "
         f"{config.method} ({total_steps} sampling steps in all). Phased DMD splits the noise range into phases "
         "(SNR subintervals) and trains one expert per phase; at sampling time the expert of the phase the "
@@ -479,10 +529,16 @@ def push_experts_to_hub(
 
     folder = pathlib.Path(folder)
     config = ExpertsConfig.load(folder)
-    if not (folder / "README.md").is_file():
-        write_model_card(folder, config, repo_id=repo_id)
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    card = folder / "README.md"
+    if not card.is_file():
+        write_model_card(folder, config, repo_id=repo_url.repo_id)
+    else:  # a card written before the repo existed loads the folder by its path: load the repo instead
+        text = card.read_text()
+        local = f"from_pretrained({json.dumps(str(folder.resolve()))}"
+        if local in text:
+            card.write_text(text.replace(local, f"from_pretrained({json.dumps(repo_url.repo_id)}"))
     api.upload_folder(
         folder_path=str(folder),
         repo_id=repo_url.repo_id,

@@ -10,9 +10,10 @@ Fréchet distance to the base model's samples. On the digits teacher (`diffusers
 - `frechet_distance` between classifier features of two image sets (the FID analogue).
 
 The classifier is a tiny CNN trained on scikit-learn's bundled digits at the teacher's resolution (16x16, upsampled
-from 8x8), on the train split of `diffusers_pdmd.digits.real_digits`; its held-out accuracy is in
-`DigitClassifier.test_accuracy` (0.997 with the default seed). It is trained on first use (about 4 s on one CPU
-core), from a fixed seed, and cached per process.
+from 8x8), on the train split of `real_digits` (also the data of the digits teacher, `diffusers_pdmd.digits`, which
+imports it from here: metrics never import the teacher); its held-out accuracy is in `DigitClassifier.test_accuracy`
+(0.997 with the default seed). It is trained on first use (about 4 s on one CPU core), from a fixed seed, and cached
+per process.
 
 Images are given as diffusers pipelines return them: values in [0, 1], as a `torch.Tensor` or `numpy.ndarray` of
 shape (N, C, H, W) or (N, H, W, C) with C in {1, 3} (channels are averaged to grey), (N, H, W) grey, or a list of
@@ -21,9 +22,8 @@ shape (N, C, H, W) or (N, H, W, C) with C in {1, 3} (channels are averaged to gr
 Example::
 
     from diffusers_pdmd import metrics
-    from diffusers_pdmd.digits import real_digits
 
-    images, labels = real_digits("test")
+    images, labels = metrics.real_digits("test")
     metrics.prompt_accuracy(images, labels)  # 0.997
     metrics.pairwise_diversity(metrics.features(images), labels)
 """
@@ -40,6 +40,38 @@ from torch import nn
 
 IMAGE_SIZE = 16
 FEATURE_DIM = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images, labels = data.images.astype(np.float32) / 16.0, data.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.2, stratify=labels, random_state=0)
+    return {"train": (train_x, train_y), "test": (test_x, test_y), "all": (images, labels)}
+
+
+def real_digits(split: str = "train", size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real digits at the teacher's resolution, in the format a pipeline returns with ``output_type="pt"``.
+
+    Args:
+        split: ``"train"`` (1437 digits), ``"test"`` (360) or ``"all"`` (1797). The split is stratified by class
+            and fixed (``random_state=0``).
+        size: Side of the images; the 8x8 sources are resized bilinearly.
+
+    Returns:
+        ``(images, labels)``: float32 (N, 3, size, size) in [0, 1] (ink bright on a dark background, grey replicated
+        to RGB), and int64 (N,) digits.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"`split` must be 'train', 'test' or 'all', got {split!r}.")
+    images, labels = _digit_splits()[split]
+    x = torch.from_numpy(images)[:, None]
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.clamp(0, 1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(labels)
 
 
 def to_grey(images, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -108,7 +140,7 @@ def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 
 
 
 class DigitClassifier:
-    """A `DigitCNN` trained on the real digits of `diffusers_pdmd.digits.real_digits` (train split).
+    """A `DigitCNN` trained on the real digits of `real_digits` (train split).
 
     Training is deterministic given ``seed`` (fixed init, batch order and augmentation; one CPU thread's float
     arithmetic). Prefer `digit_classifier`, which caches one instance per seed.
@@ -122,8 +154,6 @@ class DigitClassifier:
     """
 
     def __init__(self, seed: int = 0, epochs: int = 20):
-        from .digits import real_digits
-
         train_x, train_y = real_digits("train")
         test_x, test_y = real_digits("test")
         with torch.random.fork_rng(devices=[]):

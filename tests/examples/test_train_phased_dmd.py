@@ -257,7 +257,7 @@ def test_push_to_hub_builds_repo_and_card_without_leaking_token(bases, tmp_path,
     assert repo_id == "me/digits-phased"
     card = (out / "README.md").read_text()
     assert str(bases["qwen-image"].resolve()) in card or "base_model" in card
-    assert "PhasedMoEPipeline.from_pretrained" in card and "me/digits-phased" in card
+    assert 'PhasedMoEPipeline.from_pretrained("me/digits-phased"' in card and 'pipe("a red cat"' in card
     assert "phased_dmd_config.json" in files and "phase_0/pytorch_lora_weights.safetensors" in files
     ignored = kwargs.get("ignore_patterns") or []
     assert any("checkpoint" in p for p in ignored) or not any(f.startswith("checkpoint") for f in files)

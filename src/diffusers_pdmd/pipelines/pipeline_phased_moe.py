@@ -15,10 +15,17 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import (
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
+    QwenImageTransformer2DModel,
+    WanTransformer3DModel,
+)
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils.deprecation_utils import _resolve_dtype
 
 from ..families import FAMILIES, TRANSFORMER_SLOTS, Family, get_family
 from ..hub import (
@@ -45,7 +52,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers_pdmd import PhasedMoEPipeline
 
         >>> # An experts-only repository: its base model is fetched from the repo its config names.
-        >>> pipe = PhasedMoEPipeline.from_pretrained("your-org/qwen-image-phased-dmd", torch_dtype=torch.bfloat16)
+        >>> pipe = PhasedMoEPipeline.from_pretrained("your-org/qwen-image-phased-dmd", dtype=torch.bfloat16)
         >>> pipe.to("cuda")
         >>> image = pipe("a red fox in snow", generator=torch.Generator("cuda").manual_seed(0)).images[0]
         ```
@@ -134,11 +141,11 @@ class PhasedMoEPipeline(DiffusionPipeline):
     def __init__(
         self,
         scheduler: PhasedDMDScheduler,
-        vae: torch.nn.Module,
+        vae: AutoencoderKLQwenImage | AutoencoderKLWan,
         text_encoder: torch.nn.Module,
         tokenizer: Any,
-        transformer: torch.nn.Module,
-        transformer_2: torch.nn.Module | None = None,
+        transformer: QwenImageTransformer2DModel | WanTransformer3DModel,
+        transformer_2: WanTransformer3DModel | None = None,
         family: str | None = None,
         experts: list | None = None,
         phase_boundaries: list[float] | None = None,
@@ -291,17 +298,24 @@ class PhasedMoEPipeline(DiffusionPipeline):
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool | None = None,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
         torch_dtype: torch.dtype | None = None,
     ) -> None:
         """Load the experts of an experts folder or Hub repo into this pipeline (LoRA adapters `phase_k`, full
-        transformers into their slots) and take its scheduler. The base components must be the experts' base."""
+        transformers into their slots) and take its scheduler. The base components must be the experts' base.
+        `variant` (e.g. `"fp16"`) reads the experts' variant files (`pytorch_lora_weights.fp16.safetensors`);
+        `torch_dtype` is the deprecated name of `dtype`."""
+        dtype = _resolve_dtype(dtype, torch_dtype)
         root = resolve_repo(
             path_or_repo_id, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
         self.release_experts()  # new adapters go on the unmerged base
-        self._load_experts(root, ExpertsConfig.load(root), torch_dtype, full_folder=False)
+        self._load_experts(root, ExpertsConfig.load(root), dtype, full_folder=False, variant=variant)
 
-    def _load_experts(self, root: pathlib.Path, config: ExpertsConfig, torch_dtype, full_folder: bool) -> None:
+    def _load_experts(
+        self, root: pathlib.Path, config: ExpertsConfig, torch_dtype, full_folder: bool, variant: str | None = None
+    ) -> None:
         if config.family != self.config.family:
             raise ValueError(
                 f"The experts are for `family` {config.family!r}, the pipeline is {self.config.family!r}."
@@ -332,7 +346,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 if module is None:
                     raise ValueError(f"`experts[{k}]` is a LoRA on `{slot}`, which the base pipeline does not have.")
                 adapter = f"phase_{k}"
-                load_lora_expert(module, root / path, adapter_name=adapter)
+                load_lora_expert(module, root / path, adapter_name=adapter, variant=variant)
                 experts.append({"base_transformer": slot, "adapter_name": adapter, "type": "lora"})
                 continue
             # A full expert takes its slot; in a full pipeline folder it is the component folder itself.
@@ -345,7 +359,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
                     raise ValueError(f"`experts[{k}]`: {folder} is not a diffusers model ({class_name!r}).")
                 reference = module if module is not None else self.transformer
                 dtype = torch_dtype or reference.dtype
-                self.register_modules(**{slot: load_full_expert(model_cls, folder, torch_dtype=dtype)})
+                self.register_modules(**{slot: load_full_expert(model_cls, folder, dtype=dtype, variant=variant)})
                 loaded_full[slot] = path
             experts.append({"base_transformer": slot, "adapter_name": None, "type": kind})
         self.register_modules(scheduler=scheduler)
@@ -363,11 +377,13 @@ class PhasedMoEPipeline(DiffusionPipeline):
         pretrained_model_name_or_path: str | os.PathLike,
         experts: str | os.PathLike | None = None,
         revision: str | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         token: str | bool | None = None,
         experts_revision: str | None = None,
+        variant: str | None = None,
+        torch_dtype: torch.dtype | None = None,
         **kwargs,
     ) -> PhasedMoEPipeline:
         """Load a Phased DMD pipeline.
@@ -386,16 +402,22 @@ class PhasedMoEPipeline(DiffusionPipeline):
             pretrained_model_name_or_path (`str` or `os.PathLike`): See above.
             experts (`str` or `os.PathLike`, *optional*): Experts-only folder or repo id to put on a base pipeline.
             revision (`str`, *optional*): Revision of `pretrained_model_name_or_path`.
-            torch_dtype (`torch.dtype`, *optional*): Dtype of the loaded models.
+            dtype (`torch.dtype`, *optional*): Dtype of the loaded models.
             cache_dir (`str` or `os.PathLike`, *optional*): Hub cache folder.
             local_files_only (`bool`, *optional*): Only use the local cache.
             token (`str` or `bool`, *optional*): Hub token for private repositories.
             experts_revision (`str`, *optional*): Revision of `experts`.
+            variant (`str`, *optional*): Read variant weight files, e.g. `"fp16"`: the experts'
+                (`phase_k/pytorch_lora_weights.fp16.safetensors`) and a full pipeline folder's components
+                (`*.fp16.safetensors`). The base pipeline of an experts-only repository, a repository of its own, is
+                loaded without a variant.
+            torch_dtype (`torch.dtype`, *optional*): Deprecated name of `dtype` (as in diffusers).
             **kwargs: Forwarded to diffusers' `from_pretrained` of the base pipeline (e.g. `device_map`).
 
         Returns:
             [`PhasedMoEPipeline`]
         """
+        torch_dtype = _resolve_dtype(dtype, torch_dtype)  # diffusers' FutureWarning for `torch_dtype`
         if kwargs.pop("trust_remote_code", False) or kwargs.pop("custom_pipeline", None) is not None:
             raise ValueError("`trust_remote_code` / `custom_pipeline` are not supported: no remote code is run.")
         if kwargs.pop("use_safetensors", True) is not True:
@@ -429,10 +451,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
         config = ExpertsConfig.load(experts_root)
         index = json.loads((base_root / "model_index.json").read_text())
         class_name = index.get("_class_name")
-        load_kwargs = {"torch_dtype": torch_dtype, "use_safetensors": True, "local_files_only": True, **kwargs}
+        load_kwargs = {"dtype": torch_dtype, "use_safetensors": True, "local_files_only": True, **kwargs}
         if class_name == cls.__name__:
-            pipe = super().from_pretrained(base_root, **load_kwargs)
-            pipe._load_experts(experts_root, config, torch_dtype, full_folder=True)
+            pipe = super().from_pretrained(base_root, variant=variant, **load_kwargs)
+            pipe._load_experts(experts_root, config, torch_dtype, full_folder=True, variant=variant)
             return pipe
         if class_name not in _BASE_PIPELINES:
             raise ValueError(f"The base pipeline must be one of {_BASE_PIPELINES}, {base_root} is a {class_name!r}.")
@@ -454,7 +476,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
             boundary_ratio=base.config.get("boundary_ratio"),
             expand_timesteps=bool(base.config.get("expand_timesteps", False)),
         )
-        pipe._load_experts(experts_root, config, torch_dtype, full_folder=False)
+        pipe._load_experts(experts_root, config, torch_dtype, full_folder=False, variant=variant)
         return pipe
 
     def experts_config(self, base_model: str | None = None, base_revision: str | None = None, method=None):
@@ -479,7 +501,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
         )
 
     @contextlib.contextmanager
-    def _save_transformers_without_adapters(self):
+    def _save_transformers_without_adapters(self, variant: str | None = None):
         # DiffusionPipeline.save_pretrained saves each module with its own `save_pretrained`, which would write a
         # transformer carrying peft layers with `base_layer` / `lora_*` keys. For the duration of the save such a
         # transformer's method is shadowed by one that writes the base weights only (the LoRAs go to `phase_k/`).
@@ -490,7 +512,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 continue
 
             def save(save_directory, safe_serialization=True, max_shard_size=None, _module=module, **kwargs):
-                save_full_expert(_module, save_directory, max_shard_size=max_shard_size or "10GB")
+                save_full_expert(_module, save_directory, max_shard_size=max_shard_size or "10GB", variant=variant)
 
             module.save_pretrained = save
             shadowed.append(module)
@@ -508,6 +530,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
         base_revision: str | None = None,
         method: str | None = None,
         safe_serialization: bool = True,
+        variant: str | None = None,
         **kwargs,
     ):
         """Save the pipeline as an experts-only folder or as a full, self-contained pipeline folder.
@@ -520,6 +543,9 @@ class PhasedMoEPipeline(DiffusionPipeline):
             base_model (`str`, *optional*), base_revision (`str`, *optional*), method (`str`, *optional*): Override
                 the provenance kept in the config; an experts-only folder needs a `base_model`.
             safe_serialization (`bool`): Must be True (safetensors only).
+            variant (`str`, *optional*): Write variant weight files, e.g. `"fp16"`: `*.fp16.safetensors` for the
+                components and `phase_k/pytorch_lora_weights.fp16.safetensors` for LoRA experts, as diffusers names
+                them; load them with `from_pretrained(..., variant="fp16")`.
             **kwargs: Forwarded to `DiffusionPipeline.save_pretrained` for the full form.
         """
         if not safe_serialization:
@@ -537,11 +563,11 @@ class PhasedMoEPipeline(DiffusionPipeline):
         for expert, entry in zip(self.config.experts, config.experts):
             module = getattr(self, entry["base_transformer"])
             if entry["type"] == "lora":
-                save_lora_expert(module, expert["adapter_name"], out / entry["path"])
+                save_lora_expert(module, expert["adapter_name"], out / entry["path"], variant=variant)
             elif entry["type"] == "full" and entry["path"] not in saved_full:
                 saved_full.add(entry["path"])
                 if experts_only:
-                    save_full_expert(module, out / entry["path"])
+                    save_full_expert(module, out / entry["path"], variant=variant)
         if experts_only:
             self.scheduler.save_pretrained(out / "scheduler")
         else:
@@ -550,8 +576,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 {**e, "path": e["base_transformer"]} if e["type"] == "full" else e for e in config.experts
             ]
             config.validate()
-            with self._save_transformers_without_adapters():
-                super().save_pretrained(out, safe_serialization=True, **kwargs)
+            with self._save_transformers_without_adapters(variant):
+                super().save_pretrained(out, safe_serialization=True, variant=variant, **kwargs)
             # The model index describes the experts as loading will name them (LoRA adapters become `phase_k`).
             index = json.loads((out / "model_index.json").read_text())
             index["experts"] = [
@@ -590,6 +616,34 @@ class PhasedMoEPipeline(DiffusionPipeline):
     @property
     def attention_kwargs(self):
         return self._attention_kwargs
+
+    def _guidance_embeds(self) -> bool:
+        """Whether an expert's transformer is guidance-distilled (takes `guidance_scale` as an input)."""
+        slots = {e["base_transformer"] for e in self.config.experts}
+        modules = [getattr(self, slot, None) for slot in slots]
+        return any(getattr(getattr(m, "config", None), "guidance_embeds", False) for m in modules if m is not None)
+
+    def encode_prompt(self, *args, **kwargs):
+        r"""
+        Encode prompts with the family pipeline's own `encode_prompt`: same arguments, same return value.
+
+        - Qwen-Image (`QwenImagePipeline.encode_prompt`): `prompt, device=None, num_images_per_prompt=1,
+          prompt_embeds=None, prompt_embeds_mask=None, max_sequence_length=1024` -> `(prompt_embeds,
+          prompt_embeds_mask)`; the mask is `None` when no token is padding.
+        - Wan2.2 (`WanPipeline.encode_prompt`): `prompt, negative_prompt=None, do_classifier_free_guidance=True,
+          num_videos_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length=226,
+          device=None, dtype=None` -> `(prompt_embeds, negative_prompt_embeds)`.
+
+        Pass the results to `__call__` as `prompt_embeds` (and `prompt_embeds_mask`) and `negative_prompt_embeds`
+        (and `negative_prompt_embeds_mask`) to encode a prompt once and sample many times.
+
+        Example:
+            ```py
+            >>> prompt_embeds, prompt_embeds_mask = pipe.encode_prompt("a red fox in snow")  # Qwen-Image
+            >>> image = pipe(prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask).images[0]
+            ```
+        """
+        return self.family.view(self).encode_prompt(*args, **kwargs)
 
     def check_inputs(
         self,
@@ -646,9 +700,14 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has batch size {batch_size}."
             )
         if negative_prompt_embeds is not None and (
-            prompt_embeds is None or negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]
+            not isinstance(negative_prompt_embeds, torch.Tensor)
+            or negative_prompt_embeds.ndim != 3
+            or negative_prompt_embeds.shape[0] != batch_size
         ):
-            raise ValueError("`negative_prompt_embeds` needs `prompt_embeds` with the same batch size.")
+            raise ValueError(
+                f"`negative_prompt_embeds` must be a tensor of shape (batch, tokens, dim) with the batch size "
+                f"{batch_size} of the prompts."
+            )
         for arg, mask, embeds in (
             ("prompt_embeds_mask", prompt_embeds_mask, prompt_embeds),
             ("negative_prompt_embeds_mask", negative_prompt_embeds_mask, negative_prompt_embeds),
@@ -660,7 +719,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
             if embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2]):
                 raise ValueError(f"`{arg}` must have the shape (batch, tokens) of its embeddings.")
         if family.name == "qwen-image":
-            wrong = {"guidance_scale": guidance_scale, "guidance_scale_2": guidance_scale_2, "image": image}
+            wrong = {"guidance_scale_2": guidance_scale_2, "image": image}
             wrong["num_videos_per_prompt"] = num_videos_per_prompt
         else:
             wrong = {"true_cfg_scale": true_cfg_scale, "num_images_per_prompt": num_images_per_prompt}
@@ -684,6 +743,11 @@ class PhasedMoEPipeline(DiffusionPipeline):
             if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"`{arg}` must be a number >= 0, got {value!r}.")
         slots = {e["base_transformer"] for e in self.config.experts}
+        if family.name == "qwen-image" and guidance_scale is None and self._guidance_embeds():
+            raise ValueError(
+                "`guidance_scale` is required: the transformer is guidance-distilled (`guidance_embeds=True`) and "
+                "takes it as an input."
+            )
         if guidance_scale_2 is not None and "transformer_2" not in slots:
             raise ValueError("`guidance_scale_2` is for experts on `transformer_2`; no expert uses it.")
         if not isinstance(max_sequence_length, int) or not 0 < max_sequence_length <= 1024:
@@ -751,8 +815,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 boundaries).
             true_cfg_scale (`float`, *optional*, defaults to 1.0): Qwen-Image guidance; > 1 with a negative prompt
                 enables it. Distilled experts need none.
-            guidance_scale (`float`, *optional*, defaults to 1.0): Wan guidance for experts on `transformer`; > 1
-                enables it.
+            guidance_scale (`float`, *optional*): Wan: classifier-free guidance for experts on `transformer`
+                (default 1.0; > 1 enables it). Qwen-Image: as in `QwenImagePipeline`, the guidance input of a
+                guidance-distilled transformer (`guidance_embeds=True`, where it is required); ignored with a
+                warning otherwise.
             guidance_scale_2 (`float`, *optional*): Wan guidance for experts on `transformer_2` (defaults to
                 `guidance_scale`).
             num_images_per_prompt (`int`, *optional*): Qwen-Image samples per prompt (default 1).
@@ -844,6 +910,13 @@ class PhasedMoEPipeline(DiffusionPipeline):
             elif scale <= 1 and has_negative:
                 logger.warning("The negative prompt is ignored: classifier-free guidance needs `true_cfg_scale` > 1.")
             phase_scales = [scale if has_negative else 1.0 for _ in expert_slots]
+            # `guidance_scale` is an input of guidance-distilled transformers, as in QwenImagePipeline.
+            if guidance_scale is not None and not self._guidance_embeds():
+                logger.warning(
+                    f"`guidance_scale`={guidance_scale} is ignored: the transformer is not guidance-distilled "
+                    "(`guidance_embeds=False`); use `true_cfg_scale` with a negative prompt for guidance."
+                )
+                guidance_scale = None
         else:
             scale = 1.0 if guidance_scale is None else float(guidance_scale)
             scale_2 = scale if guidance_scale_2 is None else float(guidance_scale_2)
@@ -883,6 +956,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
             self, total, height, width, num_frames, generator, device, family.latents_dtype(cond), latents
         )
         extra_cond = family.size_cond(height, width, num_frames, batch_size)
+        if family.name == "qwen-image" and guidance_scale is not None:
+            extra_cond["guidance"] = torch.full([total], float(guidance_scale), device=device, dtype=torch.float32)
         if image is not None:
             extra_cond.update(family.encode_image(self, image, total, height, width, num_frames, device, generator))
         cond.update(extra_cond)

@@ -121,6 +121,10 @@ class PhasedDMDScheduler(SchedulerMixin, ConfigMixin):
         if use_dynamic_shifting and (base_shift is None or max_shift is None):
             raise ValueError("`use_dynamic_shifting=True` needs numeric `base_shift` and `max_shift`.")
 
+        # The config holds plain lists (as JSON gives them back), so that a saved and loaded scheduler has an equal
+        # config whatever sequence type was passed.
+        self.register_to_config(phase_boundaries=boundaries, steps_per_phase=[int(n) for n in steps])
+
         self.timesteps = None
         self.sigmas = None
         self.num_inference_steps = None
@@ -136,7 +140,10 @@ class PhasedDMDScheduler(SchedulerMixin, ConfigMixin):
         `UniPCMultistepScheduler` flow config of Wan (its `flow_shift` becomes `shift`)."""
         if config is not None:
             config = dict(config)
-            if "flow_shift" in config and "shift" not in config and "shift" not in kwargs:
+            # Only a `flow_shift` the source config set itself: one it took by default would make `shift` look set
+            # here, and a round trip through `UniPCMultistepScheduler` would change `_use_default_values`.
+            flow_shift_set = "flow_shift" in config and "flow_shift" not in config.get("_use_default_values", [])
+            if flow_shift_set and "shift" not in config and "shift" not in kwargs:
                 config["shift"] = config["flow_shift"]
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 

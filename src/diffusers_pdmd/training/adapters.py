@@ -7,7 +7,6 @@ instead of peft's walk over the whole model.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -15,6 +14,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..hub import multiple_adapters
 from ..pipelines.lora_delta import set_active_adapter_
 
 
@@ -46,8 +46,7 @@ def lora_targets(family_name: str) -> list[str]:
 def add_lora(model, adapter_name: str, rank: int, alpha: float, target_modules: Iterable[str]) -> None:
     """Add a LoRA adapter to a diffusers model. Its `B` starts at zero, so the adapted model equals the base."""
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules))
-    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the design here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    with multiple_adapters():  # peft warns on every adapter after the first; several are the design here
         model.add_adapter(config, adapter_name=adapter_name)
 
 

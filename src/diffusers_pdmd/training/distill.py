@@ -810,7 +810,8 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         hub.write_model_card(
             output_dir,
             config,
-            repo_id=repo_id if args.push_to_hub else None,
+            repo_id=args.hub_model_id,  # None: the folder's path, replaced by the real repo id when pushing
+            prompt=val_prompts[0] if val_prompts else None,
             training_figures=figures,
             validation_images=[grid.name] if grid else None,
         )
