@@ -48,7 +48,7 @@ SETTINGS = {
     "qwen": {
         "family": "qwen-image",
         "teacher": {"num_inference_steps": 50, "true_cfg_scale": 4.0, "negative_prompt": NEGATIVE},
-        "family4": {"num_inference_steps": 4},
+        "family4": {"num_inference_steps": 4, "true_cfg_scale": 1.0},
         "size": {"height": 1024, "width": 1024},
         "tiny_size": {"height": 32, "width": 32},
         "experts": [("transformer", "phase0"), ("transformer", "phase1")],
@@ -434,20 +434,47 @@ def render(res: dict) -> str:
     errors = {k: v["error"] for k, v in calls.items() if v and "error" in v}
     if errors:
         lines += ["Errors: " + "; ".join(f"`{k}`: {v}" for k, v in errors.items()), ""]
-    if "memory_modes" in res:
-        mm = res["memory_modes"]
-        rows = [
-            [name, v.get("mode", "-"), v.get("max_abs_diff", "-"), v.get("peak_gib", "-"), v.get("error", "")]
-            for name, v in mm.items()
-        ]
-        lines += [
-            "Memory modes, Qwen-Image with the LoRA experts, batch 1 (image in [0, 1] compared with the plain call's; "
-            "peak = `torch.cuda.max_memory_allocated` over the call):",
+    return "\n".join(lines)
+
+
+def render_memory(res: dict) -> str:
+    env = res["env"]
+    size = res.get("size", {})
+    rows = [
+        [name, v.get("mode", "-"), v.get("max_abs_diff", "-"), v.get("peak_gib", "-"), v.get("error", "")]
+        for name, v in res["memory_modes"].items()
+    ]
+    tiny = " (tiny configs, CPU logic check: not a measurement)" if env.get("tiny") else ""
+    return "\n".join(
+        [
+            f"### Memory modes: Qwen-Image with LoRA experts, {size.get('height')}x{size.get('width')}, batch 1{tiny}",
+            "",
+            f"Device: **{env['device']}** ({gc_.env_line(env)}). Command: `{env['command']}`. Each mode's image "
+            "(`output_type='np'`, values in [0, 1]) against the plain bf16 call's on the device, same seed; peak = "
+            "`torch.cuda.max_memory_allocated` over the call alone (reset after the mode is set up). `expert swap` is "
+            "what `expert_swap_mode='auto'` chose under that mode.",
             "",
             gc_.md_table(["mode", "expert swap", "max abs diff", "peak GiB", "error"], rows),
             "",
         ]
-    return "\n".join(lines)
+    )
+
+
+def sections(res: dict) -> list[tuple[str, str]]:
+    """(doc section name, markdown) for what this run measured: the calls, the memory modes, or both."""
+    out = []
+    if res.get("calls"):
+        out.append((f"{NAME}_{res['model']}", render(res)))
+    if res.get("memory_modes"):
+        out.append(("gpu_memory_modes", render_memory(res)))
+    return out
+
+
+def publish(args, res: dict, write: bool) -> None:
+    for name, markdown in sections(res):
+        print(markdown)
+        if write:
+            gc_.write_section(args.doc, name, markdown)
 
 
 def main():
@@ -468,11 +495,12 @@ def main():
     args = parser.parse_args()
     if args.compile_backend is None:
         args.compile_backend = "inductor" if torch.cuda.is_available() else "eager"
-    name = f"{NAME}_{args.model}"
-    if gc_.maybe_from_json(args, name, render):
+    if args.from_json:
+        publish(args, gc_.load_json(args.from_json), write=True)
         return
     res = run_all(args)
-    gc_.finish(args, name, res, render)
+    gc_.save_json(args.out, res)
+    publish(args, res, write=bool(args.doc) and not args.tiny)
 
 
 if __name__ == "__main__":
