@@ -238,7 +238,14 @@ class ExpertSwitcher:
         self._merged: dict[int, object] = {}
         self._unwrapped: dict[int, object] = {}
         if self.mode in ("resident", "delta"):
-            self._merge_experts()
+            try:
+                self._merge_experts()
+            except torch.OutOfMemoryError:
+                self.release()
+                if not (mode == "auto" and self.mode == "resident"):
+                    raise
+                self.mode, self.mode_reason = "delta", f"{self.mode_reason}, but the copies ran out of memory"
+                self._merge_experts()
 
     def _merge_experts(self) -> None:
         from .lora_delta import DeltaExperts, ResidentExperts, UnwrappedLayers, lora_linear_layers
