@@ -433,15 +433,20 @@ def render(res: dict) -> str:
     lines += [gc_.md_table(header, rows), ""]
     errors = {k: v["error"] for k, v in calls.items() if v and "error" in v}
     if errors:
-        lines += ["Errors: " + "; ".join(f"`{k}`: {v}" for k, v in errors.items()), ""]
+        lines += ["Errors: " + "; ".join(f"`{k}`: {_short(v)}" for k, v in errors.items()), ""]
     return "\n".join(lines)
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def render_memory(res: dict) -> str:
     env = res["env"]
     size = res.get("size", {})
     rows = [
-        [name, v.get("mode", "-"), v.get("max_abs_diff", "-"), v.get("peak_gib", "-"), v.get("error", "")]
+        [name, v.get("mode", "-"), v.get("max_abs_diff", "-"), v.get("peak_gib", "-"), _short(v.get("error", ""))]
         for name, v in res["memory_modes"].items()
     ]
     tiny = " (tiny configs, CPU logic check: not a measurement)" if env.get("tiny") else ""
@@ -479,7 +484,7 @@ def publish(args, res: dict, write: bool) -> None:
 
 def main():
     parser = gc_.base_parser(__doc__.splitlines()[0])
-    parser.set_defaults(reps=3)
+    parser.set_defaults(reps=None)
     parser.add_argument("--model", choices=tuple(SETTINGS), default="qwen")
     parser.add_argument("--base", default=None, help="saved family pipeline folder (default: built in memory)")
     parser.add_argument("--experts", default=None, help="experts folder (default: random LoRAs, fabricated)")
@@ -493,6 +498,8 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], help="skip measurements whose key contains any of these")
     parser.add_argument("--memory_modes", action="store_true", help="also offloading / casting / to() (Qwen-Image)")
     args = parser.parse_args()
+    if args.reps is None:
+        args.reps = 1 if args.tiny else 3
     if args.compile_backend is None:
         args.compile_backend = "inductor" if torch.cuda.is_available() else "eager"
     if args.from_json:
