@@ -13,7 +13,12 @@ def pipes():
     return {name: tiny.build_pipeline(name) for name in FAMILIES}
 
 
-SIZES = {"qwen-image": (32, 32, None), "wan2.2-t2v-a14b": (16, 16, 5), "wan2.2-ti2v-5b": (32, 32, 5)}
+SIZES = {
+    "qwen-image": (32, 32, None),
+    "wan2.2-t2v-a14b": (16, 16, 5),
+    "wan2.2-i2v-a14b": (16, 16, 5),
+    "wan2.2-ti2v-5b": (32, 32, 5),
+}
 
 
 def test_get_family_by_name_and_unknown():
@@ -117,6 +122,8 @@ def test_velocity_shape_convention_and_per_sample_sigma(pipes, name):
     assert tuple(x.shape) == family.latent_shape(pipe, 2, h, w, f)
     cond = family.encode_prompt(pipe, ["a cat", "a dog"], "cpu", max_sequence_length=32)
     cond.update(family.size_cond(h, w, f, batch_size=2))
+    if family.image_concat:
+        cond.update(family.encode_image(pipe, torch.rand(1, 3, h, w) * 2 - 1, 2, h, w, f, "cpu"))
     sigma = torch.tensor([0.9, 0.3])
     model = _Recorder(pipe.transformer)
     v = family.velocity(model, x, sigma, cond)
@@ -124,7 +131,7 @@ def test_velocity_shape_convention_and_per_sample_sigma(pipes, name):
     t = model.timesteps[0]
     if name == "qwen-image":
         torch.testing.assert_close(t, sigma)  # Qwen-Image takes sigma
-    elif name == "wan2.2-t2v-a14b":
+    elif name in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b"):
         torch.testing.assert_close(t, sigma * 1000)  # Wan takes 1000 * sigma
     else:
         assert t.shape == (2, x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2))  # one timestep per token
@@ -154,7 +161,7 @@ def test_ti2v_image_condition_zeroes_first_frame_timesteps(pipes):
     conditioned = family.apply_condition(x, cond)
     torch.testing.assert_close(conditioned[:, :, :1], cond["condition"])
     torch.testing.assert_close(conditioned[:, :, 1:], x[:, :, 1:])
-    with pytest.raises(ValueError, match="expand_timesteps"):
+    with pytest.raises(ValueError, match="image-to-video family"):
         get_family(pipes["wan2.2-t2v-a14b"]).encode_image(pipes["wan2.2-t2v-a14b"], image, 1, 16, 16, 5, "cpu")
 
 
@@ -167,3 +174,35 @@ def test_qwen_velocity_needs_img_shapes_for_non_square(pipes):
         family.velocity(pipe.transformer, x, torch.tensor([0.5]), cond)
     v = family.velocity(pipe.transformer, x, torch.tensor([0.5]), {**cond, **family.size_cond(32, 64)})
     assert v.shape == x.shape
+
+
+def test_i2v_a14b_matches_wan_image_to_video_pipeline():
+    """The family's conditioning (mask + image latents concatenated to the input) and routing are the diffusers
+    pipeline's: a PhasedMoEPipeline with the teacher's own transformers gives WanImageToVideoPipeline's latents."""
+    from PIL import Image
+
+    from diffusers_pdmd import PhasedDMDScheduler, PhasedMoEPipeline
+
+    base = tiny.build_pipeline("wan2.2-i2v-a14b")
+    assert get_family(base).name == "wan2.2-i2v-a14b" and get_family(base).teacher_transformer_for_sigma(0.89) == (
+        "transformer_2"
+    )
+    # At exactly a boundary WanImageToVideoPipeline uses the high-noise transformer and a phase starts: keep off it.
+    scheduler = PhasedDMDScheduler.from_config(base.scheduler.config, phase_boundaries=[0.89], steps_per_phase=[2, 2])
+    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "tokenizer", "transformer", "transformer_2")}
+    pipe = PhasedMoEPipeline(scheduler=scheduler, **parts, boundary_ratio=0.9)
+    image = Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    embeds = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(1))
+    kwargs = {"prompt_embeds": embeds, "image": image, "height": 16, "width": 16, "num_frames": 5}
+    ours = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    base.scheduler = PhasedDMDScheduler.from_config(scheduler.config)
+    theirs = base(
+        **kwargs,
+        guidance_scale=1.0,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).frames
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="`image`"):
+        pipe(prompt_embeds=embeds, height=16, width=16, num_frames=5)

@@ -340,3 +340,33 @@ def test_push_puts_the_repo_id_into_a_card_written_before_the_repo_existed(tmp_p
     hub.push_experts_to_hub(tmp_path / "experts", "experts")  # no namespace: the Hub puts it in the user's
     text = (tmp_path / "experts" / "README.md").read_text()
     assert 'from_pretrained("me/experts"' in text and str(tmp_path) not in text
+
+
+def test_base_model_reference(tmp_path, offline_cache, caplog):
+    sha = "c" * 40
+    put_in_hub_cache(offline_cache, "org/base", tiny.save_pipeline("qwen-image", tmp_path / "base"), sha)
+    snapshot = offline_cache / "models--org--base" / "snapshots" / sha
+    assert hub.base_model_reference(str(snapshot)) == ("org/base", sha)  # a Hub cache snapshot: id and commit
+    assert hub.base_model_reference(str(snapshot), "main") == ("org/base", "main")
+    assert hub.base_model_reference("org/base", "v1") == ("org/base", "v1")
+    assert hub.base_model_reference(str(tmp_path / "base"), None, "org/named") == ("org/named", None)
+    with caplog.at_level(logging.WARNING):
+        assert hub.base_model_reference(str(tmp_path / "base")) == (str((tmp_path / "base").resolve()), None)
+    assert "--base_model_id" in caplog.text
+    with pytest.raises(ValueError, match="--base_model_id"):
+        hub.base_model_reference(str(tmp_path / "base"), None, "not a repo id!")
+
+
+def test_unresolvable_base_model_says_how_to_pass_the_base(tmp_path, offline_cache):
+    base = tiny.save_pipeline("qwen-image", tmp_path / "base")
+    pipe = _qwen_experts_pipeline("/nowhere/on/this/machine/base")
+    pipe.save_pretrained(tmp_path / "experts", experts_only=True)
+    with pytest.raises(ValueError, match=r"`base_model` '/nowhere.*phased_dmd_config.json.*experts="):
+        PhasedMoEPipeline.from_pretrained(tmp_path / "experts")
+    config = json.loads((tmp_path / "experts" / "phased_dmd_config.json").read_text())
+    (tmp_path / "experts" / "phased_dmd_config.json").write_text(json.dumps({**config, "base_model": "org/absent"}))
+    with pytest.raises(ValueError, match=r"`base_model` 'org/absent'.*cannot be resolved.*experts="):
+        PhasedMoEPipeline.from_pretrained(tmp_path / "experts")
+    # The way the message gives works.
+    loaded = PhasedMoEPipeline.from_pretrained(base, experts=tmp_path / "experts")
+    np.testing.assert_allclose(_images(loaded), _images(pipe), atol=1e-6, rtol=0)

@@ -501,7 +501,7 @@ BAD_INPUTS = [
     ("wan2.2-ti2v-5b", None, {"image": "cat.png"}, "`image` must be a PIL image"),
     ("wan2.2-ti2v-5b", None, {"num_videos_per_prompt": 0}, "`num_videos_per_prompt` must be a positive int"),
     ("wan2.2-ti2v-5b", None, {"num_images_per_prompt": 2}, "`num_images_per_prompt` is not an argument"),
-    ("wan2.2-ti2v-5b", None, {"sigmas": [1.0, 0.5]}, "phase boundary"),
+    ("wan2.2-ti2v-5b", None, {"sigmas": [1.0, 0.5, 0.7]}, "strictly decreasing"),
 ]
 
 

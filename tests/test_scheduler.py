@@ -104,10 +104,49 @@ def test_explicit_sigmas():
     scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5000001, 0.2])
     assert scheduler.sigmas[2].item() == 0.5
     assert [scheduler.phase_index(t) for t in scheduler.timesteps] == [0, 0, 1, 1]
-    with pytest.raises(ValueError, match="boundary"):
-        scheduler.set_timesteps(sigmas=[1.0, 0.6, 0.2])
     with pytest.raises(ValueError, match="decreasing"):
         scheduler.set_timesteps(sigmas=[1.0, 0.5, 0.7])
+
+
+def test_explicit_sigmas_with_off_grid_boundary_route_like_wan():
+    # Wan2.2-Lightning A14B: 4 Euler steps on shift-5 sigmas, high-noise model while t >= 875 (WanPipeline's rule).
+    authors = [1.0, 0.9375, 5 / 6, 0.625]
+    scheduler = PhasedDMDScheduler(phase_boundaries=[0.875], steps_per_phase=[2, 2])
+    scheduler.set_timesteps(sigmas=authors)
+    torch.testing.assert_close(scheduler.sigmas, torch.tensor([*authors, 0.0]))
+    wan_rule = [0 if float(t) >= 875 else 1 for t in scheduler.timesteps]
+    assert [scheduler.phase_index(t) for t in scheduler.timesteps] == wan_rule == [0, 0, 1, 1]
+    # A threshold with no step in one of its phases is allowed: that expert is simply not used.
+    scheduler.set_timesteps(sigmas=[0.8, 0.5, 0.2])
+    assert [scheduler.phase_index(t) for t in scheduler.timesteps] == [1, 1, 1]
+
+
+def test_same_grid_on_or_off_grid_boundary():
+    # phase_boundaries=[5/6] with shift 5 makes the authors' grid itself, the boundary being its third sigma.
+    ours = PhasedDMDScheduler(phase_boundaries=[5 / 6], steps_per_phase=[2, 2], shift=5.0)
+    torch.testing.assert_close(ours.sigmas, torch.tensor([1.0, 0.9375, 5 / 6, 0.625, 0.0]))
+    routed = PhasedDMDScheduler(phase_boundaries=[0.875], steps_per_phase=[2, 2])
+    routed.set_timesteps(sigmas=ours.sigmas.tolist())
+    phases = [[s.phase_index(t) for t in s.timesteps] for s in (ours, routed)]
+    assert phases[0] == phases[1] == [0, 0, 1, 1]
+
+
+def test_phase_index_at_a_boundary_is_the_phase_it_starts():
+    scheduler = PhasedDMDScheduler(phase_boundaries=[0.75, 0.25], steps_per_phase=[1, 1, 1])
+    # On the scheduler's own grid each phase starts on its boundary ...
+    assert scheduler.sigmas[:3].tolist() == [1.0, 0.75, 0.25]
+    assert [scheduler.phase_index(t) for t in scheduler.timesteps] == [0, 1, 2]
+    # ... and explicit sigmas landing on a boundary give the same answer as the sigma-based query.
+    scheduler.set_timesteps(sigmas=[0.9, 0.75, 0.5, 0.25, 0.1])
+    assert [scheduler.phase_index(t) for t in scheduler.timesteps] == [0, 1, 1, 2, 2]
+    assert [scheduler.phase_index_for_sigma(s) for s in (1.0, 0.75, 0.7500001, 0.7501, 0.25, 0.0)] == [
+        0,
+        1,
+        1,
+        0,
+        2,
+        2,
+    ]
 
 
 def test_euler_step_integrates_constant_velocity():

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 
-FAMILIES = ("qwen-image", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b")
+FAMILIES = ("qwen-image", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")
 TRANSFORMER_SLOTS = ("transformer", "transformer_2")
 _COMPONENT_NAMES = ("scheduler", "vae", "text_encoder", "tokenizer") + TRANSFORMER_SLOTS
 
@@ -70,6 +70,7 @@ class Family:
     default_output_type: str = "np"
     output_types: tuple[str, ...] = ("np", "pt", "pil", "latent")
     is_video: bool = False
+    image_concat: bool = False
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -338,10 +339,13 @@ class WanFamily(Family):
     """Wan2.2 (`WanPipeline`): video latents `(B, C, F, h, w)`, timestep = `1000 * sigma`, plain CFG.
 
     Args:
-        name (`str`): `"wan2.2-t2v-a14b"` or `"wan2.2-ti2v-5b"`.
+        name (`str`): `"wan2.2-t2v-a14b"`, `"wan2.2-i2v-a14b"` or `"wan2.2-ti2v-5b"`.
         boundary_ratio (`float`, *optional*): Teacher switch from `transformer` (high noise, `sigma >= ratio`) to
             `transformer_2`; `None` for a single transformer.
         expand_timesteps (`bool`): Per-token timesteps (TI2V-5B), 0 on image-conditioned first-frame tokens.
+        image_concat (`bool`): I2V-A14B: the transformer's input is the noisy latents concatenated (on channels)
+            with a first-frame mask and the image latents, as `WanImageToVideoPipeline` builds it; `image` is
+            required.
         vae_scale_factor_spatial (`int`), vae_scale_factor_temporal (`int`), patch_size (`tuple[int, int, int]`):
             Geometry of the VAE and transformer; height and width must be multiples of spatial factor x patch.
     """
@@ -357,10 +361,12 @@ class WanFamily(Family):
         vae_scale_factor_spatial: int = 8,
         vae_scale_factor_temporal: int = 4,
         patch_size: tuple[int, int, int] = (1, 2, 2),
+        image_concat: bool = False,
     ):
         self.name = name
         self.boundary_ratio = boundary_ratio
         self.expand_timesteps = expand_timesteps
+        self.image_concat = image_concat
         self.vae_scale_factor_spatial = vae_scale_factor_spatial
         self.vae_scale_factor_temporal = vae_scale_factor_temporal
         self.patch_size = tuple(patch_size)
@@ -442,14 +448,18 @@ class WanFamily(Family):
         frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         return frames, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
 
+    def _latent_channels(self, components) -> int:
+        config = _any_transformer(components).config
+        # I2V-A14B's transformer also reads the mask and image latents: it denoises `out_channels` of them.
+        return config.out_channels if self.image_concat else config.in_channels
+
     def latent_shape(self, components, batch_size, height, width, num_frames=None):
-        channels = _any_transformer(components).config.in_channels
-        return (batch_size, channels, *self._latent_grid(height, width, num_frames))
+        return (batch_size, self._latent_channels(components), *self._latent_grid(height, width, num_frames))
 
     def prepare_latents(
         self, components, batch_size, height, width, num_frames, generator, device, dtype, latents=None
     ):
-        channels = _any_transformer(components).config.in_channels
+        channels = self._latent_channels(components)
         return self.view(components).prepare_latents(
             batch_size, channels, height, width, num_frames, dtype, device, generator, latents
         )
@@ -457,7 +467,8 @@ class WanFamily(Family):
     def encode_image(
         self, components, image, batch_size: int, height: int, width: int, num_frames: int, device, generator=None
     ) -> dict:
-        """First-frame conditioning of TI2V (`expand_timesteps`), as `WanImageToVideoPipeline` computes it.
+        """First-frame conditioning of TI2V (`expand_timesteps`) or I2V-A14B (`image_concat`), as
+        `WanImageToVideoPipeline` computes it.
 
         Args:
             components: A dict of modules or a pipeline holding `vae` and a transformer.
@@ -469,16 +480,20 @@ class WanFamily(Family):
                 generator, as the diffusers pipeline does); the VAE mode is used, no noise is drawn.
 
         Returns:
-            `dict` with `condition` (normalised image latents, `(B, C, 1, h, w)`) and `first_frame_mask`
-            (`(1, 1, F, h, w)`, 0 on the first latent frame) to merge into `cond`.
+            `dict` to merge into `cond`. TI2V: `condition` (normalised image latents, `(B, C, 1, h, w)`) and
+            `first_frame_mask` (`(1, 1, F, h, w)`, 0 on the first latent frame). I2V-A14B: `concat_condition`
+            (`(B, 4 + C, F, h, w)`: the first-frame mask and the latents of the image followed by zeros),
+            concatenated to the noisy latents at every transformer call.
         """
-        if not self.expand_timesteps:
-            raise ValueError(f"`image` conditioning needs a family with `expand_timesteps` (TI2V); got {self.name}.")
+        if not (self.expand_timesteps or self.image_concat):
+            raise ValueError(
+                f"`image` conditioning needs an image-to-video family (wan2.2-i2v-a14b, wan2.2-ti2v-5b); got {self.name}."
+            )
         view = self.image_view(components)
         pixels = view.video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
         # Noise is drawn by `prepare_latents`; a placeholder keeps WanImageToVideoPipeline from drawing its own.
         placeholder = torch.empty(self.latent_shape(components, batch_size, height, width, num_frames), device=device)
-        _, condition, first_frame_mask = view.prepare_latents(
+        outputs = view.prepare_latents(
             pixels,
             batch_size,
             view.vae.config.z_dim,
@@ -490,6 +505,9 @@ class WanFamily(Family):
             generator,
             placeholder,
         )
+        if self.image_concat:
+            return {"concat_condition": outputs[1]}
+        _, condition, first_frame_mask = outputs
         return {"condition": condition, "first_frame_mask": first_frame_mask}
 
     def velocity(self, transformer, x_t, sigma, cond, **extra):
@@ -500,6 +518,10 @@ class WanFamily(Family):
         t = (sigma * num_train_timesteps).to(device=x_t.device, dtype=torch.float32)
         mask = cond.get("first_frame_mask")
         x_in = x_t if mask is None else (1 - mask) * cond["condition"] + mask * x_t
+        if self.image_concat:
+            if cond.get("concat_condition") is None:
+                raise ValueError(f"{self.name} needs an `image`: merge `family.encode_image(...)` into `cond`.")
+            x_in = torch.cat([x_in, cond["concat_condition"].to(x_in.dtype)], dim=1)
         x_in = x_in.to(transformer.dtype)
         if self.expand_timesteps:
             _, p_h, p_w = transformer.config.patch_size
@@ -566,6 +588,8 @@ def _infer_name(components, config: dict) -> str:
         if config.get("expand_timesteps"):
             return "wan2.2-ti2v-5b"
         if _get(components, "transformer_2") is not None or config.get("boundary_ratio") is not None:
+            if transformer.config.in_channels != transformer.config.out_channels:
+                return "wan2.2-i2v-a14b"  # image latents and mask concatenated to the input
             return "wan2.2-t2v-a14b"
         raise ValueError(
             "A single-transformer Wan pipeline without `expand_timesteps` (Wan2.1) is not a supported family; "
@@ -581,10 +605,11 @@ def _make(name: str, components=None, config: dict | None = None) -> Family:
     vae = _get(components, "vae") if components is not None else None
     if name == "qwen-image":
         return QwenImageFamily(vae_scale_factor=2 ** len(vae.temperal_downsample) if vae is not None else 8)
-    ti2v = name == "wan2.2-ti2v-5b"
-    boundary_ratio = config.get("boundary_ratio", None if ti2v else 0.875)
+    ti2v, i2v = name == "wan2.2-ti2v-5b", name == "wan2.2-i2v-a14b"
+    default_ratio = None if ti2v else (0.9 if i2v else 0.875)  # the released A14B models' switches
+    boundary_ratio = config.get("boundary_ratio", default_ratio)
     if not ti2v and boundary_ratio is None:
-        boundary_ratio = 0.875
+        boundary_ratio = default_ratio
     patch_size = (1, 2, 2)
     if components is not None and any(_get(components, slot) is not None for slot in TRANSFORMER_SLOTS):
         patch_size = tuple(_any_transformer(components).config.patch_size)
@@ -595,6 +620,7 @@ def _make(name: str, components=None, config: dict | None = None) -> Family:
         vae_scale_factor_spatial=vae.config.scale_factor_spatial if vae is not None else (16 if ti2v else 8),
         vae_scale_factor_temporal=vae.config.scale_factor_temporal if vae is not None else 4,
         patch_size=patch_size,
+        image_concat=i2v,
     )
 
 

@@ -359,11 +359,13 @@ def resolve_repo(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> pathlib.Path:
     """Local folder of a repository: a local directory as it is, otherwise a Hub snapshot.
 
     Hub repositories go through `huggingface_hub.snapshot_download`, which uses the cache (`cache_dir`, or
-    `HF_HUB_CACHE`) and, offline (`local_files_only=True` or `HF_HUB_OFFLINE=1`), only the cache.
+    `HF_HUB_CACHE`) and, offline (`local_files_only=True` or `HF_HUB_OFFLINE=1`), only the cache. `allow_patterns`
+    limits the download (e.g. to one subfolder of a repository holding several releases).
 
     Raises:
         `ValueError`: Neither an existing directory nor a valid repo id.
@@ -389,9 +391,56 @@ def resolve_repo(
     if cache_dir is None and os.environ.get("HF_HUB_CACHE"):
         cache_dir = os.environ["HF_HUB_CACHE"]
     folder = snapshot_download(
-        repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=bool(local_files_only)
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=bool(local_files_only),
+        allow_patterns=allow_patterns,
     )
     return pathlib.Path(folder)
+
+
+def base_model_reference(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, base_model_id: str | None = None
+) -> tuple[str, str | None]:
+    """What `phased_dmd_config.json` records as `base_model` / `base_revision` for a base loaded from here.
+
+    A Hub repo id is kept. A local Hub cache snapshot (`.../models--org--name/snapshots/<commit>`) gives
+    `("org/name", "<commit>")`, so the experts resolve on any machine. `base_model_id` (a repo id) names the base of
+    another local folder (its `revision` is kept). Otherwise the absolute local path is recorded, with a warning:
+    such experts load only where that folder exists (elsewhere, pass the base with `experts=`).
+
+    Raises:
+        `ValueError`: `base_model_id` is not a valid Hub repo id.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if base_model_id is not None:
+        try:
+            validate_repo_id(base_model_id)
+        except HFValidationError as err:
+            raise ValueError(f"`--base_model_id` must be a Hub repo id (org/name), got {base_model_id!r}.") from err
+    path = pathlib.Path(path_or_repo_id)
+    if not path.is_dir():
+        return base_model_id or str(path_or_repo_id), revision
+    path = path.resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots" and i + 2 == len(parts) - 1:
+            repo_id = parts[i].removeprefix("models--").replace("--", "/")
+            if base_model_id is None or base_model_id == repo_id:
+                return repo_id, revision or parts[i + 2]
+    if base_model_id is not None:
+        return base_model_id, revision
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "The experts name their base by the local path %s, which other machines do not have; pass "
+        "`--base_model_id org/name` (the Hub repo of this base) to make them portable.",
+        path,
+    )
+    return str(path), revision
 
 
 _USAGE_IMAGE = """```python

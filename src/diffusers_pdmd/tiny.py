@@ -1,6 +1,6 @@
 """Tiny random-weight diffusers pipelines for fast, offline tests.
 
-Three families are supported, each saved in the standard diffusers folder layout (``model_index.json`` plus one
+Four families are supported, each saved in the standard diffusers folder layout (``model_index.json`` plus one
 sub-folder per component, weights as safetensors), so that ``QwenImagePipeline.from_pretrained(folder)`` /
 ``WanPipeline.from_pretrained(folder)`` load them without any network access:
 
@@ -18,6 +18,11 @@ sub-folder per component, weights as safetensors), so that ``QwenImagePipeline.f
     spatial factor 8, temporal factor 4. Text encoder: ``UMT5EncoderModel`` (the class of the real Wan2.2
     checkpoints, the type ``WanPipeline`` expects), 2 layers, d_model 32, 4 heads, vocab 448. Scheduler:
     ``UniPCMultistepScheduler`` (flow prediction, ``flow_shift=12.0``).
+``wan2.2-i2v-a14b``
+    ``WanImageToVideoPipeline`` shaped like ``wan2.2-t2v-a14b``, except that each transformer reads 36 channels (16
+    noisy latent channels, a 4-channel first-frame mask and 16 image-latent channels, concatenated) and writes 16,
+    ``boundary_ratio=0.9``, UniPC ``flow_shift=5.0``, and no image encoder (as the real Wan2.2 I2V-A14B). The
+    ``image`` argument is required.
 ``wan2.2-ti2v-5b``
     ``WanPipeline`` with one transformer (48 latent channels, otherwise as above) and ``expand_timesteps=True``.
     VAE shaped like the Wan2.2 VAE: ``z_dim=48``, ``patch_size=2``, residual blocks, spatial factor 16, temporal 4,
@@ -53,7 +58,7 @@ import pathlib
 from typing import Any
 
 
-FAMILIES = ("qwen-image", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b")
+FAMILIES = ("qwen-image", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")
 
 # Words of QwenImagePipeline's prompt template, as the Qwen pre-tokenizer splits them (a leading space is kept).
 _QWEN_TEMPLATE_WORDS = (
@@ -280,7 +285,7 @@ def _wan_components(family: str, seed: int, transformer_kwargs: dict, vae_kwargs
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    ti2v = family == "wan2.2-ti2v-5b"
+    ti2v, i2v = family == "wan2.2-ti2v-5b", family == "wan2.2-i2v-a14b"
     tokenizer = _t5_tokenizer()
     text_encoder_config = UMT5Config(
         vocab_size=_round_up(len(tokenizer)),
@@ -302,7 +307,8 @@ def _wan_components(family: str, seed: int, transformer_kwargs: dict, vae_kwargs
         "patch_size": (1, 2, 2),
         "num_attention_heads": 2,
         "attention_head_dim": 12,
-        "in_channels": latent_channels,
+        # I2V-A14B: noisy latents + 4 mask channels (one per frame of a temporal group) + image latents.
+        "in_channels": 2 * latent_channels + 4 if i2v else latent_channels,
         "out_channels": latent_channels,
         "text_dim": text_encoder_config.d_model,
         "freq_dim": 256,
@@ -331,7 +337,7 @@ def _wan_components(family: str, seed: int, transformer_kwargs: dict, vae_kwargs
         "text_encoder": _seeded(seed + 2, UMT5EncoderModel, text_encoder_config).eval(),
         "tokenizer": tokenizer,
         "scheduler": UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if ti2v else 12.0
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if ti2v or i2v else 12.0
         ),
     }
     if ti2v:
@@ -339,9 +345,11 @@ def _wan_components(family: str, seed: int, transformer_kwargs: dict, vae_kwargs
     else:
         components.update(
             transformer_2=_seeded(seed + 3, WanTransformer3DModel, **transformer_config),
-            boundary_ratio=0.875,
+            boundary_ratio=0.9 if i2v else 0.875,
             expand_timesteps=False,
         )
+        if i2v:
+            components.update(image_encoder=None, image_processor=None)
     return components
 
 
@@ -376,11 +384,14 @@ def build_components(
 
 
 def pipeline_class(family: str):
-    """Returns the diffusers pipeline class of a family: `QwenImagePipeline` or `WanPipeline`."""
+    """Returns the diffusers pipeline class of a family: `QwenImagePipeline`, `WanImageToVideoPipeline`
+    (``wan2.2-i2v-a14b``) or `WanPipeline`."""
     _check_family(family)
     import diffusers
 
-    return diffusers.QwenImagePipeline if family == "qwen-image" else diffusers.WanPipeline
+    if family == "qwen-image":
+        return diffusers.QwenImagePipeline
+    return diffusers.WanImageToVideoPipeline if family == "wan2.2-i2v-a14b" else diffusers.WanPipeline
 
 
 def build_pipeline(family: str, seed: int = 0, **kwargs):

@@ -41,7 +41,8 @@ def lora_linear_layers(module: torch.nn.Module, adapter_names: Sequence[str] | N
 
     Raises:
         ValueError: If a layer holds an adapter of `adapter_names` as a LoRA variant (DoRA, ...), which has no
-            plain `B @ A` delta, or if no layer matches.
+            plain `B @ A` delta, or with a LoRA bias (`lora_B.bias`, e.g. the `.diff_b` keys of extracted LoRAs),
+            which the merged modes do not carry, or if no layer matches.
     """
     layers = []
     for layer in module.modules():
@@ -52,6 +53,9 @@ def lora_linear_layers(module: torch.nn.Module, adapter_names: Sequence[str] | N
         variants = set(layer.lora_variant) & set(adapter_names or layer.lora_A.keys())
         if variants:
             raise ValueError(f"Adapters {sorted(variants)} are LoRA variants (e.g. DoRA): no plain B @ A delta.")
+        biased = sorted(a for a in adapter_names or layer.lora_A.keys() if getattr(layer, "lora_bias", {}).get(a))
+        if biased:
+            raise ValueError(f"Adapters {biased} carry a LoRA bias (`.diff_b`): not merged, use the adapter mode.")
         layers.append(layer)
     if not layers:
         raise ValueError(f"`module` has no peft LoRA Linear layer holding adapters {adapter_names}.")

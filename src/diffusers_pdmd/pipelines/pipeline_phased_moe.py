@@ -32,11 +32,13 @@ from ..hub import (
     CONFIG_NAME,
     ExpertsConfig,
     load_full_expert,
-    load_lora_expert,
+    lora_weight_name,
     resolve_repo,
     save_full_expert,
     save_lora_expert,
 )
+from ..released import LAYOUTS, PRESETS, WAN_MOE_FILES, detect_layout, find_preset
+from ..released import load_lora as load_released_lora
 from ..schedulers import PhasedDMDScheduler
 from .expert_swap import ExpertSwitcher
 
@@ -93,6 +95,39 @@ def _default_experts(family: Family, scheduler) -> list[dict]:
         }
         for k in range(len(edges) - 1)
     ]
+
+
+def _resolve_experts(experts, revision, subfolder, hub: dict) -> pathlib.Path:
+    """Local path of `experts=`: a local file or folder as it is, otherwise a Hub snapshot (only `subfolder`)."""
+    path = pathlib.Path(experts)
+    if path.is_file() or path.is_dir():
+        return path / subfolder if subfolder else path
+    patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
+    root = resolve_repo(experts, revision, allow_patterns=patterns, **hub)
+    return root / subfolder if subfolder else root
+
+
+def _resolve_base(root: pathlib.Path, config: ExpertsConfig, hub: dict) -> pathlib.Path:
+    """The base pipeline an experts-only folder names, or a `ValueError` that says how to pass it explicitly."""
+    how = (
+        f"pass the base explicitly: `PhasedMoEPipeline.from_pretrained(BASE_PIPELINE, experts={str(root)!r})`, or "
+        f"set `base_model` in {root / CONFIG_NAME} to a Hub repo id."
+    )
+    if config.base_model is None:
+        raise ValueError(f"{root / CONFIG_NAME} has no `base_model` to load the experts onto; {how}")
+    looks_local = os.path.isabs(config.base_model) or config.base_model.startswith((".", "~"))
+    if looks_local and not os.path.isdir(config.base_model):
+        raise ValueError(
+            f"`base_model` {config.base_model!r} in {root / CONFIG_NAME} is a local folder that does not exist on "
+            f"this machine (the experts were trained elsewhere); {how}"
+        )
+    try:
+        return resolve_repo(config.base_model, config.base_revision, **hub)
+    except Exception as err:  # offline and not cached, unknown repo, no access: all need the same fix
+        raise ValueError(
+            f"`base_model` {config.base_model!r} (revision {config.base_revision!r}) in {root / CONFIG_NAME} cannot "
+            f"be resolved ({type(err).__name__}: {err}); {how}"
+        ) from err
 
 
 def _has_adapters(module) -> bool:
@@ -346,7 +381,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 if module is None:
                     raise ValueError(f"`experts[{k}]` is a LoRA on `{slot}`, which the base pipeline does not have.")
                 adapter = f"phase_{k}"
-                load_lora_expert(module, root / path, adapter_name=adapter, variant=variant)
+                file = root / path / lora_weight_name(variant) if (root / path).is_dir() else root / path
+                if not file.is_file():
+                    raise ValueError(f"`experts[{k}]`: no LoRA weights at {file}.")
+                load_released_lora(self.config.family, module, file, adapter)
                 experts.append({"base_transformer": slot, "adapter_name": adapter, "type": "lora"})
                 continue
             # A full expert takes its slot; in a full pipeline folder it is the component folder itself.
@@ -382,6 +420,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
         local_files_only: bool | None = None,
         token: str | bool | None = None,
         experts_revision: str | None = None,
+        experts_subfolder: str | None = None,
+        experts_format: str | None = None,
         variant: str | None = None,
         torch_dtype: torch.dtype | None = None,
         **kwargs,
@@ -393,26 +433,36 @@ class PhasedMoEPipeline(DiffusionPipeline):
         - an experts-only repository (`phased_dmd_config.json` without `model_index.json`): its base model is
           resolved from the config's `base_model` / `base_revision` and loaded with diffusers;
         - a full Phased DMD pipeline folder (both files), self-contained;
-        - a base `QwenImagePipeline` / `WanPipeline` repository, with `experts=` naming an experts-only repository.
+        - a base `QwenImagePipeline` / `WanPipeline` / `WanImageToVideoPipeline` repository, with `experts=` naming
+          experts in any layout of `diffusers_pdmd.released.LAYOUTS`: an experts-only repository written here,
+          Wan2.2 A14B's `high_noise_model.safetensors` + `low_noise_model.safetensors` (Wan2.2-Lightning), one
+          LoRA file for every phase (Qwen-Image-Lightning), or a fully fine-tuned transformer folder. LoRA files
+          are read with the family pipeline's own `lora_state_dict` converters. A known release gets its authors'
+          sampler from `diffusers_pdmd.released.PRESETS`; for others pass `scheduler=` (a `PhasedDMDScheduler`).
 
         Hub repositories are resolved with `huggingface_hub.snapshot_download` (honouring `cache_dir`, `revision`,
         `local_files_only` and `HF_HUB_OFFLINE`). Weights are read from safetensors only and no remote code is run.
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): See above.
-            experts (`str` or `os.PathLike`, *optional*): Experts-only folder or repo id to put on a base pipeline.
+            experts (`str` or `os.PathLike`, *optional*): Experts to put on a base pipeline: a folder, a Hub repo id
+                or one `.safetensors` LoRA file.
             revision (`str`, *optional*): Revision of `pretrained_model_name_or_path`.
             dtype (`torch.dtype`, *optional*): Dtype of the loaded models.
             cache_dir (`str` or `os.PathLike`, *optional*): Hub cache folder.
             local_files_only (`bool`, *optional*): Only use the local cache.
             token (`str` or `bool`, *optional*): Hub token for private repositories.
             experts_revision (`str`, *optional*): Revision of `experts`.
+            experts_subfolder (`str`, *optional*): Folder inside `experts` that holds them (only it is downloaded),
+                e.g. `"Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"` of `lightx2v/Wan2.2-Lightning`.
+            experts_format (`str`, *optional*): One of `diffusers_pdmd.released.LAYOUTS`; detected when omitted.
             variant (`str`, *optional*): Read variant weight files, e.g. `"fp16"`: the experts'
                 (`phase_k/pytorch_lora_weights.fp16.safetensors`) and a full pipeline folder's components
                 (`*.fp16.safetensors`). The base pipeline of an experts-only repository, a repository of its own, is
                 loaded without a variant.
             torch_dtype (`torch.dtype`, *optional*): Deprecated name of `dtype` (as in diffusers).
-            **kwargs: Forwarded to diffusers' `from_pretrained` of the base pipeline (e.g. `device_map`).
+            **kwargs: Forwarded to diffusers' `from_pretrained` of the base pipeline (e.g. `device_map`), except
+                `scheduler`: a `PhasedDMDScheduler` for released experts (default: the release's preset).
 
         Returns:
             [`PhasedMoEPipeline`]
@@ -422,9 +472,15 @@ class PhasedMoEPipeline(DiffusionPipeline):
             raise ValueError("`trust_remote_code` / `custom_pipeline` are not supported: no remote code is run.")
         if kwargs.pop("use_safetensors", True) is not True:
             raise ValueError("`use_safetensors` must be True: Phased DMD pipelines load safetensors only.")
+        if experts_format is not None and experts_format not in LAYOUTS:
+            raise ValueError(f"`experts_format` must be one of {LAYOUTS} or None, got {experts_format!r}.")
+        released_scheduler = kwargs.pop("scheduler", None) if experts is not None else None
+        if released_scheduler is not None and not isinstance(released_scheduler, PhasedDMDScheduler):
+            raise ValueError(f"`scheduler` must be a PhasedDMDScheduler, got {type(released_scheduler).__name__}.")
         hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
         root = resolve_repo(pretrained_model_name_or_path, revision, **hub)
         has_index, has_experts = (root / "model_index.json").is_file(), (root / CONFIG_NAME).is_file()
+        layout = "phased_dmd"
         if experts is not None:
             if has_experts:
                 raise ValueError(
@@ -433,22 +489,21 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 )
             if not has_index:
                 raise ValueError(f"{pretrained_model_name_or_path} is not a diffusers pipeline (no model_index.json).")
-            experts_root, base_root = resolve_repo(experts, experts_revision, **hub), root
+            experts_path = _resolve_experts(experts, experts_revision, experts_subfolder, hub)
+            layout, experts_root, released_files = detect_layout(experts_path, experts_format)
+            base_root = root
         elif has_experts:
             experts_root = root
             if has_index:
                 base_root = root
             else:
-                config = ExpertsConfig.load(root)
-                if config.base_model is None:
-                    raise ValueError(f"{root / CONFIG_NAME} has no `base_model` to load the experts onto.")
-                base_root = resolve_repo(config.base_model, config.base_revision, **hub)
+                base_root = _resolve_base(root, ExpertsConfig.load(root), hub)
         else:
             raise ValueError(
-                f"{pretrained_model_name_or_path} has no {CONFIG_NAME}: pass `experts=` (an experts-only folder or "
-                "repo id) to load a base pipeline with Phased DMD experts."
+                f"{pretrained_model_name_or_path} has no {CONFIG_NAME}: pass `experts=` (an experts folder, repo id or "
+                "LoRA file) to load a base pipeline with Phased DMD or released experts."
             )
-        config = ExpertsConfig.load(experts_root)
+        config = ExpertsConfig.load(experts_root) if layout == "phased_dmd" else None
         index = json.loads((base_root / "model_index.json").read_text())
         class_name = index.get("_class_name")
         load_kwargs = {"dtype": torch_dtype, "use_safetensors": True, "local_files_only": True, **kwargs}
@@ -460,24 +515,102 @@ class PhasedMoEPipeline(DiffusionPipeline):
             raise ValueError(f"The base pipeline must be one of {_BASE_PIPELINES}, {base_root} is a {class_name!r}.")
         base = getattr(diffusers, class_name).from_pretrained(base_root, **load_kwargs)
         base_family = get_family(base)
-        if base_family.name != config.family:
+        if config is None:
+            # The sampler: `scheduler=`, else the folder's own (an exported folder), else the release's preset.
+            own = experts_root / "scheduler" / "scheduler_config.json"
+            preset = None
+            if released_scheduler is not None:
+                scheduler = released_scheduler
+            elif own.is_file():
+                scheduler = PhasedDMDScheduler.from_pretrained(own.parent)
+            else:
+                preset = find_preset(base_family.name, layout, released_files)
+                scheduler = preset.scheduler(base.scheduler.config) if preset else None
+            if scheduler is None:
+                raise ValueError(
+                    f"{experts_root}: no preset of `diffusers_pdmd.released.PRESETS` matches these {layout!r} experts "
+                    f"on a {base_family.name} base (presets: {sorted(PRESETS)}); pass `scheduler=` (a "
+                    "PhasedDMDScheduler with the sampler the experts were made for)."
+                )
+        elif base_family.name != config.family:
             raise ValueError(f"The experts are for `family` {config.family!r}; the base is {base_family.name!r}.")
-        pipe = cls(
-            scheduler=PhasedDMDScheduler.from_config(
+        else:
+            scheduler = PhasedDMDScheduler.from_config(
                 base.scheduler.config, phase_boundaries=config.phase_boundaries, steps_per_phase=config.steps_per_phase
-            ),
+            )
+        pipe = cls(
+            scheduler=scheduler,
             vae=base.vae,
             text_encoder=base.text_encoder,
             tokenizer=base.tokenizer,
             transformer=base.transformer,
             transformer_2=getattr(base, "transformer_2", None),
-            family=config.family,
+            family=base_family.name,
             experts=None,
             boundary_ratio=base.config.get("boundary_ratio"),
             expand_timesteps=bool(base.config.get("expand_timesteps", False)),
         )
+        if config is None:
+            pipe._load_released(layout, experts_root, released_files, torch_dtype)
+            pipe.register_to_config(
+                base_model=str(pretrained_model_name_or_path),
+                base_revision=revision,
+                method=preset.name if preset is not None else "released",
+            )
+            return pipe
         pipe._load_experts(experts_root, config, torch_dtype, full_folder=False, variant=variant)
         return pipe
+
+    def _load_released(self, layout: str, folder: pathlib.Path, files: list[pathlib.Path], torch_dtype) -> None:
+        """Put released experts (a layout of `released.LAYOUTS` other than `"phased_dmd"`) on this pipeline.
+
+        `"wan_moe_lora"`: the high-noise file becomes adapter `phase_0` on `transformer`, the low-noise one `phase_1`
+        on `transformer_2`, and each phase uses the one of its teacher transformer (the slot owning the phase's
+        midpoint sigma). `"lora"`: one adapter `phase_0` on `transformer` for every phase. `"full"`: the folder's
+        transformer takes the `transformer` slot for every phase.
+        """
+        family = self.family
+        num_phases = self.scheduler.num_phases
+        edges = [1.0, *[float(b) for b in self.scheduler.config.phase_boundaries], 0.0]
+        if layout == "wan_moe_lora":
+            if "transformer_2" not in family.transformer_names:
+                raise ValueError(
+                    f"{folder}: the Wan2.2 A14B layout ({', '.join(WAN_MOE_FILES.values())}) needs a base with a "
+                    f"high- and a low-noise transformer (wan2.2-t2v-a14b, wan2.2-i2v-a14b); the base is {family.name}."
+                )
+            slots = [family.teacher_transformer_for_sigma((edges[k] + edges[k + 1]) / 2) for k in range(num_phases)]
+            adapters = {}
+            for index, (slot, file) in enumerate(zip(WAN_MOE_FILES, files)):
+                adapters[slot] = f"phase_{index}"
+                load_released_lora(family.name, getattr(self, slot), file, adapters[slot])
+            experts = [{"base_transformer": s, "adapter_name": adapters[s], "type": "lora"} for s in slots]
+        elif layout == "lora":
+            if len(family.transformer_names) > 1:
+                raise ValueError(
+                    f"{files[0]}: one LoRA file cannot say which of {family.name}'s two transformers it is for; put "
+                    f"the experts in the two-file layout ({', '.join(WAN_MOE_FILES.values())})."
+                )
+            load_released_lora(family.name, self.transformer, files[0], "phase_0")
+            experts = [{"base_transformer": "transformer", "adapter_name": "phase_0", "type": "lora"}] * num_phases
+        elif layout == "full":
+            if len(family.transformer_names) > 1:
+                raise ValueError(
+                    f"{folder}: one fine-tuned transformer cannot replace both of {family.name}'s transformers; "
+                    "save the experts with `save_pretrained(experts_only=True)` instead."
+                )
+            class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+            if class_name != type(self.transformer).__name__:
+                raise ValueError(
+                    f"{folder / 'config.json'}: a {class_name!r} cannot replace the base's "
+                    f"{type(self.transformer).__name__}."
+                )
+            model_cls = type(self.transformer)
+            dtype = torch_dtype or self.transformer.dtype
+            self.register_modules(transformer=load_full_expert(model_cls, folder, dtype=dtype))
+            experts = [{"base_transformer": "transformer", "adapter_name": None, "type": "full"}] * num_phases
+        else:
+            raise ValueError(f"`experts_format` {layout!r} is not a released layout; one of {LAYOUTS[1:]}.")
+        self.register_to_config(experts=experts, phase_boundaries=edges[1:-1])
 
     def experts_config(self, base_model: str | None = None, base_revision: str | None = None, method=None):
         """The [`~hub.ExpertsConfig`] `save_pretrained` writes (paths `phase_k`; full experts once per slot)."""
@@ -723,8 +856,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
             wrong["num_videos_per_prompt"] = num_videos_per_prompt
         else:
             wrong = {"true_cfg_scale": true_cfg_scale, "num_images_per_prompt": num_images_per_prompt}
-            if not family.expand_timesteps:
+            if not (family.expand_timesteps or family.image_concat):
                 wrong["image"] = image
+            elif family.image_concat and image is None:
+                raise ValueError(f"`image` (the first frame) is required by {family.name}.")
         for arg, value in wrong.items():
             if value is not None:
                 raise ValueError(f"`{arg}` is not an argument of {family.name}.")
@@ -811,8 +946,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
             num_frames (`int`, *optional*): Wan only; `num_frames - 1` divisible by the VAE's temporal factor
                 (default 81).
             num_inference_steps (`int`, *optional*): Must equal the scheduler's `sum(steps_per_phase)` if given.
-            sigmas (`list[float]`, *optional*): Explicit sigmas for the scheduler (they must contain the phase
-                boundaries).
+            sigmas (`list[float]`, *optional*): Explicit sigmas for the scheduler; each step is made by the expert
+                of the phase whose interval holds its sigma (boundaries off the grid act as routing thresholds).
             true_cfg_scale (`float`, *optional*, defaults to 1.0): Qwen-Image guidance; > 1 with a negative prompt
                 enables it. Distilled experts need none.
             guidance_scale (`float`, *optional*): Wan: classifier-free guidance for experts on `transformer`
@@ -829,8 +964,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 text embeddings (and Qwen-Image's padding mask).
             negative_prompt_embeds (`torch.Tensor`, *optional*), negative_prompt_embeds_mask (`torch.Tensor`,
                 *optional*): The same for the negative prompt.
-            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`, *optional*): Wan2.2 TI2V-5B first frame for
-                image-to-video, as `WanImageToVideoPipeline` uses it.
+            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`, *optional*): First frame for image-to-video,
+                as `WanImageToVideoPipeline` uses it: optional for Wan2.2 TI2V-5B, required for Wan2.2 I2V-A14B.
             output_type (`str`, *optional*): `"pil"`, `"np"`, `"pt"` or `"latent"` (Qwen-Image default `"pil"`, Wan
                 `"np"`).
             return_dict (`bool`, defaults to `True`): Return the family's output class instead of a tuple.

@@ -188,8 +188,11 @@ class PhasedDMDScheduler(SchedulerMixin, ConfigMixin):
             device (`str` or `torch.device`, *optional*):
                 Device of `timesteps` and `sigmas`.
             sigmas (`list[float]`, *optional*):
-                Explicit decreasing sigmas in (0, 1] (a trailing 0 is optional). They must contain every phase
-                boundary (within 1e-5; the boundary value is then used exactly).
+                Explicit decreasing sigmas in (0, 1] (a trailing 0 is optional). A sigma within 1e-5 of a phase
+                boundary is set to the boundary exactly. A boundary need not be on the grid: it is then a routing
+                threshold, as `WanPipeline`'s `boundary_ratio` is, and each step belongs to the phase whose interval
+                holds its sigma ([`~PhasedDMDScheduler.phase_index_for_sigma`]). This is how released experts
+                sampled on their authors' own grid are used; experts trained here keep their boundaries on the grid.
             mu (`float`, *optional*):
                 Dynamic shift parameter; required when `use_dynamic_shifting` is True and `sigmas` is not given.
         """
@@ -224,12 +227,8 @@ class PhasedDMDScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"`sigmas` must be strictly decreasing values in (0, 1], got {sigmas.tolist()}.")
             for b in boundaries:
                 hit = np.flatnonzero(np.abs(sigmas - b) <= 1e-5)
-                if hit.size == 0:
-                    raise ValueError(
-                        f"`sigmas` must contain every phase boundary {boundaries}; {b} is missing from "
-                        f"{sigmas.tolist()}."
-                    )
-                sigmas[hit[0]] = b
+                if hit.size:
+                    sigmas[hit[0]] = b
         sigmas = torch.from_numpy(np.append(sigmas, 0.0)).to(dtype=torch.float32, device=device)
         self.sigmas = sigmas
         self.timesteps = sigmas[:-1] * self.config.num_train_timesteps
@@ -238,7 +237,15 @@ class PhasedDMDScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
 
     def phase_index_for_sigma(self, sigma: float | torch.Tensor) -> int:
-        """0-based phase owning noise level `sigma` in [0, 1]; a boundary belongs to the phase it starts."""
+        """0-based phase owning noise level `sigma` in [0, 1].
+
+        Phase `k` holds the half-open interval `(t_{k+1}, t_k]` of `1 = t_0 > t_1 > ... > t_K = 0` (the
+        `phase_boundaries` between), so a sigma equal to a boundary (within 1e-6) belongs to the phase that boundary
+        starts, the less noisy one. On this scheduler's own grid the boundary is the first step of that phase; with
+        explicit `sigmas` that miss the boundary it is a routing threshold and the same rule applies to every step.
+        (`WanPipeline` routes `t >= boundary_ratio * 1000` to its high-noise transformer, the other side at exactly
+        the boundary; the released grids in `diffusers_pdmd.released.PRESETS` never sit on their threshold.)
+        """
         if isinstance(sigma, torch.Tensor):
             if sigma.numel() != 1:
                 raise ValueError(f"`sigma` must be a single value, got a tensor of shape {tuple(sigma.shape)}.")

@@ -19,7 +19,6 @@ import copy
 import gc
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +60,12 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a = p.add_argument
     a("--pretrained_model_name_or_path", required=True, help="Base (teacher) pipeline: Hub id or local folder.")
     a("--revision", default=None, help="Revision of the base model on the Hub.")
+    a(
+        "--base_model_id",
+        default=None,
+        help="Hub repo id of the base, recorded in phased_dmd_config.json when training from a local folder that is "
+        "not a Hub cache snapshot (those are recognised), so that the experts load on other machines.",
+    )
     a("--method", default="phased_dmd", choices=METHODS, help="phased_dmd, or a baseline: dmd (1 step), sgts.")
     a(
         "--phase_boundaries",
@@ -90,7 +95,11 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
         a("--height", type=int, default=480)
         a("--width", type=int, default=832)
         a("--num_frames", type=int, default=81)
-        a("--image", default=None, help="TI2V/I2V: an image file used as the first frame of every sample.")
+        a(
+            "--image",
+            default=None,
+            help="TI2V-5B (optional) / I2V-A14B (required): an image file used as the first frame of every sample.",
+        )
     else:
         a("--resolution", type=int, default=1024, help="Square image size.")
     a("--train_batch_size", type=int, default=1)
@@ -532,6 +541,8 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         raise ValueError(
             f"`--pretrained_model_name_or_path` is a {family.name} pipeline; this script trains {list(expected_families)}."
         )
+    if family.image_concat and not getattr(args, "image", None):
+        raise ValueError(f"`--image` (the first frame of every sample) is required to distil {family.name}.")
     if args.guidance_scale_2 is not None and len(family.transformer_names) < 2:
         raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
     plan = make_plan(args, family)
@@ -863,13 +874,13 @@ def save_experts(d: Distiller, output_dir: Path, history) -> None:
     for j in range(d.plan.num_phases):
         hub.save_lora_expert(d.models[d.expert_base[j]], f"phase_{j}", output_dir / f"phase_{j}")
         experts.append({"phase": j, "base_transformer": d.expert_base[j], "type": "lora", "path": f"phase_{j}"})
-    base = args.pretrained_model_name_or_path
-    if os.path.isdir(base):
-        base = str(Path(base).resolve())
+    base, revision = hub.base_model_reference(
+        args.pretrained_model_name_or_path, args.revision, getattr(args, "base_model_id", None)
+    )
     config = hub.ExpertsConfig(
         family=d.family.name,
         base_model=base,
-        base_revision=args.revision,
+        base_revision=revision,
         phase_boundaries=d.plan.boundaries,
         steps_per_phase=d.plan.steps_per_phase,
         method=d.plan.method,
@@ -892,6 +903,10 @@ def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds
         g = torch.Generator().manual_seed(seed)
         n = len(prompts)
         cond = _to_device(dict(cond_all, **family.size_cond(h, w, f, batch_size=n)), d.device)
+        if getattr(d.args, "image", None):  # the first frame of image-to-video, as in training
+            from diffusers.utils import load_image
+
+            cond.update(family.encode_image(d.components, load_image(d.args.image), n, h, w, f, d.device))
         x = family.prepare_latents(d.components, n, h, w, f, g, "cpu", torch.float32).to(d.device)
         scheduler.set_timesteps(mu=family.mu(d.components, x) if scheduler.config.use_dynamic_shifting else None)
         for t in scheduler.timesteps:

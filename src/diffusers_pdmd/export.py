@@ -1,0 +1,177 @@
+# Copyright 2026 The diffusers-pdmd authors. Licensed under the Apache License, Version 2.0.
+"""Export Phased DMD experts to the file layouts other loaders expect.
+
+    python -m diffusers_pdmd.export EXPERTS_DIR OUT_DIR --format {diffusers,comfyui}
+
+`EXPERTS_DIR` is an experts-only folder (`phased_dmd_config.json`, as the training scripts write it). Every LoRA
+expert becomes one `.safetensors` file in `OUT_DIR`:
+
+- Wan2.2 A14B experts with one expert per transformer: `high_noise_model.safetensors` (the expert on `transformer`)
+  and `low_noise_model.safetensors` (on `transformer_2`), the layout of Wan2.2-Lightning; otherwise
+  `phase_<k>.safetensors`.
+- `--format diffusers`: keys `transformer.<module>.lora_A/lora_B.weight` and the adapter's `LoraConfig` in the
+  safetensors metadata, as diffusers' `save_lora_weights` writes them (`pipe.load_lora_weights(OUT_DIR,
+  weight_name=..., load_into_transformer_2=...)`).
+- `--format comfyui`: keys `diffusion_model.<native module name>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
+  the community layout that ComfyUI, Wan2.2-Lightning and Qwen-Image-Lightning use; the scale alpha / rank is in
+  the `.alpha` keys, so loaders that ignore metadata apply it too. Qwen-Image's native module names are diffusers'
+  own; Wan's are the original Wan2.2 names (`blocks.N.self_attn.q`, ...). diffusers converts that layout one way
+  only, so the Wan names are written from `WAN_NATIVE_NAMES` and every exported file is checked by converting it
+  back with diffusers' own `lora_state_dict`, which must give exactly the keys it came from.
+
+`OUT_DIR/scheduler/scheduler_config.json` (a copy) keeps the experts' sampler, which
+`PhasedMoEPipeline.from_pretrained(base, experts=OUT_DIR)` uses. Full and base experts are not exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import shutil
+
+import torch
+
+from .families import get_family
+from .hub import LORA_PREFIX, LORA_WEIGHT_NAME, ExpertsConfig
+from .released import WAN_MOE_FILES, _pipeline_class
+
+
+FORMATS = ("diffusers", "comfyui")
+# diffusers' WanTransformer3DModel module name (inside `blocks.N.`) -> the original Wan2.2 name, the inverse of
+# diffusers' `_convert_non_diffusers_wan_lora_to_diffusers` for the layers a LoRA expert trains.
+WAN_NATIVE_NAMES = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+_WAN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _read_lora(file: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    config = {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in config.items()}
+    return load_file(str(file)), config
+
+
+def native_name(family: str, module: str) -> str:
+    """The community (ComfyUI) name of a diffusers transformer module of `family`."""
+    if family == "qwen-image":
+        return module
+    match = _WAN_BLOCK.match(module)
+    if match is None or match.group(2) not in WAN_NATIVE_NAMES:
+        raise ValueError(
+            f"No native Wan2.2 name for the module {module!r}: the comfyui export handles LoRAs on the blocks' "
+            f"{sorted(WAN_NATIVE_NAMES)} layers."
+        )
+    return f"blocks.{match.group(1)}.{WAN_NATIVE_NAMES[match.group(2)]}"
+
+
+def to_comfyui(family: str, state_dict: dict[str, torch.Tensor], lora_config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA state dict (`transformer.<module>.lora_A/lora_B.weight`) in the `diffusion_model.*`
+    `lora_down` / `lora_up` / `alpha` layout, alpha per module from the adapter's `LoraConfig`."""
+    from peft.utils.other import get_pattern_key
+
+    alpha_default = float(lora_config.get("lora_alpha", lora_config.get("r", 0)) or 0)
+    alpha_pattern = lora_config.get("alpha_pattern") or {}
+    rslora = bool(lora_config.get("use_rslora", False))
+    out = {}
+    for key, tensor in state_dict.items():
+        module, _, part = key.removeprefix(f"{LORA_PREFIX}.").partition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise ValueError(f"{key}: only lora_A / lora_B weights can be exported (no LoRA biases, DoRA, ...).")
+        name = f"diffusion_model.{native_name(family, module)}"
+        out[f"{name}.lora_{'down' if part == 'A.weight' else 'up'}.weight"] = tensor.contiguous()
+        if part == "A.weight":
+            rank = tensor.shape[0]
+            alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha_default) or rank)
+            # Loaders scale by alpha / rank; rsLoRA scales by alpha / sqrt(rank).
+            out[f"{name}.alpha"] = torch.tensor(alpha * rank**0.5 if rslora else alpha, dtype=torch.float32)
+    return out
+
+
+def _check_round_trip(family: str, original: dict, exported: dict, file: pathlib.Path) -> None:
+    # Clones: diffusers' Wan converter scales the cross-attention tensors of the dict it is given in place.
+    converted = _pipeline_class(family).lora_state_dict({k: v.clone() for k, v in exported.items()})
+    if set(converted) != set(original):
+        extra, missing = sorted(set(converted) - set(original)), sorted(set(original) - set(converted))
+        raise ValueError(
+            f"{file}: diffusers reads the exported keys back as other modules (extra {extra[:3]}, missing "
+            f"{missing[:3]}); not written."
+        )
+
+
+def export(experts_dir, out_dir, format: str = "comfyui") -> list[pathlib.Path]:
+    """Export the LoRA experts of `experts_dir` to `out_dir` in `format` (one of `FORMATS`); returns the files."""
+    from safetensors.torch import save_file
+
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
+    experts_dir, out_dir = pathlib.Path(experts_dir), pathlib.Path(out_dir)
+    config = ExpertsConfig.load(experts_dir)
+    family = get_family(config.family)
+    loras = [e for e in config.experts if e["type"] == "lora"]
+    if not loras:
+        raise ValueError(
+            f"{experts_dir} has no LoRA experts to export (types: {[e['type'] for e in config.experts]})."
+        )
+    skipped = [e["phase"] for e in config.experts if e["type"] == "full"]
+    if skipped:
+        raise ValueError(f"{experts_dir}: phases {skipped} are full transformers, which the export does not write.")
+    by_path = {}
+    for e in loras:
+        by_path.setdefault(e["path"], e)
+    slots = [e["base_transformer"] for e in by_path.values()]
+    two_files = len(family.transformer_names) == 2 and sorted(slots) == ["transformer", "transformer_2"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, e in by_path.items():
+        source = experts_dir / path / LORA_WEIGHT_NAME if (experts_dir / path).is_dir() else experts_dir / path
+        name = WAN_MOE_FILES[e["base_transformer"]] if two_files else f"phase_{e['phase']}.safetensors"
+        target = out_dir / name
+        state_dict, lora_config = _read_lora(source)
+        if format == "diffusers":
+            shutil.copyfile(source, target)
+        else:
+            tensors = to_comfyui(config.family, state_dict, lora_config)
+            _check_round_trip(config.family, state_dict, tensors, target)
+            save_file(tensors, str(target), metadata={"format": "pt"})
+        written.append(target)
+    if (experts_dir / "scheduler" / "scheduler_config.json").is_file():
+        (out_dir / "scheduler").mkdir(exist_ok=True)
+        shutil.copyfile(
+            experts_dir / "scheduler" / "scheduler_config.json", out_dir / "scheduler/scheduler_config.json"
+        )
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusers_pdmd.export", description="Export Phased DMD LoRA experts to other loaders' layouts."
+    )
+    parser.add_argument("experts_dir", help="experts-only folder (phased_dmd_config.json)")
+    parser.add_argument("out_dir", help="destination folder")
+    parser.add_argument("--format", choices=FORMATS, default="comfyui", help="key layout (default: comfyui)")
+    args = parser.parse_args(argv)
+    for path in export(args.experts_dir, args.out_dir, args.format):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
