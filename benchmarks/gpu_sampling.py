@@ -139,14 +139,18 @@ def load_base(args, spec: dict, workdir: pathlib.Path):
     # and `from_pretrained` takes the modules as keyword arguments (as diffusers' own from_pretrained does).
     pipe = gc_.build_family_pipeline(args.model, args.tiny)
     pipe.save_config(base_dir)
+    pipe.scheduler.save_pretrained(base_dir / "scheduler")  # a few bytes; the student's scheduler derives from it
     return pipe, base_dir
 
 
 def load_student(base_pipe, base_dir: pathlib.Path, experts_dir):
     from diffusers_pdmd import PhasedMoEPipeline
 
+    # The modules in memory go in as keyword arguments, as diffusers' from_pretrained takes them; the scheduler is
+    # the experts' own (from their folder).
+    modules = {k: v for k, v in base_pipe.components.items() if k != "scheduler"}
     student = PhasedMoEPipeline.from_pretrained(
-        str(base_dir), experts=str(experts_dir), dtype=torch.bfloat16, **base_pipe.components
+        str(base_dir), experts=str(experts_dir), dtype=torch.bfloat16, **modules
     )
     return student.to(gc_.device())
 
