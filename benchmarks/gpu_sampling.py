@@ -19,8 +19,10 @@ back with merged experts: the largest difference to the plain call's image and t
     python benchmarks/gpu_sampling.py --model qwen --base BASE_DIR --experts EXPERTS_DIR --out sampling_qwen.json
     python benchmarks/gpu_sampling.py --model qwen --base BASE_DIR --experts EXPERTS_DIR --memory_modes \
         --skip student teacher family --out memory_qwen.json
-    # Wan2.2 A14B (nvidia-h200): base built in memory (random weights), experts fabricated unless --experts
-    python benchmarks/gpu_sampling.py --model wan --out sampling_wan.json
+    # Wan2.2 A14B (nvidia-h200): base built in memory (random weights), experts fabricated unless --experts; the
+    # teacher alone takes about 4.5 min at batch 1, so keep one call under 10 min with a small grid:
+    python benchmarks/gpu_sampling.py --model wan --batches 1 --reps 2 --compile none --modes auto \
+        --out sampling_wan.json
     python benchmarks/gpu_sampling.py --tiny --memory_modes    # CPU logic check, < 2 min
 
 `--skip` drops every measurement whose key contains one of the given words (keys look like
