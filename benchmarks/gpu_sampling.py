@@ -19,8 +19,10 @@ back with merged experts: the largest difference to the plain call's image and t
     python benchmarks/gpu_sampling.py --model qwen --base BASE_DIR --experts EXPERTS_DIR --out sampling_qwen.json
     python benchmarks/gpu_sampling.py --model qwen --base BASE_DIR --experts EXPERTS_DIR --memory_modes \
         --skip student teacher family --out memory_qwen.json
-    # Wan2.2 A14B (nvidia-h200): base built in memory (random weights), experts fabricated unless --experts
-    python benchmarks/gpu_sampling.py --model wan --out sampling_wan.json
+    # Wan2.2 A14B (nvidia-h200): base built in memory (random weights), experts fabricated unless --experts; the
+    # teacher alone takes about 4.5 min at batch 1, so keep one call under 10 min with a small grid:
+    python benchmarks/gpu_sampling.py --model wan --batches 1 --reps 2 --compile none --modes auto \
+        --out sampling_wan.json
     python benchmarks/gpu_sampling.py --tiny --memory_modes    # CPU logic check, < 2 min
 
 `--skip` drops every measurement whose key contains one of the given words (keys look like
@@ -48,7 +50,7 @@ SETTINGS = {
     "qwen": {
         "family": "qwen-image",
         "teacher": {"num_inference_steps": 50, "true_cfg_scale": 4.0, "negative_prompt": NEGATIVE},
-        "family4": {"num_inference_steps": 4},
+        "family4": {"num_inference_steps": 4, "true_cfg_scale": 1.0},
         "size": {"height": 1024, "width": 1024},
         "tiny_size": {"height": 32, "width": 32},
         "experts": [("transformer", "phase0"), ("transformer", "phase1")],
@@ -139,14 +141,18 @@ def load_base(args, spec: dict, workdir: pathlib.Path):
     # and `from_pretrained` takes the modules as keyword arguments (as diffusers' own from_pretrained does).
     pipe = gc_.build_family_pipeline(args.model, args.tiny)
     pipe.save_config(base_dir)
+    pipe.scheduler.save_pretrained(base_dir / "scheduler")  # a few bytes; the student's scheduler derives from it
     return pipe, base_dir
 
 
 def load_student(base_pipe, base_dir: pathlib.Path, experts_dir):
     from diffusers_pdmd import PhasedMoEPipeline
 
+    # The modules in memory go in as keyword arguments, as diffusers' from_pretrained takes them; the scheduler is
+    # the experts' own (from their folder).
+    modules = {k: v for k, v in base_pipe.components.items() if k != "scheduler"}
     student = PhasedMoEPipeline.from_pretrained(
-        str(base_dir), experts=str(experts_dir), dtype=torch.bfloat16, **base_pipe.components
+        str(base_dir), experts=str(experts_dir), dtype=torch.bfloat16, **modules
     )
     return student.to(gc_.device())
 
@@ -433,26 +439,58 @@ def render(res: dict) -> str:
     lines += [gc_.md_table(header, rows), ""]
     errors = {k: v["error"] for k, v in calls.items() if v and "error" in v}
     if errors:
-        lines += ["Errors: " + "; ".join(f"`{k}`: {v}" for k, v in errors.items()), ""]
-    if "memory_modes" in res:
-        mm = res["memory_modes"]
-        rows = [
-            [name, v.get("mode", "-"), v.get("max_abs_diff", "-"), v.get("peak_gib", "-"), v.get("error", "")]
-            for name, v in mm.items()
-        ]
-        lines += [
-            "Memory modes, Qwen-Image with the LoRA experts, batch 1 (image in [0, 1] compared with the plain call's; "
-            "peak = `torch.cuda.max_memory_allocated` over the call):",
+        lines += ["Errors: " + "; ".join(f"`{k}`: {_short(v)}" for k, v in errors.items()), ""]
+    return "\n".join(lines)
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def render_memory(res: dict) -> str:
+    env = res["env"]
+    size = res.get("size", {})
+    rows = [
+        [name, v.get("mode", "-"), v.get("max_abs_diff", "-"), v.get("peak_gib", "-"), _short(v.get("error", ""))]
+        for name, v in res["memory_modes"].items()
+    ]
+    tiny = " (tiny configs, CPU logic check: not a measurement)" if env.get("tiny") else ""
+    return "\n".join(
+        [
+            f"### Memory modes: Qwen-Image with LoRA experts, {size.get('height')}x{size.get('width')}, batch 1{tiny}",
+            "",
+            f"Device: **{env['device']}** ({gc_.env_line(env)}). Command: `{env['command']}`. Each mode's image "
+            "(`output_type='np'`, values in [0, 1]) against the plain bf16 call's on the device, same seed; peak = "
+            "`torch.cuda.max_memory_allocated` over the call alone (reset after the mode is set up). `expert swap` is "
+            "what `expert_swap_mode='auto'` chose under that mode.",
             "",
             gc_.md_table(["mode", "expert swap", "max abs diff", "peak GiB", "error"], rows),
             "",
         ]
-    return "\n".join(lines)
+    )
+
+
+def sections(res: dict) -> list[tuple[str, str]]:
+    """(doc section name, markdown) for what this run measured: the calls, the memory modes, or both."""
+    out = []
+    if res.get("calls"):
+        out.append((f"{NAME}_{res['model']}", render(res)))
+    if res.get("memory_modes"):
+        out.append(("gpu_memory_modes", render_memory(res)))
+    return out
+
+
+def publish(args, res: dict, write: bool) -> None:
+    for name, markdown in sections(res):
+        print(markdown)
+        if write:
+            gc_.write_section(args.doc, name, markdown)
 
 
 def main():
     parser = gc_.base_parser(__doc__.splitlines()[0])
-    parser.set_defaults(reps=3)
+    parser.set_defaults(reps=None)
     parser.add_argument("--model", choices=tuple(SETTINGS), default="qwen")
     parser.add_argument("--base", default=None, help="saved family pipeline folder (default: built in memory)")
     parser.add_argument("--experts", default=None, help="experts folder (default: random LoRAs, fabricated)")
@@ -466,13 +504,16 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], help="skip measurements whose key contains any of these")
     parser.add_argument("--memory_modes", action="store_true", help="also offloading / casting / to() (Qwen-Image)")
     args = parser.parse_args()
+    if args.reps is None:
+        args.reps = 1 if args.tiny else 3
     if args.compile_backend is None:
         args.compile_backend = "inductor" if torch.cuda.is_available() else "eager"
-    name = f"{NAME}_{args.model}"
-    if gc_.maybe_from_json(args, name, render):
+    if args.from_json:
+        publish(args, gc_.load_json(args.from_json), write=True)
         return
     res = run_all(args)
-    gc_.finish(args, name, res, render)
+    gc_.save_json(args.out, res)
+    publish(args, res, write=bool(args.doc) and not args.tiny)
 
 
 if __name__ == "__main__":

@@ -15,3 +15,11 @@ def _offline_one_thread(monkeypatch):
     either."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_device_memory(monkeypatch):
+    """`expert_swap_mode="auto"` reads the free device memory (the host's RAM on the CPU), which other processes
+    change: the tests see a fixed 64 of 128 GiB free, so "auto" always resolves the same way (tests of the rule
+    inject their own figures)."""
+    monkeypatch.setattr("diffusers_pdmd.pipelines.expert_swap.device_memory", lambda device=None: (64 * 2**30, 2**37))

@@ -265,10 +265,40 @@ def test_auto_picks_resident_when_the_copies_fit_else_delta():
     total = 100 * GIB
     margin = int(es.RESIDENT_MARGIN_FRACTION * total)
     assert es.choose_swap_mode(experts, per_copy + margin, total)[0] == "resident"
-    assert es.choose_swap_mode(experts, per_copy + margin - 1, total)[0] == "delta"
-    switcher = ExpertSwitcher(experts, mode="auto", memory=(per_copy + margin - 1, total))
+    assert es.choose_swap_mode(experts, per_copy + margin - 1, total)[0] == "resident+delta"
+    assert es.choose_swap_mode(experts, margin, total)[0] == "delta"
+    switcher = ExpertSwitcher(experts, mode="auto", memory=(margin, total))
     assert switcher.mode == "delta" and "do not fit" in switcher.mode_reason
     switcher.release()
+
+
+def test_auto_splits_layers_between_resident_copies_and_deltas_when_part_fits():
+    """Half the copies fit: the first layers get resident copies, the others in-place deltas; the outputs are the
+    unfused adapters', and release gives the base back (bitwise for the resident layers)."""
+    pipe = qwen_pipe(MIXES["lora_base_lora"])
+    before = snapshot(pipe)
+    weights = {id(m): m.get_base_layer().weight.detach().clone() for m in tuner_layers(pipe.transformer)}
+    pipe.expert_swap_mode = "adapter"
+    want = [call(pipe, seed=s) for s in range(2)]
+    experts = [(pipe.transformer, "a"), (pipe.transformer, None), (pipe.transformer, "b")]
+    need = es.resident_extra_bytes(experts)
+    total = 100 * GIB
+    pipe._swap_memory = (need // 2 + int(es.RESIDENT_MARGIN_FRACTION * total), total)
+    pipe.expert_swap_mode = "auto"
+    got = [call(pipe, seed=s) for s in range(2)]
+    switcher = pipe.expert_switcher
+    assert switcher.mode == "resident+delta" and "part of the merged copies fit" in switcher.mode_reason
+    (engine,) = switcher._merged.values()
+    resident, delta = engine.engines
+    assert len(resident.layers) > 0 and len(delta.layers) > 0
+    assert resident.extra_bytes() <= need // 2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    pipe.release_experts()
+    for key, value in snapshot(pipe).items():
+        torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0)
+    for layer in resident.layers:
+        assert torch.equal(layer.get_base_layer().weight, weights[id(layer)])
 
 
 def test_auto_is_the_default_resolves_once_and_logs_once(monkeypatch):
@@ -336,3 +366,31 @@ def test_swaps_do_not_recompile(mode, kind):
     for got, expected in zip([first, *again], want):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_auto_falls_back_to_delta_when_the_resident_copies_run_out_of_memory(monkeypatch):
+    """The free-memory figure was optimistic: the resident copies fail half-way, the base weights already turned
+    into copies are put back, and "auto" merges with in-place deltas instead."""
+    from diffusers_pdmd.pipelines import lora_delta
+
+    pipe = qwen_pipe(MIXES["all_lora"])
+    before = snapshot(pipe)
+    want = call(pipe)  # resident (conftest: 64 GiB free)
+    pipe.release_experts()
+    made, scaled = [], lora_delta._scaled_factors
+
+    def scarce(layer, adapter, sign, dtype):
+        made.append(adapter)
+        if len(made) == 6:  # two adapters per layer: out of memory at the third layer (once)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return scaled(layer, adapter, sign, dtype)
+
+    monkeypatch.setattr(lora_delta, "_scaled_factors", scarce)
+    with pytest.raises(torch.OutOfMemoryError):
+        ExpertSwitcher([(pipe.transformer, "a"), (pipe.transformer, "b")], mode="resident")
+    for key, value in snapshot(pipe).items():
+        assert torch.equal(value, before[key]), key
+    made.clear()
+    got = call(pipe)
+    assert pipe.expert_switcher.mode == "delta" and "ran out of memory" in pipe.expert_switcher.mode_reason
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -90,9 +90,11 @@ def choose_swap_mode(
       `Linear` of at least 16 bits on a real device (quantized, fp8 layerwise-casting storage), a LoRA variant such
       as DoRA, or a module that diffusers / accelerate offload (model, sequential or group offloading: the weights
       move at each forward, merged copies would not, and an in-place merge would run on the host);
-    - `"delta"` where the resident copies ([`resident_extra_bytes`]) do not fit in
-      `free_bytes - margin_fraction * total_bytes`;
-    - `"resident"` otherwise; also without any LoRA expert (nothing to merge, nothing to swap).
+    - `"resident"` where the resident copies ([`resident_extra_bytes`]) fit in the budget
+      `free_bytes - margin_fraction * total_bytes`; also without any LoRA expert (nothing to merge, nothing to swap);
+    - `"resident+delta"` where only part of them fit: resident copies for the adapted layers that fit in the budget
+      (in module order), in-place deltas for the rest, so a swap moves only the rest through memory;
+    - `"delta"` where the budget is not positive.
 
     Args:
         experts: As for [`ExpertSwitcher`].
@@ -123,7 +125,40 @@ def choose_swap_mode(
     figures = f"{need / gib:.2f} GiB of merged copies, {free_bytes / gib:.2f} GiB free, margin {margin / gib:.2f} GiB"
     if need <= free_bytes - margin:
         return "resident", f"the merged copies fit ({figures})"
+    if free_bytes - margin > 0:
+        return "resident+delta", f"part of the merged copies fit ({figures})"
     return "delta", f"the merged copies do not fit ({figures})"
+
+
+def _resident_prefix(layers: list, copies: int, budget: float) -> tuple[int, int]:
+    """How many of `layers`, from the first, have room for `copies` merged copies each in `budget` bytes, and the
+    bytes they take."""
+    used = 0
+    for k, layer in enumerate(layers):
+        cost = layer.get_base_layer().weight.nbytes * copies
+        if used + cost > budget:
+            return k, used
+        used += cost
+    return len(layers), used
+
+
+class _SplitExperts:
+    """Resident copies for some layers, in-place deltas for the others, swapped together."""
+
+    def __init__(self, engines: list):
+        self.engines = engines
+
+    def activate(self, adapter: str | None) -> None:
+        for engine in self.engines:
+            engine.activate(adapter)
+
+    def release(self) -> None:
+        for engine in self.engines:
+            engine.release() if hasattr(engine, "release") else engine.restore()
+
+
+def _first_device(experts) -> torch.device:
+    return next(experts[0][0].parameters()).device
 
 
 def _by_module(experts) -> dict[int, tuple[torch.nn.Module, list]]:
@@ -161,7 +196,7 @@ class ExpertSwitcher:
 
     - `mode="resident"`: each expert's merged weights `W + s B A` are computed once and kept on the device; a swap
       re-points each adapted layer's weight (no GPU work). Costs one device copy of the adapted weights per LoRA
-      expert beyond the first, whose copy reuses the base's storage while the base waits in host memory (+12.6 GiB
+      expert beyond the first, whose copy reuses the base's storage while the base waits in host memory (+25.3 GiB
       for two Qwen-Image experts); a phase that uses the base keeps it on the device instead (one copy more).
     - `mode="delta"`: the experts are merged in place into the shared weights; a swap is one fused `addmm_` per
       layer applying the difference of two experts (25 ms for Qwen-Image, +6.7% per image at batch 1, +1.5% at
@@ -176,7 +211,8 @@ class ExpertSwitcher:
     on, and the adapters untouched.
 
     `mode="auto"` picks one of these by the rule of [`choose_swap_mode`]: resident when the merged copies fit in
-    free device memory with a margin of `RESIDENT_MARGIN_FRACTION` of the device's memory, else delta; adapter where
+    free device memory with a margin of `RESIDENT_MARGIN_FRACTION` of the device's memory, resident copies for the
+    layers that fit and deltas for the others (`"resident+delta"`) when part of them fit, else delta; adapter where
     merging is impossible. The resolved mode is `switcher.mode`, the reason `switcher.mode_reason`.
 
     `mode="peft"` swaps with diffusers' `set_adapter` / `disable_lora` instead (the full-model walk); it exists as a
@@ -232,13 +268,22 @@ class ExpertSwitcher:
         self.num_swaps = 0
         self.requested_mode = mode
         self.mode_reason = "requested"
+        self._budget = None
         if mode == "auto":
-            free, total = memory if memory is not None else (None, None)
+            free, total = memory if memory is not None else device_memory(_first_device(self.experts))
             self.mode, self.mode_reason = choose_swap_mode(self.experts, free, total)
+            self._budget = free - int(RESIDENT_MARGIN_FRACTION * total)
         self._merged: dict[int, object] = {}
         self._unwrapped: dict[int, object] = {}
-        if self.mode in ("resident", "delta"):
-            self._merge_experts()
+        if self.mode in ("resident", "delta", "resident+delta"):
+            try:
+                self._merge_experts()
+            except torch.OutOfMemoryError:
+                self.release()
+                if not (mode == "auto" and self.mode in ("resident", "resident+delta")):
+                    raise
+                self.mode, self.mode_reason = "delta", f"{self.mode_reason}, but the copies ran out of memory"
+                self._merge_experts()
 
     def _merge_experts(self) -> None:
         from .lora_delta import DeltaExperts, ResidentExperts, UnwrappedLayers, lora_linear_layers
@@ -248,11 +293,20 @@ class ExpertSwitcher:
             if not names:
                 continue
             layers = lora_linear_layers(module, names)
+            keep_base = None in adapters
             if self.mode == "resident":
-                keep_base = None in adapters
                 self._merged[key] = ResidentExperts(layers, names, keep_base=keep_base, host_base=not keep_base)
-            else:
+            elif self.mode == "delta":
                 self._merged[key] = DeltaExperts(layers, names)
+            else:  # resident copies for the layers that fit in the budget, deltas for the rest
+                k, used = _resident_prefix(layers, len(names) - (0 if keep_base else 1), self._budget)
+                self._budget -= used
+                engines = []
+                if k:
+                    engines.append(ResidentExperts(layers[:k], names, keep_base=keep_base, host_base=not keep_base))
+                if k < len(layers):
+                    engines.append(DeltaExperts(layers[k:], names))
+                self._merged[key] = _SplitExperts(engines)
             self._unwrapped[key] = UnwrappedLayers(module, layers)
 
     def release(self) -> None:

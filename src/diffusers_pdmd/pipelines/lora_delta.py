@@ -258,17 +258,24 @@ class ResidentExperts:
         self._host_base: list[torch.Tensor] | None = [] if host_base and not keep_base else None
         self._first = adapters[0]
         with torch.no_grad():
-            for layer in self.layers:
-                w = _weight(layer).data
-                if self._host_base is not None:
-                    self._host_base.append(w.to("cpu", copy=True))
-                for name in adapters:
-                    b, a = _scaled_factors(layer, name, 1.0, torch.float32)
-                    delta = (a.T @ b.T) if layer.fan_in_fan_out else (b @ a)
-                    self.weights[name].append((w.float() + delta).to(w.dtype))
-                if not keep_base:  # reuse the base's storage for the first expert: one copy fewer
-                    w.copy_(self.weights[adapters[0]][-1])
-                    self.weights[adapters[0]][-1] = w
+            try:
+                for layer in self.layers:
+                    w = _weight(layer).data
+                    if self._host_base is not None:
+                        self._host_base.append(w.to("cpu", copy=True))
+                    for name in adapters:
+                        b, a = _scaled_factors(layer, name, 1.0, torch.float32)
+                        delta = (a.T @ b.T) if layer.fan_in_fan_out else (b @ a)
+                        self.weights[name].append((w.float() + delta).to(w.dtype))
+                    if not keep_base:  # reuse the base's storage for the first expert: one copy fewer
+                        w.copy_(self.weights[adapters[0]][-1])
+                        self.weights[adapters[0]][-1] = w
+            except BaseException:  # out of memory half-way: put back the base weights already overwritten
+                if not keep_base and self._host_base is not None:
+                    for layer, base in zip(self.layers, self._host_base[: len(self.weights[adapters[0]])]):
+                        _weight(layer).data.copy_(base)
+                self.weights = {}
+                raise
         if keep_base:
             self.weights[None] = [_weight(layer).data for layer in self.layers]
         self._current = None if keep_base else adapters[0]
