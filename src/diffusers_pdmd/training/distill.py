@@ -395,10 +395,15 @@ def _to_device(cond: dict, device) -> dict:
 
 
 class _CallThrough:
-    """Calls go to the distributed wrapper (gradient sync), attributes (`config`, `dtype`) to the model."""
+    """Calls go to the distributed wrapper (gradient sync) or the model, attributes (`config`) to the model.
+
+    `dtype` is read once: diffusers' `ModelMixin.dtype` walks every module (thousands with LoRA layers) on each read,
+    and every velocity query reads it.
+    """
 
     def __init__(self, raw, wrapped):
         self.raw, self.wrapped = raw, wrapped
+        self.dtype = raw.dtype
 
     def __call__(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)
@@ -465,8 +470,11 @@ class Distiller:
 
     def _wrap(self, model):
         if self.accelerator.num_processes == 1:
-            return model
-        return _CallThrough(model, self.accelerator.prepare_model(model))
+            return _CallThrough(model, model)
+        dtype = model.dtype
+        caller = _CallThrough(model, self.accelerator.prepare_model(model))
+        caller.dtype = dtype  # of the model as loaded, before any sharding wrapper
+        return caller
 
     @property
     def fsdp(self) -> bool:
