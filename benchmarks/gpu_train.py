@@ -382,7 +382,8 @@ def render(res: dict) -> str:
     size = "x".join(str(v) for v in gc_.TRAIN_SIZES[model] if v)
     first = next(iter(res["phases"].values()))
     lines = [
-        f"## Training: {DEVICE_NAMES[model]} {size}, the example script, one GPU",
+        f"## Training: {DEVICE_NAMES[model]} {size}, the example script, one GPU"
+        + (f", `{res['extra']}`" if res.get("extra") else ""),
         "",
         f"Device: **{env['device']}** ({gc_.env_line(env)}). Command: `{env['command']}`.",
         "",
@@ -437,6 +438,7 @@ def main(argv=None):
         help="Wan: hand the script the base in CPU memory, as from_pretrained does (the script places it)",
     )
     parser.add_argument("--keep_output", dest="fresh_output", action="store_false", help="keep --output_dir")
+    parser.add_argument("--section", default=None, help="doc section name (default gpu_train_<model>)")
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, a in enumerate(argv[:-1]):  # `--extra "--compile"`: the value starts with dashes, argparse needs `=`
         if a == "--extra":
@@ -445,13 +447,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.from_json:  # re-render the doc section of a result that came back from the GPU machine
         res = gc_.load_json(args.from_json)
-        gc_.write_section(args.doc, f"{NAME}_{res['model']}", render(res))
+        gc_.write_section(args.doc, res.get("section", f"{NAME}_{res['model']}"), render(res))
         print(render(res))
         return res
     if args.tiny:
         args.base_dir = str(pathlib.Path(args.output_dir).parent / (pathlib.Path(args.output_dir).name + "-base"))
     res = run(args)
-    gc_.finish(args, f"{NAME}_{args.model}", res, render)
+    res["section"] = args.section or f"{NAME}_{args.model}"
+    gc_.finish(args, res["section"], res, render)
     return res
 
 

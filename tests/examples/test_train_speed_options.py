@@ -357,3 +357,27 @@ def test_gpu_train_tiny_runs_and_counts(tmp_path):
         assert r["updates"] == 2 and len(r["step_seconds"]) == 2 and r["seconds_per_update"] > 0
     assert res["experts"]["phases"] == [0, 1]
     assert json.loads((tmp_path / "r.json").read_text())["model"] == "qwen"
+
+
+def test_offload_activations_same_losses(bases, tmp_path):
+    """Saved tensors go to CPU memory and come back unchanged (a copy): the same losses."""
+    ref = _run(bases, "qwen-image", tmp_path / "a", "--gradient_checkpointing")
+    new = _run(bases, "qwen-image", tmp_path / "b", "--gradient_checkpointing", "--offload_activations")
+    torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-6, atol=0)
+
+
+def test_speed_flags_are_checked_before_loading(bases, tmp_path):
+    from diffusers_pdmd.training.distill import build_parser, check_speed_args
+
+    def args(*extra):
+        return build_parser("t").parse_args(["--pretrained_model_name_or_path", "x", "--prompts", "p", *extra])
+
+    for extra, match in [
+        (("--fake_reuse_samples", "0"), "--fake_reuse_samples"),
+        (("--base_fp8",), "--mixed_precision bf16"),
+        (("--offload_idle_transformers", "--phase_order", "alternate"), "--phase_order sequential"),
+        (("--attention_backend", "flashy"), "--attention_backend"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            check_speed_args(args(*extra))
+    check_speed_args(args("--base_fp8", "--mixed_precision", "bf16", "--attention_backend", "_native_cudnn"))

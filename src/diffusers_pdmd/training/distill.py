@@ -15,6 +15,7 @@ Roles on one frozen copy of the base weights (per teacher transformer):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -200,6 +201,12 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
         action="store_true",
         help="Keep on the GPU only the transformers the current phase uses, the others in CPU memory (Wan2.2 "
         "A14B phase 0 never uses transformer_2). Needs --phase_order sequential.",
+    )
+    a(
+        "--offload_activations",
+        action="store_true",
+        help="Keep the tensors saved for backward (with --gradient_checkpointing: each block's input) in pinned CPU "
+        "memory until backward needs them (torch.autograd.graph.save_on_cpu). Less GPU memory, more transfers.",
     )
     return p
 
@@ -404,10 +411,15 @@ def _to_device(cond: dict, device) -> dict:
 
 
 class _CallThrough:
-    """Calls go to the distributed wrapper (gradient sync), attributes (`config`, `dtype`) to the model."""
+    """Calls go to the distributed wrapper (gradient sync) or the model, attributes (`config`) to the model.
+
+    `dtype` is read once: diffusers' `ModelMixin.dtype` walks every module (thousands with LoRA layers) on each read,
+    and every velocity query reads it.
+    """
 
     def __init__(self, raw, wrapped):
         self.raw, self.wrapped = raw, wrapped
+        self.dtype = raw.dtype
 
     def __call__(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)
@@ -474,8 +486,11 @@ class Distiller:
 
     def _wrap(self, model):
         if self.accelerator.num_processes == 1:
-            return model
-        return _CallThrough(model, self.accelerator.prepare_model(model))
+            return _CallThrough(model, model)
+        dtype = model.dtype
+        caller = _CallThrough(model, self.accelerator.prepare_model(model))
+        caller.dtype = dtype  # of the model as loaded, before any sharding wrapper
+        return caller
 
     @property
     def fsdp(self) -> bool:
@@ -488,7 +503,6 @@ class Distiller:
 
         Collective under FSDP: every process must enter it.
         """
-        import contextlib
 
         stack = contextlib.ExitStack()
         if self.fsdp:
@@ -619,7 +633,11 @@ class Distiller:
             if self.args.offload_idle_transformers and self.models[switch_name].device != self.device:
                 self.models[switch_name].to(self.device)  # outside its phase (validation at the end)
             self.switches[switch_name].set(adapter)
-        with self.accelerator.autocast():
+        offload = contextlib.nullcontext()
+        if self.args.offload_activations and torch.is_grad_enabled():
+            # what backward keeps (with checkpointing: each block's inputs) waits in pinned CPU memory
+            offload = torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        with self.accelerator.autocast(), offload:
             return self.family.velocity(model, x, t, cond).float()
 
     def _routed(self, x, t, cond, fn):
