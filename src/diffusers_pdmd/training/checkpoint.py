@@ -158,7 +158,7 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
         path = Path(output_dir) / resume
     if not path.is_dir():
         raise ValueError(
-            f"`resume_from_checkpoint` must be 'latest' or an existing checkpoint folder, got {resume!r}."
+            f"`--resume_from_checkpoint` must be 'latest' or an existing checkpoint folder, got {resume!r}."
         )
     return path
 

@@ -792,7 +792,9 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     try:
         return _train(args, expected_families, progress)
     except KeyboardInterrupt:
-        if progress.last_ckpt is None:
+        if int(os.environ.get("RANK", "0")) != 0:  # one line from the whole run
+            pass
+        elif progress.last_ckpt is None:
             print(
                 f"\nInterrupted at global step {progress.global_step}, before the first checkpoint: nothing to resume."
             )
@@ -827,11 +829,14 @@ def _resume_command() -> str:
 def _remove_empty_dirs(folder: Path) -> None:
     if not folder.is_dir():
         return
-    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(sub.iterdir()):
-            sub.rmdir()
-    if not any(folder.iterdir()):
-        folder.rmdir()
+    try:  # another process of the run may be doing the same
+        for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(sub.iterdir()):
+                sub.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 def _tracker_config(args) -> dict:
