@@ -213,3 +213,32 @@ def test_resolutions_one_bucket_per_batch(bases, tmp_path, monkeypatch, family, 
     assert set(drawn) == expected
     assert len(drawn) == 2 * 3 * 2  # (1 fake + 1 generator batch) x 3 steps x 2 phases
     assert (out / "phased_dmd_config.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "wan2.2-t2v-a14b"])
+def test_t_is_drawn_on_the_teachers_own_shift(bases, tmp_path, family):  # noqa: F811
+    """`--timestep_sampling shifted` (default) uses Wan's flow shift and Qwen-Image's exp(mu) of the training size."""
+    import math
+
+    from accelerate import Accelerator
+    from diffusers import DiffusionPipeline
+
+    from diffusers_pdmd.families import get_family
+
+    script = _load_script(QWEN if family == "qwen-image" else "train_phased_dmd_wan22")
+    args = script.parse_args(_common(bases, family, tmp_path / "s"))
+    assert args.timestep_sampling == "shifted" and args.fake_weighting == "paper" and args.adam_beta1 == 0.0
+    pipe = DiffusionPipeline.from_pretrained(str(bases[family]))
+    config = pipe.scheduler.config
+    fam = get_family(pipe)
+    d = distill.Distiller(args, Accelerator(cpu=True), fam, pipe, distill.make_plan(args, fam))
+    if (
+        family == "qwen-image"
+    ):  # QwenImagePipeline: mu from the image sequence length (32 x 32 px -> 16 x 16 latents / 2x2)
+        seq = (32 // fam.vae_scale_factor // 2) ** 2
+        m = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+        expected = math.exp(seq * m + config.base_shift - m * config.base_image_seq_len)
+    else:
+        expected = config.flow_shift
+    assert d.time_shift == pytest.approx(expected)
+    assert expected != pytest.approx(1.0)
