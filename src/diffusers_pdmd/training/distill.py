@@ -29,6 +29,7 @@ import torch
 from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
 from . import checkpoint as ckpt
+from . import runs
 from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, T_SAMPLINGS, dmd_loss, fake_score_loss, sample_t
 from .simulate import METHODS, generator_sample, split_by_phase
 
@@ -342,182 +343,6 @@ def make_plan(args, family) -> Plan:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Before any model loads: the family from config files, the run a checkpoint belongs to, the output folder
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def probe_family(args):
-    """The [`Family`] of `--pretrained_model_name_or_path` read from its config files (no weights), or `None`.
-
-    Lets flag checks that need the family (sizes, the default boundary) run before minutes of loading; when the
-    files cannot be read (no network, an unknown layout), the checks run after loading instead.
-    """
-    from types import SimpleNamespace
-
-    from ..families import get_family
-
-    base = args.pretrained_model_name_or_path
-
-    def read(name):
-        if os.path.isdir(base):
-            path = Path(base) / name
-        else:
-            from huggingface_hub import hf_hub_download
-
-            try:
-                path = Path(hf_hub_download(base, name, revision=args.revision))
-            except Exception:
-                return None
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    try:
-        index = read("model_index.json") or {}
-        cls = index.get("_class_name", "")
-        if cls.startswith("QwenImage"):
-            name = "qwen-image"
-        elif cls.startswith("Wan") and index.get("expand_timesteps"):
-            name = "wan2.2-ti2v-5b"
-        elif cls == "WanPipeline" and (
-            index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0]
-        ):
-            name = "wan2.2-t2v-a14b"
-        else:
-            return None
-        vae = {"scale_factor_spatial": 8, "scale_factor_temporal": 4, **(read("vae/config.json") or {})}
-        transformer = {"patch_size": (1, 2, 2), **(read("transformer/config.json") or {})}
-        components = {
-            "vae": SimpleNamespace(config=SimpleNamespace(**vae), **vae),
-            "transformer": SimpleNamespace(config=SimpleNamespace(**transformer)),
-            "family": name,
-            "boundary_ratio": index.get("boundary_ratio"),
-        }
-        return get_family(components)
-    except Exception:
-        return None
-
-
-# Flags that define a run: a checkpoint resumes only under the same values. Others (learning rates and the like) may
-# change on resume; the changes are logged.
-RUN_FLAGS = (
-    "method",
-    "phase_boundaries",
-    "steps_per_phase",
-    "max_train_steps",
-    "train_phase",
-    "phase_order",
-    "lora_rank",
-    "lora_alpha",
-    "fake_lora_rank",
-    "fake_full_finetune",
-    "family",
-    "pretrained_model_name_or_path",
-    "revision",
-)
-RECIPE_FLAGS = (
-    "learning_rate",
-    "fake_learning_rate",
-    "lr_scheduler",
-    "lr_warmup_steps",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_weight_decay",
-    "max_grad_norm",
-    "fake_updates_per_step",
-    "fake_weighting",
-    "timestep_sampling",
-    "dmd_weighting",
-    "guidance_scale",
-    "guidance_scale_2",
-    "train_batch_size",
-    "gradient_accumulation_steps",
-    "resolution",
-    "height",
-    "width",
-    "num_frames",
-    "resolutions",
-)
-
-
-def run_config(args, plan: Plan, family_name: str) -> dict:
-    """The run-defining values ([`RUN_FLAGS`]) as a checkpoint stores them."""
-    base = args.pretrained_model_name_or_path
-    return {
-        "method": plan.method,
-        "phase_boundaries": plan.boundaries,
-        "steps_per_phase": plan.steps_per_phase,
-        "max_train_steps": plan.max_steps,
-        "train_phase": args.train_phase,
-        "phase_order": plan.order,
-        "lora_rank": args.lora_rank,
-        "lora_alpha": args.lora_alpha,
-        "fake_lora_rank": args.fake_lora_rank or args.lora_rank,
-        "fake_full_finetune": args.fake_full_finetune,
-        "family": family_name,
-        "pretrained_model_name_or_path": str(Path(base).resolve()) if os.path.isdir(base) else base,
-        "revision": args.revision,
-    }
-
-
-def recipe_config(args) -> dict:
-    return {k: getattr(args, k) for k in RECIPE_FLAGS if hasattr(args, k)}
-
-
-def check_resume(path: Path, state: dict, run: dict, recipe: dict) -> None:
-    """Refuse a checkpoint of another run, naming every differing run-defining flag; log changed recipe flags."""
-    saved = state.get("run")
-    if saved is None:  # checkpoints written before the run was stored hold the plan only
-        plan = state.get("plan", {})
-        saved = {"method": plan.get("method"), "phase_boundaries": plan.get("boundaries")}
-        saved["steps_per_phase"] = plan.get("steps_per_phase")
-        saved = {k: v for k, v in saved.items() if v is not None}
-    differ = [k for k in RUN_FLAGS if k in saved and json.loads(json.dumps(run[k])) != saved[k]]
-    if differ:
-        lines = [
-            f"{'family (of --pretrained_model_name_or_path)' if k == 'family' else '--' + k}: "
-            f"{saved[k]!r} in the checkpoint, {run[k]!r} now"
-            for k in differ
-        ]
-        raise ValueError(
-            f"`--resume_from_checkpoint` {path} belongs to a run with other run-defining flags:\n  "
-            + "\n  ".join(lines)
-            + "\nResume with the checkpoint's values, or start a new run in another `--output_dir` (or pass "
-            "`--overwrite_output_dir` without `--resume_from_checkpoint` to replace it)."
-        )
-    for k, v in (state.get("recipe") or {}).items():
-        if k in recipe and json.loads(json.dumps(recipe[k])) != v:
-            logger.info("Resuming with --%s %r (the checkpoint had %r).", k, recipe[k], v)
-
-
-# What a run writes into --output_dir (the rest of a folder is left alone).
-_RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", "training_summary.json", "validation", "validation_grid.png")
-_EXPERT_OUTPUTS = ("phase_*", "phased_dmd_config.json", "scheduler", "README.md")
-
-
-def check_output_dir(args, output_dir: Path) -> list[Path]:
-    """Refuse a fresh run into a non-empty `--output_dir`; return what `--overwrite_output_dir` will delete.
-
-    A `--train_phase k` run may start in a folder that holds only the experts of other phases (the documented way
-    to train phases one at a time); checkpoints of another run there are refused as well.
-    """
-    if args.resume_from_checkpoint is not None or not output_dir.is_dir() or not any(output_dir.iterdir()):
-        return []
-    keep_experts = args.train_phase != "all"
-    patterns = _RUN_OUTPUTS + (() if keep_experts else _EXPERT_OUTPUTS) + (args.logging_dir,)
-    ours = sorted({p for pattern in patterns for p in output_dir.glob(pattern)})
-    if keep_experts and not any(p.name.startswith(("checkpoint-", ".checkpoint-")) for p in ours):
-        return []
-    if args.overwrite_output_dir:
-        return ours
-    found = ", ".join(sorted(p.name for p in output_dir.iterdir())[:6])
-    what = "checkpoints of another run" if keep_experts else "files"
-    raise ValueError(
-        f"`--output_dir` {output_dir} already holds {what} ({found}, ...). Resume that run with "
-        "`--resume_from_checkpoint latest`, choose another `--output_dir`, or pass `--overwrite_output_dir` to "
-        "delete its checkpoints and experts first."
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Conditioning helpers
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -801,42 +626,13 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         else:
             print(
                 f"\nInterrupted at global step {progress.global_step}; last checkpoint {progress.last_ckpt}. Resume "
-                f"with: {_resume_command()}",
+                f"with: {runs.resume_command()}",
                 flush=True,
             )
         raise SystemExit(130) from None
     finally:
         if progress.created_output_dir:
-            _remove_empty_dirs(output_dir)
-
-
-def _resume_command() -> str:
-    import shlex
-    import sys
-
-    argv = list(sys.argv)
-    for i, a in enumerate(argv):
-        if a == "--resume_from_checkpoint" and i + 1 < len(argv):
-            del argv[i : i + 2]
-            break
-        if a.startswith("--resume_from_checkpoint="):
-            del argv[i]
-            break
-    launcher = "accelerate launch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python"
-    return f"{launcher} {shlex.join(argv)} --resume_from_checkpoint latest"
-
-
-def _remove_empty_dirs(folder: Path) -> None:
-    if not folder.is_dir():
-        return
-    try:  # another process of the run may be doing the same
-        for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            if not any(sub.iterdir()):
-                sub.rmdir()
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    except OSError:
-        pass
+            runs.remove_empty_dirs(output_dir)
 
 
 def _tracker_config(args) -> dict:
@@ -863,7 +659,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress) -
     check_args(args)
     output_dir = Path(args.output_dir)
     prompts = load_prompts(args.prompts, args.prompt_column)
-    family = probe_family(args)
+    family = runs.probe_family(args)
 
     def checks_needing_the_family(family):
         if family.name not in expected_families:
@@ -875,7 +671,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress) -
             raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
         check_sizes(args, family)
         plan = make_plan(args, family)
-        return plan, run_config(args, plan, family.name)
+        return plan, runs.run_config(args, plan, family.name)
 
     plan = run = None
     if family is not None:
@@ -883,8 +679,8 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress) -
     resume = ckpt.resolve_resume(output_dir, args.resume_from_checkpoint)
     resume_state = ckpt.read_state(resume) if resume is not None else None
     if resume is not None and run is not None:
-        check_resume(resume, resume_state, run, recipe_config(args))
-        if resume_state["global_step"] >= plan.total_steps and _finished(output_dir):
+        runs.check_resume(resume, resume_state, run, runs.recipe_config(args))
+        if resume_state["global_step"] >= plan.total_steps and runs.finished(output_dir):
             logger.info(
                 "The run in %s is finished (%d of %d generator updates, experts written); nothing to do.",
                 output_dir,
@@ -892,7 +688,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress) -
                 plan.total_steps,
             )
             return output_dir
-    to_delete = check_output_dir(args, output_dir)
+    to_delete = runs.check_output_dir(args, output_dir)
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -917,7 +713,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress) -
     if plan is None or run["family"] != family.name:  # the config files could not be read before loading
         plan, run = checks_needing_the_family(family)
         if resume is not None:
-            check_resume(resume, resume_state, run, recipe_config(args))
+            runs.check_resume(resume, resume_state, run, runs.recipe_config(args))
     d = Distiller(args, accelerator, family, pipe, plan)
     buckets = sizes(args)
     device = accelerator.device
@@ -1047,7 +843,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress) -
                     "phases": plan.phases,
                 },
                 "run": run,
-                "recipe": recipe_config(args),
+                "recipe": runs.recipe_config(args),
             },
         )
         opt_tensors = {}
@@ -1227,12 +1023,6 @@ class _Batch:
     cond: dict
     sigmas: list[list[float]]
     shift: float
-
-
-def _finished(output_dir: Path) -> bool:
-    from .. import hub
-
-    return (output_dir / hub.CONFIG_NAME).is_file() and (output_dir / "training_summary.json").is_file()
 
 
 def _load_adapter(model, adapter_name: str, state_dict, path: Path) -> None:
