@@ -276,6 +276,8 @@ def wrap_model(accelerator, model, layout: Layout):
             for m in wrapped.modules():
                 if isinstance(m, FSDPModule):
                     m.set_gradient_divide_factor(float(layout.dp_size))
+                    if accelerator.device.type == "cpu":  # gloo has no PREMUL_SUM: divide, then sum
+                        m.set_force_sum_reduction_for_comms(True)
         return wrapped
     if layout.degree > 1 and accelerator.distributed_type.value == "FSDP":
         raise ValueError("`--context_parallel_degree` > 1 with FSDP needs `fsdp_version: 2` in the accelerate config.")
