@@ -17,12 +17,14 @@ Reported per run: the largest relative deviation of the fake-score and DMD losse
 the GPUs), median step time (first step excluded) and samples per second per GPU, also as a fraction of one GPU's.
 `NCCL_NVLS_ENABLE=0` (NCCL's NVLink multicast off) is set for every launch.
 
-    # Qwen-Image at reduced width, 2 and 4 GPUs
-    NCCL_NVLS_ENABLE=0 python benchmarks/gpu_multi.py --family qwen-image --model Qwen/Qwen-Image \\
-        --resolution 512 --gpus 2 4 --modes fsdp2 cp fsdp2-cp --steps 3 --out benchmarks/results/multi_qwen.json
-    # Wan2.2 A14B at 480x832x81 (32,760 tokens)
-    NCCL_NVLS_ENABLE=0 python benchmarks/gpu_multi.py --family wan --model Wan-AI/Wan2.2-T2V-A14B-Diffusers \\
-        --height 480 --width 832 --num_frames 81 --gpus 2 4 --modes cp fsdp2-cp --steps 2 \\
+    # Qwen-Image at half width (60 blocks, 12 heads, 5.5B), 1024x1024: random weights saved first (no network)
+    python benchmarks/gpu_multi.py --family qwen-image --make_base /tmp/qwen-half
+    NCCL_NVLS_ENABLE=0 python benchmarks/gpu_multi.py --family qwen-image --model /tmp/qwen-half \\
+        --resolution 1024 --gpus 2 4 --modes fsdp2 cp fsdp2-cp --steps 3 --out benchmarks/results/multi_qwen.json
+    # Wan2.2 A14B at full size (2 x 14.3B), 480x832x81 (32,760 tokens)
+    python benchmarks/gpu_multi.py --family wan --make_base /tmp/wan-a14b
+    NCCL_NVLS_ENABLE=0 python benchmarks/gpu_multi.py --family wan --model /tmp/wan-a14b \\
+        --height 480 --width 832 --num_frames 81 --gpus 2 4 --modes cp fsdp2-cp --steps 2 --fake_updates 1 \\
         --out benchmarks/results/multi_wan.json
     # CPU logic check: tiny Wan2.2 A14B, 2 gloo processes, every mode (not a measurement)
     python benchmarks/gpu_multi.py --tiny
@@ -177,6 +179,40 @@ def run_one(a, mode: str | None, n: int, batch: int, degree: int, work: Path, po
     }
 
 
+# Published transformer configs (Qwen-Image at half width: 12 heads instead of 24), random weights, with the tiny
+# text encoder and tokenizer of `diffusers_pdmd.tiny` (the GPU machines have no network; prompts are encoded once,
+# `--cache_text_embeddings`) and small VAEs with the real latent layout (Qwen: 16 channels, factor 8; Wan: 16, 8x4).
+FULL = {
+    "qwen-image": {
+        "transformer_kwargs": {"in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+                               "num_attention_heads": 12, "axes_dims_rope": (16, 56, 56)},
+        "vae_kwargs": {"z_dim": 16, "dim_mult": [1, 2, 4, 4], "temperal_downsample": [False, True, True]},
+    },
+    "wan": {
+        "transformer_kwargs": {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824,
+                               "num_layers": 40, "rope_max_seq_len": 1024},
+    },
+}  # fmt: skip
+
+
+def make_base(family: str, folder: str) -> None:
+    """Save a random-weight pipeline with the full-size transformer(s) of `family` in bf16 (Wan A14B: ~57 GB)."""
+    import torch
+
+    from diffusers_pdmd import tiny
+
+    name = "qwen-image" if family == "qwen-image" else "wan2.2-t2v-a14b"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # Wan A14B in float32 would not fit one GPU
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: minutes
+            pipe = tiny.build_pipeline(name, **FULL[family])
+    finally:
+        torch.set_default_dtype(default)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    print("saved", folder, sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, "B parameters per transformer")
+
+
 def deviation(ref: list[dict], other: list[dict], key: str) -> float:
     return max(abs(b[key] - a[key]) / max(abs(a[key]), 1e-12) for a, b in zip(ref, other))
 
@@ -269,7 +305,10 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--num_frames", type=int, default=81)
     parser.add_argument("--work_dir", default=None, help="where the runs write (default: a temporary folder)")
+    parser.add_argument("--make_base", default=None, help="only save a random-weight full-size base to this folder")
     a = parser.parse_args(argv)
+    if a.make_base:
+        return make_base(a.family, a.make_base)
     if a.tiny:
         a.modes = list(MODES)
     if gc_.maybe_from_json(a, NAME, render):
