@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import logging
@@ -31,7 +30,7 @@ import torch
 from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
 from . import checkpoint as ckpt
-from . import runs
+from . import parallel, runs
 from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, T_SAMPLINGS, dmd_loss, fake_score_loss, sample_t
 from .simulate import METHODS, generator_sample, split_by_phase
 
@@ -153,6 +152,13 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--logit_std", type=float, default=1.0, help="Std of `--timestep_sampling logit_normal`.")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--gradient_checkpointing", action="store_true")
+    a(
+        "--context_parallel_degree",
+        type=int,
+        default=1,
+        help="Processes that share each sample, splitting its tokens (diffusers' Ulysses attention); must divide the "
+        "number of processes and the attention heads. The others replicate data-parallel.",
+    )
     a("--cache_text_embeddings", action="store_true", help="Encode prompts once, then free the text encoder.")
     a("--max_sequence_length", type=int, default=512)
     a("--seed", type=int, default=0)
@@ -512,6 +518,9 @@ class Distiller:
         self.args, self.accelerator, self.family, self.plan = args, accelerator, family, plan
         self.device = accelerator.device
         self.components = dict(pipe.components)
+        self.layout = parallel.setup(
+            accelerator, getattr(args, "context_parallel_degree", 1), family, self.components, self.size()
+        )
         self.models = {}
         for name in (n for n in family.transformer_names if self.components.get(n) is not None):
             model = self.components[name]
@@ -562,11 +571,10 @@ class Distiller:
         self.callers = {n: self._wrap(m) for n, m in self.models.items()}
 
     def _wrap(self, model):
-        if self.accelerator.num_processes == 1:
-            return _CallThrough(model, model)
-        dtype = model.dtype
-        caller = _CallThrough(model, self.accelerator.prepare_model(model))
-        caller.dtype = dtype  # of the model as loaded, before any sharding wrapper
+        dtype = model.dtype  # of the model as loaded, before any sharding wrapper
+        wrapped = parallel.wrap_model(self.accelerator, model, self.layout)  # DDP / FSDP1 / FSDP2, context parallel
+        caller = _CallThrough(model, wrapped)
+        caller.dtype = dtype
         return caller
 
     @property
@@ -575,18 +583,20 @@ class Distiller:
 
         return self.accelerator.distributed_type == DistributedType.FSDP
 
-    def full_params(self):
+    def full_params(self, writeback: bool = False):
         """Context in which every (FSDP-sharded) model holds its full parameters, for reading state dicts.
 
-        Collective under FSDP: every process must enter it.
+        Collective under FSDP: every process must enter it. `writeback=True` shards what was loaded back on exit.
         """
 
         stack = contextlib.ExitStack()
-        if self.fsdp:
+        if parallel.is_fsdp2(self.accelerator):
+            stack.enter_context(parallel.gathered_parameters([*self.models.values(), *self.fake_full.values()]))
+        elif self.fsdp:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             for caller in [*self.callers.values(), *self.fake_full.values()]:
-                stack.enter_context(FSDP.summon_full_params(caller.wrapped, writeback=False))
+                stack.enter_context(FSDP.summon_full_params(caller.wrapped, writeback=writeback))
         return stack
 
     def _optimizer_model(self, phase: int, role: str):
@@ -599,6 +609,8 @@ class Distiller:
 
     def optimizer_state(self, opt, phase: int, role: str, key: str):
         """`(tensors, meta)` of an optimizer; under FSDP its full (unsharded) state (collective)."""
+        if parallel.is_fsdp2(self.accelerator):
+            return ckpt.flatten_optimizer(parallel.full_optimizer_state_dict(opt), key)
         if not self.fsdp:
             return ckpt.flatten_optimizer(opt.state_dict(), key)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -609,6 +621,8 @@ class Distiller:
 
     def load_optimizer_state(self, opt, phase: int, role: str, tensors, meta, key: str):
         state_dict = ckpt.unflatten_optimizer(tensors, meta, key)
+        if parallel.is_fsdp2(self.accelerator):
+            return parallel.load_full_optimizer_state_dict(opt, state_dict)
         if not self.fsdp:
             opt.load_state_dict(state_dict)
             return
@@ -690,7 +704,8 @@ class Distiller:
         if self.args.fake_full_finetune:
             self.fake_full = {}
             for name, model in self.models.items():
-                fake = copy.deepcopy(model)  # the frozen base never changes: a copy with adapters off is the teacher
+                # the frozen base never changes: a copy with adapters off is the teacher
+                fake = parallel.copy_model(model)
                 for layer in ad.tuner_layers(fake):
                     layer._disable_adapters = True
                 for pname, p in fake.named_parameters():
@@ -992,11 +1007,12 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress, l
     # One generator, seeded alike on every process: each draws the global batch and keeps its own slice, so a
     # run on P processes with batch b sees the same samples as one process with batch P * b.
     gen = torch.Generator().manual_seed(args.seed)
-    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    n_proc, rank = d.layout.dp_size, d.layout.dp_rank  # a context-parallel group shares its samples
     global_step, last_ckpt, history = 0, None, []
     earlier = output_dir / hub.CONFIG_NAME
     if earlier.is_file() and args.resume_from_checkpoint is None:
-        _load_experts(d, output_dir, skip=plan.phases if args.train_phase == "all" else [])
+        with d.full_params(writeback=True):  # collective under FSDP
+            _load_experts(d, output_dir, skip=plan.phases if args.train_phase == "all" else [])
     if min(plan.phases) > 0 and not earlier.is_file() and args.resume_from_checkpoint is None:
         raise ValueError(
             f"Training phase {min(plan.phases)} needs the experts of phases 0..{min(plan.phases) - 1}: put the "
@@ -1007,19 +1023,20 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress, l
     if resume is not None:
         files, state = ckpt.load_checkpoint(resume)
         global_step, history = state["global_step"], state.get("history", [])
-        for j in range(plan.num_phases):
-            if f"phase_{j}" in files:
-                _load_adapter(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"], resume / f"phase_{j}")
+        with d.full_params(writeback=True):  # collective under FSDP
+            for j in range(plan.num_phases):
+                if f"phase_{j}" in files:
+                    _load_adapter(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"], resume / f"phase_{j}")
         phase, _ = plan.position(min(global_step, plan.total_steps - 1))
         for j in state["opt_phases"]:  # phases whose optimizers were live when the checkpoint was written
             if plan.order == "sequential" and j != phase:
                 continue  # the checkpoint closed phase j: phase `phase` starts fresh, as in an uninterrupted run
-            if not args.fake_full_finetune:
-                for name, model in d.models.items():
-                    _load_adapter(model, f"fake_{j}", files[f"fake_{j}.{name}"], resume / f"fake_{j}.{name}")
-            else:
+            if args.fake_full_finetune:
                 d.start_phase(j)
-                for name, model in d.fake_full.items():
+            with d.full_params(writeback=True):
+                for name, model in d.models.items() if not args.fake_full_finetune else ():
+                    _load_adapter(model, f"fake_{j}", files[f"fake_{j}.{name}"], resume / f"fake_{j}.{name}")
+                for name, model in d.fake_full.items() if args.fake_full_finetune else ():
                     getattr(model, "raw", model).load_state_dict(files[f"fake_full.{name}"])
             make_opts(j)
             _, _, g_opt, f_opt, g_sch, f_sch = opts[j]
