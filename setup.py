@@ -37,6 +37,7 @@ setup(
             "matplotlib",
             "imageio>=2.27",  # the docs' Wan recipes are tested, `export_to_video` included
             "imageio-ffmpeg>=0.4.9",
+            "tensorboard",
         ],
     },
 )

@@ -519,3 +519,178 @@ def set_compiled(module, kind: str, **compile_kwargs):
         module.compile(**compile_kwargs)
     elif kind != "none":
         raise ValueError(f"compile kind must be none, regional or full, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full pipelines for the training benchmark (`gpu_train.py`): published transformer configs, text encoders at full
+# width with 2 layers (training caches the prompt embeddings, so depth only costs the one encoding pass)
+# ----------------------------------------------------------------------------------------------------------------
+
+WAN22_TI2V_5B_TRANSFORMER = {
+    **WAN22_A14B_TRANSFORMER,
+    "num_attention_heads": 24,
+    "in_channels": 48,
+    "out_channels": 48,
+    "ffn_dim": 14336,
+    "num_layers": 30,
+}
+WAN22_VAE = {  # Wan2.2-TI2V-5B: 48 latent channels, 16x spatial, 2x2 pixel patchify
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+    "latents_mean": [0.0] * 48,
+    "latents_std": [1.0] * 48,
+}
+# Sizes the training benchmark runs at: (height, width, frames); Qwen-Image frames None.
+TRAIN_SIZES = {"qwen": (1024, 1024, None), "wan-a14b": (480, 832, 81), "wan-ti2v-5b": (704, 1280, 121)}
+TRAIN_SIZES_TINY = {"qwen": (32, 32, None), "wan-a14b": (16, 16, 5), "wan-ti2v-5b": (32, 32, 5)}
+TRAIN_FAMILIES = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-ti2v-5b": "wan2.2-ti2v-5b"}
+
+
+def build_train_pipeline(model: str, tiny: bool, in_cpu_memory: bool = False):
+    """A random-weight pipeline of `model` (`qwen`, `wan-a14b`, `wan-ti2v-5b`) in bf16.
+
+    Full size: transformers with the published configs, built on the GPU (random init there takes seconds), VAE
+    with the published config, text encoder at full width with 2 layers, the tiny offline tokenizer of
+    `diffusers_pdmd.tiny`. `in_cpu_memory`: every module moved to the CPU as soon as it is built, as
+    `from_pretrained` leaves a pipeline (a GPU never holds two bf16 A14B transformers at once). `tiny`:
+    `diffusers_pdmd.tiny.build_pipeline` (CPU, float32).
+    """
+    from diffusers_pdmd import tiny as tiny_models
+
+    family = TRAIN_FAMILIES[model]
+    if tiny:
+        return tiny_models.build_pipeline(family)
+    import diffusers
+    import transformers
+
+    def built(module):
+        return module.to("cpu") if in_cpu_memory else module
+
+    if model == "qwen":  # schedulers outside the build context: they keep their tables on the CPU
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=1.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=0.9,
+            base_image_seq_len=256,
+            max_image_seq_len=8192,
+            shift_terminal=0.02,
+            time_shift_type="exponential",
+        )
+    else:
+        scheduler = diffusers.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if model == "wan-ti2v-5b" else 3.0
+        )
+    with build_context():
+        if model == "qwen":
+            text_config = dict(QWEN25_VL_7B_TEXT, num_hidden_layers=2)
+            vision_config = dict(QWEN25_VL_7B_VISION, depth=2, fullatt_block_indexes=[1])
+            tok = tiny_models.build_tokenizer("qwen-image")
+            text_config.update(
+                bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tok.pad_token_id,
+            )
+            encoder = built(
+                transformers.Qwen2_5_VLForConditionalGeneration(
+                    transformers.Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config)
+                ).eval()
+            )
+            transformer = built(diffusers.QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER))
+            return diffusers.QwenImagePipeline(
+                scheduler=scheduler,
+                vae=built(diffusers.AutoencoderKLQwenImage()),
+                text_encoder=encoder,
+                tokenizer=tok,
+                transformer=transformer.eval(),
+            )
+        tok = tiny_models.build_tokenizer(family)
+        t5 = dict(UMT5_XXL_ENCODER, num_layers=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        encoder = built(transformers.UMT5EncoderModel(transformers.UMT5Config(**t5)).eval())
+        ti2v = model == "wan-ti2v-5b"
+        config = WAN22_TI2V_5B_TRANSFORMER if ti2v else WAN22_A14B_TRANSFORMER
+        transformer = built(diffusers.WanTransformer3DModel(**config).eval())
+        if ti2v:
+            transformer_2, extra = None, {"boundary_ratio": None, "expand_timesteps": True}
+            vae = built(diffusers.AutoencoderKLWan(**WAN22_VAE))
+        else:
+            transformer_2 = built(diffusers.WanTransformer3DModel(**config).eval())
+            extra = {"boundary_ratio": 0.875, "expand_timesteps": False}
+            vae = built(diffusers.AutoencoderKLWan())
+        return diffusers.WanPipeline(
+            tokenizer=tok,
+            text_encoder=encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            **extra,
+        )
+
+
+def linear_flops(model, tokens_of: Callable[[str], int]) -> int:
+    """Multiply-add FLOPs (2 per MAC) of every `nn.Linear` of `model`, each applied to `tokens_of(name)` rows."""
+    total = 0
+    for name, module in model.named_modules():
+        if ".lora_" in name:  # peft adapters: left out; their base linear counts under the layer's own name
+            continue
+        name = name.replace(".base_layer", "")
+        if isinstance(module, torch.nn.Linear):
+            total += 2 * module.in_features * module.out_features * tokens_of(name)
+        elif isinstance(module, torch.nn.Conv3d) and module.kernel_size == module.stride:  # Wan's patch embedding
+            macs = module.in_channels * module.out_channels * int(torch.Size(module.kernel_size).numel())
+            total += 2 * macs * tokens_of(name)
+    return total
+
+
+def transformer_forward_flops(model, batch: int, tokens: int, text_tokens: int, per_token_time: bool = False) -> int:
+    """Model FLOPs of one forward (see [`transformer_flops`])."""
+    return sum(transformer_flops(model, batch, tokens, text_tokens, per_token_time))
+
+
+def transformer_flops(model, batch: int, tokens: int, text_tokens: int, per_token_time: bool = False):
+    """`(linear, attention)` model FLOPs of one forward of a Qwen-Image or Wan transformer, analytically from its
+    modules and token counts.
+
+    Linears: `2 * in * out` per row they see (Qwen-Image: image-stream linears on `tokens`, text-stream linears
+    (`add_*`, `to_add_out`, `txt_*`) on `text_tokens`, modulation / time linears on one row; Wan: the blocks on
+    `tokens` except the cross-attention keys / values on `text_tokens`, the text embedder on `text_tokens`).
+    Attention: `4 * S_q * S_kv * inner_dim` per layer (scores and weighted sum). LoRA adapters are left out (rank 64
+    adds under 5%). `tokens` counts patches (Qwen-Image: packed tokens; Wan: `F * H/2 * W/2` latent patches).
+    `per_token_time`: Wan2.2 TI2V-5B embeds a timestep per token (`expand_timesteps`), so its time linears see
+    `tokens` rows.
+    """
+    cfg = model.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    layers = cfg.num_layers
+    qwen = type(model).__name__.startswith("QwenImage")
+
+    def tokens_of(name: str) -> int:
+        leaf = name.rsplit(".", 1)[-1]
+        if qwen:
+            if any(k in name for k in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp", "txt_in")):
+                return text_tokens
+            if any(k in name for k in ("img_mod", "txt_mod", "time_text_embed", "norm_out")):
+                return 1
+            return tokens
+        if "attn2" in name and leaf in ("to_k", "to_v", "add_k_proj", "add_v_proj"):
+            return text_tokens
+        if "text_embedder" in name:
+            return text_tokens
+        if any(k in name for k in ("time_embedder", "time_proj")):
+            return tokens if per_token_time else 1
+        return tokens
+
+    linear = linear_flops(model, tokens_of)
+    if qwen:
+        attention = layers * 4 * (tokens + text_tokens) ** 2 * inner
+    else:
+        attention = layers * 4 * (tokens * tokens + tokens * text_tokens) * inner
+    return batch * linear, batch * attention

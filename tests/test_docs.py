@@ -45,6 +45,7 @@ def test_cpu_recipe_runs(title, tmp_path, monkeypatch):
                 argv = shlex.split(line)
                 assert argv[:2] == ["python", "-m"], line
                 monkeypatch.setattr(sys, "argv", [argv[2], *argv[3:]])
+                monkeypatch.delitem(sys.modules, argv[2], raising=False)  # run it fresh, as `python -m` does
                 with pytest.raises(SystemExit) as done:  # `python -m` in this process (no second torch import)
                     runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
                 assert done.value.code == 0, line

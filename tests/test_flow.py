@@ -1,9 +1,12 @@
 """Flow-matching math checked against closed forms and Monte Carlo on Gaussian mixtures."""
 
+import math
+
 import pytest
 import torch
 
 from diffusers_pdmd.training import flow
+from diffusers_pdmd.training.losses import sample_t
 from diffusers_pdmd.training.toy import GaussianMixture
 
 
@@ -93,12 +96,35 @@ def test_posterior_mean_xs_matches_monte_carlo(s, t):
         assert (mc - pred).abs().max() < 0.03
 
 
-def test_weights():
-    s, t = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.5001, 0.9, 0.6])
+def test_fake_weight_is_eq13():
+    # Eq. 13: clamp(1 / sigma_{t|s}^2, max=10) * ||sigma_{t|s} F - sigma_{t|s} v*||^2, written out per sample
+    s = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.875])
+    t = torch.tensor([0.5001, 0.6, 0.9, 0.2, 0.6, 0.95])
+    g = torch.Generator().manual_seed(0)
+    f, v = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    _, sig = flow.transition(s, t)
+    eq13 = (1 / sig**2).clamp(max=10) * ((sig[:, None] * f - sig[:, None] * v) ** 2).sum(1)
+    torch.testing.assert_close(flow.subinterval_weight(s, t) * ((f - v) ** 2).sum(1), eq13)
+    # at s = 0 (last phase, baselines) it is plain flow matching for t > 1 / sqrt(10), and 10 t^2 below
+    torch.testing.assert_close(flow.subinterval_weight(0.0, torch.tensor([0.2, 0.33, 0.9])), torch.tensor([0.4, 1, 1]))
+    # it damps the draws near t = s, where the noise coefficient of v* grows like 1 / sigma_{t|s}
     c = flow.subinterval_weight(s, t)
+    assert c[0] < 1e-2 and c[2] == 1.0
+    assert flow.subinterval_weight(0.5, 0.9) == 1.0  # floats too
+
+
+def test_inverse_variance_weight():
+    s, t = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.5001, 0.9, 0.6])
+    c = flow.inverse_variance_weight(s, t)
     _, sig_ts = flow.transition(s, t)
     assert c[0] == 10.0
     torch.testing.assert_close(c[1:], 1 / sig_ts[1:] ** 2)
+    # the two weights differ by exactly 1 / sigma_{t|s}^2 where neither is clamped
+    torch.testing.assert_close(c[1:] / flow.subinterval_weight(s, t)[1:], 1 / sig_ts[1:] ** 2)
+
+
+def test_dmd_weight():
+    s, t = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.5001, 0.9, 0.6])
     # w_{t|s} equals alpha_{t|s} * (score difference per unit velocity difference): alpha_t alpha_{t|s} / sigma_t
     w = flow.dmd_weight(s, t)
     a_ts, _ = flow.transition(s, t)
@@ -110,3 +136,65 @@ def test_phase_of():
     assert flow.phase_of(0.875, [0.875]) == 1
     assert flow.phase_of(0.0, [0.9, 0.5]) == 2
     torch.testing.assert_close(flow.phase_of(torch.tensor([1.0, 0.7, 0.2]), [0.9, 0.5]), torch.tensor([0, 1, 2]))
+
+
+# -- timestep sampling --------------------------------------------------------------------------------------------
+
+
+def _unshift(x, shift):
+    return x / (shift - (shift - 1) * x)
+
+
+def _normal_cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+N_T = 400_000
+
+
+@pytest.mark.parametrize("shift", [1.0, 5.0, 12.0])
+def test_shifted_t_tail_matches_the_shift_formula(shift):
+    # s = 0: t = S(u), u uniform, so P(t >= 0.875) = 1 - S^-1(0.875): 12.5 %, 41.7 %, 63.2 % for shift 1, 5, 12
+    t = sample_t(0.0, N_T, torch.Generator().manual_seed(0), sampling="shifted", shift=shift, min_gap=0.0)
+    expected = 1 - _unshift(0.875, shift)
+    assert (t >= 0.875).double().mean().item() == pytest.approx(expected, abs=0.004)
+    assert {1.0: 0.125, 5.0: 0.4167, 12.0: 0.6316}[shift] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("sampling", ["shifted", "uniform", "logit_normal"])
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.875])
+def test_t_lies_in_the_reverse_nested_interval(sampling, s):
+    t = sample_t(s, 50_000, torch.Generator().manual_seed(1), sampling=sampling, shift=5.0)
+    assert t.dtype == torch.float32 and t.shape == (50_000,)
+    assert (t > s).all() and (t <= 1.0).all()
+
+
+@pytest.mark.parametrize("s", [0.0, 0.5])
+def test_shifted_t_is_the_training_distribution_restricted_to_s_1(s):
+    # conditional tail P(t >= x | t > s) = (1 - S^-1(x)) / (1 - S^-1(s)) on the shifted scale
+    shift = 5.0
+    t = sample_t(s, N_T, torch.Generator().manual_seed(2), sampling="shifted", shift=shift, min_gap=0.0)
+    for x in (0.6, 0.8, 0.95):
+        expected = (1 - _unshift(x, shift)) / (1 - _unshift(s, shift))
+        assert (t >= x).double().mean().item() == pytest.approx(expected, abs=0.004)
+
+
+@pytest.mark.parametrize("s, shift", [(0.0, 1.0), (0.0, 3.0), (0.5, 1.0)])
+def test_logit_normal_t_tail(s, shift):
+    # u = sigmoid(N(0, 1)) restricted to u > S^-1(s), t = S(u): P(t >= x) = P(n >= logit S^-1(x)) / P(n > logit S^-1(s))
+    t = sample_t(s, N_T, torch.Generator().manual_seed(3), sampling="logit_normal", shift=shift, min_gap=0.0)
+
+    def tail(x):
+        u = _unshift(x, shift)
+        return 1.0 if u <= 0 else 1 - _normal_cdf(math.log(u / (1 - u)))
+
+    for x in (0.3, 0.7, 0.875):
+        if x > s:
+            assert (t >= x).double().mean().item() == pytest.approx(tail(x) / tail(s), abs=0.004)
+
+
+def test_uniform_t_is_uniform_on_s_1():
+    t = sample_t(0.5, N_T, torch.Generator().manual_seed(4), sampling="uniform", min_gap=0.0)
+    assert (t >= 0.875).double().mean().item() == pytest.approx(0.25, abs=0.004)
+    with pytest.raises(ValueError, match="sampling"):
+        sample_t(0.5, 4, sampling="beta")

@@ -370,3 +370,29 @@ def test_unresolvable_base_model_says_how_to_pass_the_base(tmp_path, offline_cac
     # The way the message gives works.
     loaded = PhasedMoEPipeline.from_pretrained(base, experts=tmp_path / "experts")
     np.testing.assert_allclose(_images(loaded), _images(pipe), atol=1e-6, rtol=0)
+
+
+def test_released_lora_file_from_a_hub_repo_of_several(tmp_path, offline_cache):
+    from safetensors.torch import save_file
+
+    base = tiny.save_pipeline("qwen-image", tmp_path / "base")
+    to_q = tiny.build_pipeline("qwen-image").transformer.transformer_blocks[0].attn.to_q
+    release = tmp_path / "release"
+    release.mkdir()
+    for steps in (4, 8):
+        g = torch.Generator().manual_seed(steps)
+        save_file(
+            {
+                "transformer_blocks.0.attn.to_q.lora_down.weight": torch.randn(2, to_q.in_features, generator=g),
+                "transformer_blocks.0.attn.to_q.lora_up.weight": torch.randn(to_q.out_features, 2, generator=g),
+                "transformer_blocks.0.attn.to_q.alpha": torch.tensor(2.0),
+            },
+            release / f"Qwen-Image-Lightning-{steps}steps-V1.0.safetensors",
+        )
+    put_in_hub_cache(offline_cache, "org/lightning", release, "d" * 40)
+    with pytest.raises(ValueError, match="several LoRA files"):
+        PhasedMoEPipeline.from_pretrained(base, experts="org/lightning")
+    pipe = PhasedMoEPipeline.from_pretrained(
+        base, experts="org/lightning", experts_weight_name="Qwen-Image-Lightning-8steps-V1.0.safetensors"
+    )
+    assert pipe.config.method == "qwen-image-lightning-8steps" and list(pipe.scheduler.config.steps_per_phase) == [8]

@@ -8,6 +8,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 
+from diffusers_pdmd.hub import multiple_adapters  # noqa: E402
 from diffusers_pdmd.pipelines.lora_delta import (  # noqa: E402
     DeltaExperts,
     ResidentExperts,
@@ -50,7 +51,8 @@ def make_model(dtype=torch.float32, seed=0, delta_scale=1.0):
         config = peft.LoraConfig(
             r=4, lora_alpha=8, target_modules=["to_q", "ff_in", "ff_out"], init_lora_weights=False
         )
-        peft.inject_adapter_in_model(config, model, adapter_name=name)
+        with multiple_adapters():  # several adapters on one model are the design
+            peft.inject_adapter_in_model(config, model, adapter_name=name)
     with torch.no_grad():
         for layer in lora_linear_layers(model):
             for name in ADAPTERS:
@@ -171,7 +173,8 @@ def test_delta_experts_path_walk_is_bounded_for_three_experts():
     names = ["e0", "e1", "e2"]
     for name in names:
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["ff_in"], init_lora_weights=False)
-        peft.inject_adapter_in_model(config, model, adapter_name=name)
+        with multiple_adapters():  # several adapters on one model are the design
+            peft.inject_adapter_in_model(config, model, adapter_name=name)
     layer = lora_linear_layers(model, names)[0]
     with torch.no_grad():
         for name in names:

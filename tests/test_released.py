@@ -116,6 +116,7 @@ def test_wan22_lightning_matches_authors_sampler(family, boundary, diff_b, tmp_p
     pipe = PhasedMoEPipeline.from_pretrained(base_dir, experts=folder)
     assert pipe.config.method == f"{family}-lightning"
     x, embeds = _wan_inputs()
+    authors = [1.0, 0.9375, 5 / 6, 0.625]  # shift 5 on linspace(1, 0, 5)[:-1], as the authors compute them
     kwargs, concat = {}, None
     if family == "wan2.2-i2v-a14b":
         kwargs["image"] = Image.new("RGB", (16, 16), (200, 40, 90))
@@ -125,9 +126,31 @@ def test_wan22_lightning_matches_authors_sampler(family, boundary, diff_b, tmp_p
     )
 
     hi, lo = merged(ref.transformer, d_high), merged(ref.transformer_2, d_low)
-    authors = [1.0, 0.9375, 5 / 6, 0.625]
     expected = euler(lambda t: hi if t >= boundary else lo, authors, x, _wan_velocity(embeds, concat))
     torch.testing.assert_close(out.frames, expected, atol=1e-5, rtol=1e-5)
+    # Saved in our format (its config names the base it was loaded on) they load back as the same sampler.
+    pipe.save_pretrained(tmp_path / "ours", experts_only=True)
+    resaved = PhasedMoEPipeline.from_pretrained(tmp_path / "ours")
+    again = resaved(
+        prompt_embeds=embeds, latents=x.clone(), output_type="latent", height=16, width=16, num_frames=5, **kwargs
+    )
+    torch.testing.assert_close(again.frames, expected, atol=1e-5, rtol=1e-5)
+    # The authors' grid passed explicitly, their threshold as the (off-grid) phase boundary: the same sampler.
+    from diffusers_pdmd import PhasedDMDScheduler
+
+    pipe.scheduler = PhasedDMDScheduler(phase_boundaries=[boundary / 1000], steps_per_phase=[2, 2])
+    pipe.set_experts(pipe.config.experts, phase_boundaries=[boundary / 1000])
+    again = pipe(
+        prompt_embeds=embeds,
+        latents=x.clone(),
+        output_type="latent",
+        height=16,
+        width=16,
+        num_frames=5,
+        sigmas=authors,
+        **kwargs,
+    )
+    torch.testing.assert_close(again.frames, expected, atol=1e-5, rtol=1e-5)
     # The LoRAs really changed the output (the test can fail).
     plain = euler(
         lambda t: ref.transformer if t >= boundary else ref.transformer_2, authors, x, _wan_velocity(embeds, concat)
@@ -233,3 +256,24 @@ def test_preset_sigmas_are_what_its_scheduler_makes():
     for preset in PRESETS.values():
         scheduler = preset.scheduler()
         torch.testing.assert_close(scheduler.sigmas[:-1], torch.tensor(preset.sigmas, dtype=torch.float32))
+
+
+def test_load_experts_on_a_built_pipeline_equals_from_pretrained(qwen_base, tmp_path):
+    ref = tiny.build_pipeline("qwen-image")
+    tensors = fabricate_lora(ref.transformer, {m: m for m in QWEN_MODULES}, "transformer_blocks", "", 0)[0]
+    file = tmp_path / "Qwen-Image-Lightning-4steps-V1.0.safetensors"
+    save_file(tensors, file)
+    from diffusers_pdmd import PhasedDMDScheduler
+
+    components = tiny.build_components("qwen-image")
+    components["scheduler"] = PhasedDMDScheduler.from_config(components["scheduler"].config)
+    built = PhasedMoEPipeline(**components)
+    built.load_experts(file)
+    loaded = PhasedMoEPipeline.from_pretrained(qwen_base, experts=file)
+    assert built.config.method == loaded.config.method == "qwen-image-lightning-4steps"
+    g = torch.Generator().manual_seed(2)
+    x, embeds = torch.randn(1, 16, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    outs = [
+        p(prompt_embeds=embeds, latents=x, output_type="latent", height=32, width=32).images for p in (built, loaded)
+    ]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)

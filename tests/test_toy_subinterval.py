@@ -5,10 +5,16 @@ Data x_0 uniform on {-1, 0, 1, 2}; 3-hidden-layer MLPs (width 64), 2000 Adam ste
 models see only samples of x_s at s = 0.5 and t in (0.5, 1]. Trajectories: 20k noises, 16 Euler steps from t = 1
 to t = 0.5, compared by RMS with the same Euler steps on the analytic velocity.
 
-Measured on the development machine (seed 0): full-interval model 0.007; unbiased target with the clamped weight
-c = clamp(1 / sigma_{t|s}^2, 0, 10) as a loss weight 0.010 (0.005 from the full model); unbiased target without
-the weight 0.028; naive target 0.124, whose end points drift (mean 0.13 against the true 0.25). So c is used as a
-per-sample loss weight (it also down-weights the high-variance targets near t = 1).
+Fake weight: Eq. 13, c = min(1, 10 sigma_{t|s}^2) on |F - v*|^2 (`weighting="paper"`). Measured on the development
+machine, trajectory RMS to the analytic one over seeds 0 / 1 / 2: full-interval model 0.007 (seed 0); unbiased target
+with Eq. 13's weight 0.027 / 0.023 / 0.022; with the earlier weight min(1 / sigma_{t|s}^2, 10) 0.010 / 0.012 / 0.010;
+unweighted 0.028 / 0.018 / 0.018; naive target 0.12, whose end points drift (mean 0.13 against the true 0.25).
+
+Where the noise is: v*'s noise coefficient grows like 1 / sigma_{t|s} as t -> s, so the variance of the target is
+largest near t = s, not near t = 1. Eq. 13's weight damps exactly those draws; the earlier weight multiplies them by
+up to 10. On this 1-D toy (batch 1024, 2000 steps, trajectories ending at t = s) the earlier weight's emphasis on
+t near s still gives the closer trajectories: the minimiser is the same, and the noise averages out at this batch.
+Both are far from the naive target's bias, which is what this test is about.
 """
 
 import torch
@@ -47,8 +53,8 @@ def _rms(a, b):
 def test_unbiased_target_matches_full_interval_model_naive_drifts():
     torch.set_num_threads(1)
     full = _train(0.0, "unbiased", "none")
-    unbiased = _train(S, "unbiased", "clamped")
-    naive = _train(S, "naive", "clamped")
+    unbiased = _train(S, "unbiased", "paper")
+    naive = _train(S, "naive", "paper")
 
     z = torch.randn(20000, 1, generator=torch.Generator().manual_seed(9))
     sigmas = torch.linspace(1, S, 17)
@@ -60,7 +66,7 @@ def test_unbiased_target_matches_full_interval_model_naive_drifts():
         }
 
     assert _rms(out["full"], ref) < 0.03
-    assert _rms(out["unbiased"], ref) < 0.03
-    assert _rms(out["unbiased"], out["full"]) < 0.03
+    assert _rms(out["unbiased"], ref) < 0.04
+    assert _rms(out["unbiased"], out["full"]) < 0.04
     assert _rms(out["naive"], ref) > 0.08
     assert abs(out["naive"].mean().item() - ref.mean().item()) > 0.05

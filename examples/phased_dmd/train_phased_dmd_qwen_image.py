@@ -19,9 +19,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, load_pipeline=None):
+    """Parse `argv` and train; `load_pipeline(args, dtype)` replaces loading the base from disk or the Hub."""
     args = parse_args(argv)
-    train(args, expected_families=("qwen-image",))
+    kwargs = {"load_pipeline": load_pipeline} if load_pipeline is not None else {}
+    train(args, expected_families=("qwen-image",), **kwargs)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "examples" / "phased_dmd"
 
 
 def train_args(
-    teacher: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, method: str, steps: int, seed: int
+    teacher: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, method: str, steps: int, seed: int, extra=()
 ) -> list[str]:
     """Flags of the example script for one student (hyperparameters chosen for the 16x16 digits teacher)."""
     return [
@@ -81,13 +81,16 @@ def train_args(
         "100000",
         "--seed",
         str(seed),
+        "--overwrite_output_dir",  # a re-run of the demo replaces its students
         *METHODS[method][0],
+        *extra,
     ]
 
 
-def distill(teacher, prompts, out, method: str, steps: int, seed: int = 0) -> pathlib.Path:
-    """Run the example script in this process (the library's `train` if the script is not beside the package)."""
-    argv = train_args(pathlib.Path(teacher), pathlib.Path(prompts), pathlib.Path(out), method, steps, seed)
+def distill(teacher, prompts, out, method: str, steps: int, seed: int = 0, extra=()) -> pathlib.Path:
+    """Run the example script in this process (the library's `train` if the script is not beside the package);
+    `extra`: more script flags."""
+    argv = train_args(pathlib.Path(teacher), pathlib.Path(prompts), pathlib.Path(out), method, steps, seed, extra)
     if SCRIPT.is_file():
         spec = importlib.util.spec_from_file_location("train_phased_dmd_qwen_image", SCRIPT)
         module = importlib.util.module_from_spec(spec)
@@ -205,7 +208,13 @@ def grid(
 
 
 def run(
-    output_dir, steps: int = 100, per_prompt: int = 20, seed: int = 0, grid_seeds: int = 4, methods=tuple(METHODS)
+    output_dir,
+    steps: int = 100,
+    per_prompt: int = 20,
+    seed: int = 0,
+    grid_seeds: int = 4,
+    methods=tuple(METHODS),
+    extra=(),
 ) -> dict:
     """The whole demo; returns the metrics rows and writes grid.png, metrics.md, metrics.json."""
     out = pathlib.Path(output_dir)
@@ -217,7 +226,7 @@ def run(
     prompts.write_text("\n".join(digits.PROMPTS) + "\n")
     for method in methods:
         log.info("Distilling with %s (%d generator updates per phase)", method, steps)
-        distill(teacher, prompts, out / method, method, steps, seed)
+        distill(teacher, prompts, out / method, method, steps, seed, extra)
 
     labels = torch.arange(10).repeat_interleave(per_prompt)
     models = {}

@@ -97,14 +97,20 @@ def _default_experts(family: Family, scheduler) -> list[dict]:
     ]
 
 
-def _resolve_experts(experts, revision, subfolder, hub: dict) -> pathlib.Path:
-    """Local path of `experts=`: a local file or folder as it is, otherwise a Hub snapshot (only `subfolder`)."""
+def _resolve_experts(experts, revision, subfolder, hub: dict, weight_name: str | None = None) -> pathlib.Path:
+    """Local path of `experts=`: a local file or folder as it is, otherwise a Hub snapshot of only `subfolder` (and
+    only `weight_name` in it when given)."""
+    inner = "/".join(part.strip("/") for part in (subfolder, weight_name) if part)
     path = pathlib.Path(experts)
     if path.is_file() or path.is_dir():
-        return path / subfolder if subfolder else path
-    patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
+        return path / inner if inner else path
+    patterns = None
+    if weight_name:
+        patterns = [inner]
+    elif subfolder:
+        patterns = [f"{inner}/*"]
     root = resolve_repo(experts, revision, allow_patterns=patterns, **hub)
-    return root / subfolder if subfolder else root
+    return root / inner if inner else root
 
 
 def _resolve_base(root: pathlib.Path, config: ExpertsConfig, hub: dict) -> pathlib.Path:
@@ -128,6 +134,26 @@ def _resolve_base(root: pathlib.Path, config: ExpertsConfig, hub: dict) -> pathl
             f"`base_model` {config.base_model!r} (revision {config.base_revision!r}) in {root / CONFIG_NAME} cannot "
             f"be resolved ({type(err).__name__}: {err}); {how}"
         ) from err
+
+
+def _released_scheduler(family: str, base_config, folder, layout, files, scheduler=None):
+    """The sampler of released experts: `scheduler`, else the folder's own (an exported folder), else the release's
+    preset; returns `(scheduler, preset or None)`."""
+    if scheduler is not None:
+        if not isinstance(scheduler, PhasedDMDScheduler):
+            raise ValueError(f"`scheduler` must be a PhasedDMDScheduler, got {type(scheduler).__name__}.")
+        return scheduler, None
+    own = folder / "scheduler" / "scheduler_config.json"
+    if own.is_file():
+        return PhasedDMDScheduler.from_pretrained(own.parent), None
+    preset = find_preset(family, layout, files)
+    if preset is None:
+        raise ValueError(
+            f"{folder}: no preset of `diffusers_pdmd.released.PRESETS` matches these {layout!r} experts on a {family} "
+            f"base (presets: {sorted(PRESETS)}); pass `scheduler=` (a PhasedDMDScheduler with the sampler the experts "
+            "were made for)."
+        )
+    return preset.scheduler(base_config), preset
 
 
 def _has_adapters(module) -> bool:
@@ -336,17 +362,32 @@ class PhasedMoEPipeline(DiffusionPipeline):
         dtype: torch.dtype | None = None,
         variant: str | None = None,
         torch_dtype: torch.dtype | None = None,
+        subfolder: str | None = None,
+        experts_format: str | None = None,
+        scheduler: PhasedDMDScheduler | None = None,
     ) -> None:
-        """Load the experts of an experts folder or Hub repo into this pipeline (LoRA adapters `phase_k`, full
-        transformers into their slots) and take its scheduler. The base components must be the experts' base.
-        `variant` (e.g. `"fp16"`) reads the experts' variant files (`pytorch_lora_weights.fp16.safetensors`);
-        `torch_dtype` is the deprecated name of `dtype`."""
+        """Load experts into this pipeline (LoRA adapters `phase_k`, full transformers into their slots) and take
+        their scheduler. The base components must be the experts' base.
+
+        `path_or_repo_id` is a folder, a Hub repo id or a LoRA file in any layout of `released.LAYOUTS` (see
+        [`~PhasedMoEPipeline.from_pretrained`]); released experts get `scheduler`, else their folder's own, else
+        their release's preset. `variant` (e.g. `"fp16"`) reads the experts' variant files
+        (`pytorch_lora_weights.fp16.safetensors`); `torch_dtype` is the deprecated name of `dtype`.
+        """
         dtype = _resolve_dtype(dtype, torch_dtype)
-        root = resolve_repo(
-            path_or_repo_id, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-        )
+        hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+        path = _resolve_experts(path_or_repo_id, revision, subfolder, hub)
+        layout, root, files = detect_layout(path, experts_format)
         self.release_experts()  # new adapters go on the unmerged base
-        self._load_experts(root, ExpertsConfig.load(root), dtype, full_folder=False, variant=variant)
+        if layout == "phased_dmd":
+            self._load_experts(root, ExpertsConfig.load(root), dtype, full_folder=False, variant=variant)
+            return
+        scheduler, preset = _released_scheduler(
+            self.config.family, self.scheduler.config, root, layout, files, scheduler
+        )
+        self.register_modules(scheduler=scheduler)
+        self._load_released(layout, root, files, dtype)
+        self.register_to_config(method=preset.name if preset is not None else "released")
 
     def _load_experts(
         self, root: pathlib.Path, config: ExpertsConfig, torch_dtype, full_folder: bool, variant: str | None = None
@@ -422,6 +463,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
         experts_revision: str | None = None,
         experts_subfolder: str | None = None,
         experts_format: str | None = None,
+        experts_weight_name: str | None = None,
         variant: str | None = None,
         torch_dtype: torch.dtype | None = None,
         **kwargs,
@@ -456,6 +498,9 @@ class PhasedMoEPipeline(DiffusionPipeline):
             experts_subfolder (`str`, *optional*): Folder inside `experts` that holds them (only it is downloaded),
                 e.g. `"Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"` of `lightx2v/Wan2.2-Lightning`.
             experts_format (`str`, *optional*): One of `diffusers_pdmd.released.LAYOUTS`; detected when omitted.
+            experts_weight_name (`str`, *optional*): One LoRA file of `experts` (inside `experts_subfolder`) to use,
+                e.g. `"Qwen-Image-Lightning-8steps-V1.0.safetensors"` of `lightx2v/Qwen-Image-Lightning`; only it is
+                downloaded.
             variant (`str`, *optional*): Read variant weight files, e.g. `"fp16"`: the experts'
                 (`phase_k/pytorch_lora_weights.fp16.safetensors`) and a full pipeline folder's components
                 (`*.fp16.safetensors`). The base pipeline of an experts-only repository, a repository of its own, is
@@ -474,9 +519,11 @@ class PhasedMoEPipeline(DiffusionPipeline):
             raise ValueError("`use_safetensors` must be True: Phased DMD pipelines load safetensors only.")
         if experts_format is not None and experts_format not in LAYOUTS:
             raise ValueError(f"`experts_format` must be one of {LAYOUTS} or None, got {experts_format!r}.")
-        released_scheduler = kwargs.pop("scheduler", None) if experts is not None else None
-        if released_scheduler is not None and not isinstance(released_scheduler, PhasedDMDScheduler):
-            raise ValueError(f"`scheduler` must be a PhasedDMDScheduler, got {type(released_scheduler).__name__}.")
+        # A `PhasedDMDScheduler` is the sampler of released experts; any other scheduler is a base component given
+        # by keyword (as diffusers' `from_pretrained` takes components), whose config the phased scheduler follows.
+        released_scheduler = None
+        if experts is not None and isinstance(kwargs.get("scheduler"), PhasedDMDScheduler):
+            released_scheduler = kwargs.pop("scheduler")
         hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
         root = resolve_repo(pretrained_model_name_or_path, revision, **hub)
         has_index, has_experts = (root / "model_index.json").is_file(), (root / CONFIG_NAME).is_file()
@@ -489,7 +536,7 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 )
             if not has_index:
                 raise ValueError(f"{pretrained_model_name_or_path} is not a diffusers pipeline (no model_index.json).")
-            experts_path = _resolve_experts(experts, experts_revision, experts_subfolder, hub)
+            experts_path = _resolve_experts(experts, experts_revision, experts_subfolder, hub, experts_weight_name)
             layout, experts_root, released_files = detect_layout(experts_path, experts_format)
             base_root = root
         elif has_experts:
@@ -516,22 +563,9 @@ class PhasedMoEPipeline(DiffusionPipeline):
         base = getattr(diffusers, class_name).from_pretrained(base_root, **load_kwargs)
         base_family = get_family(base)
         if config is None:
-            # The sampler: `scheduler=`, else the folder's own (an exported folder), else the release's preset.
-            own = experts_root / "scheduler" / "scheduler_config.json"
-            preset = None
-            if released_scheduler is not None:
-                scheduler = released_scheduler
-            elif own.is_file():
-                scheduler = PhasedDMDScheduler.from_pretrained(own.parent)
-            else:
-                preset = find_preset(base_family.name, layout, released_files)
-                scheduler = preset.scheduler(base.scheduler.config) if preset else None
-            if scheduler is None:
-                raise ValueError(
-                    f"{experts_root}: no preset of `diffusers_pdmd.released.PRESETS` matches these {layout!r} experts "
-                    f"on a {base_family.name} base (presets: {sorted(PRESETS)}); pass `scheduler=` (a "
-                    "PhasedDMDScheduler with the sampler the experts were made for)."
-                )
+            scheduler, preset = _released_scheduler(
+                base_family.name, base.scheduler.config, experts_root, layout, released_files, released_scheduler
+            )
         elif base_family.name != config.family:
             raise ValueError(f"The experts are for `family` {config.family!r}; the base is {base_family.name!r}.")
         else:

@@ -109,3 +109,29 @@ def reset_adapter(model, adapter_name: str) -> None:
     for layer in tuner_layers(model):
         if adapter_name in getattr(layer, "lora_A", {}):
             layer.reset_lora_parameters(adapter_name, init_lora_weights=True)
+
+
+def keep_input_dtype(layers: Iterable[BaseTunerLayer]) -> None:
+    """Let LoRA layers take their input in its own dtype instead of casting it to the LoRA weights' dtype.
+
+    Under mixed precision the trainable LoRA weights are fp32 (the optimizer's master copy) while activations are
+    bf16: peft would cast every adapted layer's input to fp32 (a full copy of the activation) only for autocast to
+    cast it back to bf16 for the matmul. Without the cast autocast runs the same bf16 matmuls on the same values
+    (`peft.helpers.disable_input_dtype_casting`, kept on).
+    """
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+
+
+def store_base_in_fp8(model, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Store a frozen diffusers model's weights in float8 (e4m3), cast to `compute_dtype` layer by layer as they run.
+
+    diffusers' layerwise casting with its default skips (norms, embeddings, patch embedding and peft adapter
+    layers), so LoRA weights keep their own dtype. Halves the memory of a bf16 base; each weight is rounded to
+    fp8 once (see `benchmarks/gpu_train.py --fp8_check` for the effect on a teacher forward). Idempotent.
+    """
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("layerwise_casting") is not None:
+            return
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)

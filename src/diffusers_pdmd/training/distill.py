@@ -15,10 +15,14 @@ Roles on one frozen copy of the base weights (per teacher transformer):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
 import logging
+import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +31,8 @@ import torch
 from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
 from . import checkpoint as ckpt
-from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, dmd_loss, fake_score_loss, sample_t
+from . import runs
+from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, T_SAMPLINGS, dmd_loss, fake_score_loss, sample_t
 from .simulate import METHODS, generator_sample, split_by_phase
 
 
@@ -102,6 +107,15 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
         )
     else:
         a("--resolution", type=int, default=1024, help="Square image size.")
+    a(
+        "--resolutions",
+        nargs="+",
+        default=None,
+        help="Multi-resolution training, one bucket per batch: "
+        + ("FxHxW entries (e.g. 81x720x1280 81x1280x720)" if video else "HxW entries (e.g. 1328x1328 928x1664)")
+        + "; replaces "
+        + ("--num_frames/--height/--width." if video else "--resolution."),
+    )
     a("--train_batch_size", type=int, default=1)
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_train_steps", type=int, default=1000, help="Generator updates per phase.")
@@ -120,7 +134,23 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--fake_lora_rank", type=int, default=None, help="Rank of the fake-score LoRA (default: --lora_rank).")
     a("--fake_full_finetune", action="store_true", help="Full-parameter fake score (paper); needs much memory.")
     a("--dmd_weighting", default="normalized", choices=DMD_WEIGHTINGS)
-    a("--fake_weighting", default="clamped", choices=FAKE_WEIGHTINGS)
+    a(
+        "--fake_weighting",
+        default="paper",
+        choices=FAKE_WEIGHTINGS,
+        help="Fake-score loss weight: paper = Eq. 13, min(1, 10 sigma_{t|s}^2) on ||F - v*||^2; inverse_variance = "
+        "min(1/sigma_{t|s}^2, 10) (the earlier default); none.",
+    )
+    a(
+        "--timestep_sampling",
+        default="shifted",
+        choices=T_SAMPLINGS,
+        help="How t is drawn in (s, 1]: shifted = uniform on the teacher's own shifted time scale (Wan's flow shift, "
+        "Qwen-Image's resolution-dependent shift; paper); uniform = uniform sigma, no shift (the earlier default); "
+        "logit_normal = SD3's logit-normal, shifted.",
+    )
+    a("--logit_mean", type=float, default=0.0, help="Mean of `--timestep_sampling logit_normal`.")
+    a("--logit_std", type=float, default=1.0, help="Std of `--timestep_sampling logit_normal`.")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--gradient_checkpointing", action="store_true")
     a("--cache_text_embeddings", action="store_true", help="Encode prompts once, then free the text encoder.")
@@ -130,6 +160,11 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    a(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start afresh in a non-empty --output_dir: its checkpoints and experts are deleted first.",
+    )
     a("--validation_prompts", nargs="*", default=None)
     a("--validation_steps", type=int, default=200)
     a("--report_to", default="none", help="Tracker for accelerate (tensorboard, wandb, ...), or 'none'.")
@@ -138,12 +173,81 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--hub_model_id", default=None)
     a("--hub_token", default=None, help="Token for the push; prefer `hf auth login`. Never printed.")
     a("--max_grad_norm", type=float, default=1.0)
-    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta1", type=float, default=0.0, help="AdamW beta1 of both networks (paper: 0).")
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--lr_scheduler", default="constant")
     a("--lr_warmup_steps", type=int, default=0)
+    # -- speed and memory (docs/training.md, "Speed and memory") ------------------------------------------------
+    a(
+        "--upcast_lora_inputs",
+        action="store_true",
+        help="peft's default: cast every adapted layer's input to the fp32 LoRA weights. Off: under mixed precision "
+        "LoRA computes in bf16/fp16 from fp32 master weights (same values under autocast, faster).",
+    )
+    a(
+        "--sequential_cfg",
+        action="store_true",
+        help="Run the teacher's conditional and unconditional passes one after another (default: one batch of 2).",
+    )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile the repeated transformer blocks (compile_repeated_blocks).",
+    )
+    a(
+        "--attention_backend",
+        default=None,
+        help="diffusers attention backend of the transformers, e.g. flash, _native_cudnn, _native_flash, sage.",
+    )
+    a(
+        "--fake_reuse_samples",
+        type=int,
+        default=1,
+        help="Fake-score updates that share one back-simulated batch (fresh t and noise each). 1: a fresh batch "
+        "for every update (the paper). Above 1 changes the algorithm (docs/training.md).",
+    )
+    a(
+        "--base_fp8",
+        action="store_true",
+        help="Store the frozen base transformers in float8 (e4m3), computed in bf16 (diffusers layerwise casting); "
+        "LoRA weights stay as they are. Needs --mixed_precision bf16.",
+    )
+    a(
+        "--offload_idle_transformers",
+        action="store_true",
+        help="Keep on the GPU only the transformers the current phase uses, the others in CPU memory (Wan2.2 "
+        "A14B phase 0 never uses transformer_2). Needs --phase_order sequential.",
+    )
+    a(
+        "--offload_activations",
+        action="store_true",
+        help="Keep the tensors saved for backward (with --gradient_checkpointing: each block's input) in pinned CPU "
+        "memory until backward needs them (torch.autograd.graph.save_on_cpu). Less GPU memory, more transfers.",
+    )
     return p
+
+
+def check_speed_args(args) -> None:
+    """Raise `ValueError` for a bad speed / memory flag (before any model loads)."""
+    if args.fake_reuse_samples < 1:
+        raise ValueError(f"`--fake_reuse_samples` must be >= 1, got {args.fake_reuse_samples}.")
+    if args.base_fp8 and args.mixed_precision != "bf16":
+        raise ValueError(
+            f"`--base_fp8` computes in bf16: it needs `--mixed_precision bf16`, got {args.mixed_precision}."
+        )
+    if args.base_fp8 and args.fake_full_finetune:
+        raise ValueError("`--base_fp8` stores the frozen base in fp8; `--fake_full_finetune` trains a copy of it.")
+    if args.offload_idle_transformers and args.phase_order != "sequential":
+        raise ValueError(
+            "`--offload_idle_transformers` needs `--phase_order sequential` (alternate uses every model)."
+        )
+    if args.attention_backend is not None:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        allowed = [b.value for b in AttentionBackendName]
+        if args.attention_backend not in allowed:
+            raise ValueError(f"`--attention_backend` must be one of {allowed}, got {args.attention_backend!r}.")
 
 
 def check_args(args) -> None:
@@ -171,23 +275,88 @@ def check_args(args) -> None:
         raise ValueError("`--fake_full_finetune` supports `--phase_order sequential` only (one full copy at a time).")
     if args.push_to_hub and args.hub_token is not None:
         logger.warning("`--hub_token` is visible to other users of this machine; prefer `hf auth login`.")
+    if not args.logit_std > 0:
+        raise ValueError(f"`--logit_std` must be > 0, got {args.logit_std}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be >= 1, got {args.checkpoints_total_limit}.")
+    if args.method != "phased_dmd" and args.phase_boundaries:
+        raise ValueError(
+            f"`--phase_boundaries` is for `--method phased_dmd`; `--method {args.method}` trains one generator over "
+            f"the whole interval. Drop `--phase_boundaries {' '.join(map(str, args.phase_boundaries))}`."
+        )
+    if args.phase_boundaries is not None:
+        b = args.phase_boundaries
+        if any(not 0.0 < x < 1.0 for x in b) or any(x <= y for x, y in zip(b, b[1:])):
+            raise ValueError(f"`--phase_boundaries` must be strictly decreasing values inside (0, 1), got {b}.")
+        if args.method == "phased_dmd" and len(args.steps_per_phase) != len(b) + 1:
+            raise ValueError(
+                f"`--steps_per_phase` needs {len(b) + 1} values for the {len(b)} `--phase_boundaries` {b}, "
+                f"got {args.steps_per_phase}."
+            )
+    sizes(args)  # parses --resolutions
+
+
+def sizes(args) -> list[tuple[int, int, int | None]]:
+    """The training sizes `(height, width, num_frames)`: the `--resolutions` buckets, else the one size flag(s)."""
+    video = hasattr(args, "num_frames")
+    if not getattr(args, "resolutions", None):
+        return [(args.height, args.width, args.num_frames)] if video else [(args.resolution, args.resolution, None)]
+    out = []
+    for entry in args.resolutions:
+        parts = entry.lower().split("x")
+        if len(parts) != (3 if video else 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            form = "FxHxW (frames x height x width, e.g. 81x480x832)" if video else "HxW (e.g. 928x1664)"
+            raise ValueError(f"`--resolutions` entries must be {form}, got {entry!r}.")
+        n = [int(p) for p in parts]
+        out.append((n[1], n[2], n[0]) if video else (n[0], n[1], None))
+    return out
+
+
+def check_sizes(args, family) -> None:
+    """`family.check_size` on every training size, its message naming the flag instead of the argument."""
+    video = hasattr(args, "num_frames")
+    for h, w, f in sizes(args):
+        try:
+            family.check_size(h, w, f)
+        except ValueError as e:
+            if getattr(args, "resolutions", None):
+                entry = f"{f}x{h}x{w}" if video else f"{h}x{w}"
+                raise ValueError(f"`--resolutions` entry {entry}: {e}") from None
+            msg = str(e)
+            names = ("height", "width", "num_frames") if video else ("height", "width")
+            for name in names:
+                msg = msg.replace(f"`{name}`", f"`--{name}`" if video else "`--resolution`")
+            raise ValueError(msg) from None
+
+
+_PROMPT_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".tsv")
 
 
 def load_prompts(prompts: str, column: str = "prompt") -> list[str]:
     """Prompts from a text file (one a line; blank lines skipped) or a `datasets` name / path."""
     path = Path(prompts)
+    if not path.exists() and (path.suffix in _PROMPT_FILE_SUFFIXES or prompts.startswith((".", "/", "~"))):
+        raise ValueError(f"`--prompts` {prompts!r}: no such file.")
     if path.is_file() and path.suffix in ("", ".txt"):
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         out = [line for line in lines if line]
     else:
         from datasets import load_dataset
 
-        if path.is_file():
-            ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path), split="train")
-        else:
-            ds = load_dataset(prompts, split="train")
+        try:
+            if path.is_file():
+                kind = path.suffix.lstrip(".").replace("jsonl", "json").replace("tsv", "csv")
+                ds = load_dataset(kind, data_files=str(path), split="train")
+            else:
+                ds = load_dataset(prompts, split="train")
+        except Exception as e:
+            raise ValueError(
+                f"`--prompts` {prompts!r} is neither a text file nor a dataset `datasets` can load "
+                f"({type(e).__name__}: {e})."
+            ) from e
         if column not in ds.column_names:
             raise ValueError(f"`--prompt_column` {column!r} is not in the dataset; columns: {ds.column_names}.")
         out = [str(x) for x in ds[column] if str(x).strip()]
@@ -272,6 +441,43 @@ def select_cond(cond: dict, index: torch.Tensor, n: int) -> dict:
     return out
 
 
+def cat_cond(a: dict, b: dict, n: int) -> dict:
+    """The conditioning of a batch of `a`'s `n` rows followed by `b`'s `n` rows (batched classifier-free guidance).
+
+    Prompt embeddings of different lengths are zero-padded at the end to the longer one and `prompt_embeds_mask`
+    marks the real tokens (ones where a mask was `None`), as diffusers pads a batch of prompts; the padded tokens
+    are masked out of attention. Other per-sample entries (tensors with `n` rows, lists of `n` items) are
+    concatenated; shared entries are kept.
+    """
+    a, b = dict(a), dict(b)
+    ea, eb = a.get("prompt_embeds"), b.get("prompt_embeds")
+    masked = "prompt_embeds_mask" in a or "prompt_embeds_mask" in b
+    if isinstance(ea, torch.Tensor) and isinstance(eb, torch.Tensor) and masked:
+        length = max(ea.shape[1], eb.shape[1])
+        if (
+            ea.shape[1] != eb.shape[1]
+            or a.get("prompt_embeds_mask") is not None
+            or b.get("prompt_embeds_mask") is not None
+        ):
+            for c, e in ((a, ea), (b, eb)):
+                mask = c.get("prompt_embeds_mask")
+                if mask is None:
+                    mask = torch.ones(e.shape[:2], dtype=torch.long, device=e.device)
+                pad = length - e.shape[1]
+                c["prompt_embeds"] = torch.nn.functional.pad(e, (0, 0, 0, pad))
+                c["prompt_embeds_mask"] = torch.nn.functional.pad(mask, (0, pad))
+    out = {}
+    for key in a.keys() | b.keys():
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, torch.Tensor) and va.ndim > 0 and va.shape[0] == n:
+            out[key] = torch.cat([va, vb.to(va.device)])
+        elif isinstance(va, list) and len(va) == n:
+            out[key] = va + vb
+        else:
+            out[key] = va
+    return out
+
+
 def _to_device(cond: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
@@ -282,10 +488,15 @@ def _to_device(cond: dict, device) -> dict:
 
 
 class _CallThrough:
-    """Calls go to the distributed wrapper (gradient sync), attributes (`config`, `dtype`) to the model."""
+    """Calls go to the distributed wrapper (gradient sync) or the model, attributes (`config`) to the model.
+
+    `dtype` is read once: diffusers' `ModelMixin.dtype` walks every module (thousands with LoRA layers) on each read,
+    and every velocity query reads it.
+    """
 
     def __init__(self, raw, wrapped):
         self.raw, self.wrapped = raw, wrapped
+        self.dtype = raw.dtype
 
     def __call__(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)
@@ -305,9 +516,10 @@ class Distiller:
         for name in (n for n in family.transformer_names if self.components.get(n) is not None):
             model = self.components[name]
             model.requires_grad_(False)
-            model.to(self.device)
             if args.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
+            if args.attention_backend:
+                model.set_attention_backend(args.attention_backend)
             self.models[name] = model
         if self.components.get("vae") is not None:
             self.components["vae"].requires_grad_(False).to(self.device)
@@ -315,7 +527,8 @@ class Distiller:
             self.components["text_encoder"].requires_grad_(False).to(self.device)
 
         k = plan.num_phases
-        sigmas = self._sigmas_by_phase()
+        self._schedules = {}
+        sigmas, self.time_shift = self.schedule(*self.size())
         self.sigmas_by_phase = sigmas
         # An expert lives on the teacher transformer that owns the middle of its phase.
         self.expert_base = [family.teacher_transformer_for_sigma(0.5 * (s[0] + s[-1])) for s in sigmas]
@@ -328,14 +541,33 @@ class Distiller:
             for model in self.models.values():
                 for j in plan.phases:
                     ad.add_lora(model, f"fake_{j}", rank, args.lora_alpha, targets)
+        if args.base_fp8:  # after the adapters: peft makes them in its base layer's dtype; they are skipped here
+            for model in self.models.values():
+                ad.store_base_in_fp8(model, compute_dtype=torch.bfloat16)
+        if not args.offload_idle_transformers:  # else `start_phase` places them
+            for model in self.models.values():
+                model.to(self.device)
         self.switches = {n: ad.AdapterSwitch(m) for n, m in self.models.items()}
+        if accelerator.mixed_precision in ("fp16", "bf16") and not args.upcast_lora_inputs:
+            for switch in self.switches.values():  # autocast casts the fp32 LoRA weights per matmul instead
+                ad.keep_input_dtype(switch.layers)
+        if args.compile:
+            from torch import _dynamo
+
+            # one graph per block for each adapter (experts, fake scores, none for the teacher) and batch size
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+            for model in self.models.values():
+                model.compile_repeated_blocks()
         # What a velocity query calls: the model itself, or its DDP / FSDP wrapper in a distributed run.
         self.callers = {n: self._wrap(m) for n, m in self.models.items()}
 
     def _wrap(self, model):
         if self.accelerator.num_processes == 1:
-            return model
-        return _CallThrough(model, self.accelerator.prepare_model(model))
+            return _CallThrough(model, model)
+        dtype = model.dtype
+        caller = _CallThrough(model, self.accelerator.prepare_model(model))
+        caller.dtype = dtype  # of the model as loaded, before any sharding wrapper
+        return caller
 
     @property
     def fsdp(self) -> bool:
@@ -348,7 +580,6 @@ class Distiller:
 
         Collective under FSDP: every process must enter it.
         """
-        import contextlib
 
         stack = contextlib.ExitStack()
         if self.fsdp:
@@ -397,21 +628,35 @@ class Distiller:
         )
 
     def size(self):
-        a = self.args
-        if hasattr(a, "resolution"):
-            return a.resolution, a.resolution, None
-        return a.height, a.width, a.num_frames
+        """The first training size `(height, width, num_frames)` (validation samples at it)."""
+        return sizes(self.args)[0]
 
-    def _sigmas_by_phase(self) -> list[list[float]]:
-        sched = self.scheduler()
-        h, w, f = self.size()
-        self.family.check_size(h, w, f)
-        shape = self.family.latent_shape(self.components, 1, h, w, f)
-        mu = self.family.mu(self.components, shape[1]) if sched.config.use_dynamic_shifting else None
-        sched.set_timesteps(mu=mu)
-        return split_by_phase(sched.sigmas.double(), self.plan.steps_per_phase, self.plan.boundaries)
+    def schedule(self, h, w, f=None) -> tuple[list[list[float]], float]:
+        """`(sigmas by phase, time shift)` at a sample size: Wan's flow shift, Qwen-Image's `exp(mu)` of the size."""
+        if (h, w, f) not in self._schedules:
+            sched = self.scheduler()
+            self.family.check_size(h, w, f)
+            shape = self.family.latent_shape(self.components, 1, h, w, f)
+            mu = self.family.mu(self.components, shape[1]) if sched.config.use_dynamic_shifting else None
+            sched.set_timesteps(mu=mu)
+            sigmas = split_by_phase(sched.sigmas.double(), self.plan.steps_per_phase, self.plan.boundaries)
+            self._schedules[(h, w, f)] = (sigmas, sched._effective_shift(mu))
+        return self._schedules[(h, w, f)]
 
     # -- trainable parameters -------------------------------------------------------------------------------------
+
+    def adamw(self, params: list, lr: float) -> torch.optim.AdamW:
+        """AdamW with the flags' betas and weight decay; the fused CUDA kernel when every parameter is a CUDA fp32
+        tensor (one kernel for all tensors instead of a few per tensor; same update up to rounding)."""
+        a = self.args
+        fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+        return torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=(a.adam_beta1, a.adam_beta2),
+            weight_decay=a.adam_weight_decay,
+            **({"fused": True} if fused else {}),
+        )
 
     def expert_params(self, phase: int):
         return ad.adapter_parameters(self.models[self.expert_base[phase]], f"phase_{phase}")
@@ -421,8 +666,27 @@ class Distiller:
             return [p for m in self.fake_full.values() for p in getattr(m, "raw", m).parameters() if p.requires_grad]
         return [p for m in self.models.values() for p in ad.adapter_parameters(m, f"fake_{phase}")]
 
+    def transformers_used(self, phase: int) -> set[str]:
+        """Transformers that training `phase` calls: the experts of phases 0..phase (back-simulation) and the
+        teacher / fake-score transformers owning some `t` in `(s, 1]`, `s` the end of the phase."""
+        used = {self.expert_base[j] for j in range(phase + 1)}
+        end = float(self.sigmas_by_phase[phase][-1])
+        grid = torch.linspace(end, 1.0, 257, dtype=torch.float64)[1:]
+        return used | {self.family.teacher_transformer_for_sigma(float(v)) for v in grid}
+
+    def place(self, phase: int) -> None:
+        """With `--offload_idle_transformers`: the transformers `phase` uses on the device, the others on the CPU."""
+        if not self.args.offload_idle_transformers:
+            return
+        used = self.transformers_used(phase)
+        for name in sorted(self.models, key=lambda n: n in used):  # free the device first, then fill it
+            self.models[name].to(self.device if name in used else "cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def start_phase(self, phase: int) -> None:
         """Reset the fake score of `phase` to the teacher (a fresh zero-B LoRA, or a fresh full copy)."""
+        self.place(phase)
         if self.args.fake_full_finetune:
             self.fake_full = {}
             for name, model in self.models.items():
@@ -441,8 +705,14 @@ class Distiller:
 
     def _call(self, model, switch_name, adapter, x, t, cond):
         if switch_name is not None:
+            if self.args.offload_idle_transformers and self.models[switch_name].device != self.device:
+                self.models[switch_name].to(self.device)  # outside its phase (validation at the end)
             self.switches[switch_name].set(adapter)
-        with self.accelerator.autocast():
+        offload = contextlib.nullcontext()
+        if self.args.offload_activations and torch.is_grad_enabled():
+            # what backward keeps (with checkpointing: each block's inputs) waits in pinned CPU memory
+            offload = torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        with self.accelerator.autocast(), offload:
             return self.family.velocity(model, x, t, cond).float()
 
     def _routed(self, x, t, cond, fn):
@@ -475,13 +745,20 @@ class Distiller:
             return n
 
         def one(name, x, t, c):
-            v = self._call(self.callers[name], name, None, x, t, c)
             scale = a.guidance_scale
             if name == "transformer_2" and a.guidance_scale_2 is not None:
                 scale = a.guidance_scale_2
             if neg_cond is None or scale == 1.0:
-                return v
-            v_neg = self._call(self.callers[name], name, None, x, t, negative(c, x.shape[0]))
+                return self._call(self.callers[name], name, None, x, t, c)
+            n = x.shape[0]
+            if a.sequential_cfg:
+                v = self._call(self.callers[name], name, None, x, t, c)
+                v_neg = self._call(self.callers[name], name, None, x, t, negative(c, n))
+            else:  # one forward of batch 2n: the conditional rows, then the negative ones
+                both = cat_cond(c, negative(c, n), n)
+                v, v_neg = self._call(
+                    self.callers[name], name, None, torch.cat([x, x]), torch.cat([t, t]), both
+                ).split(n)
             return self.family.combine_cfg(v, v_neg, scale)
 
         return lambda x, t: self._routed(x, t, cond, one)
@@ -505,19 +782,121 @@ def _finite(loss: torch.Tensor, what: str, phase: int, step: int, last_ckpt) -> 
         )
 
 
-def train(args, expected_families: tuple[str, ...]) -> Path:
-    """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder."""
+def _synchronized_clock(device) -> float:
+    """Host time after the device has finished its queued work (for per-step wall times in the history)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def load_base_pipeline(args, dtype: torch.dtype):
+    """The base (teacher) pipeline that `--pretrained_model_name_or_path` names: the default loader of [`train`]."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, use_safetensors=True, dtype=dtype
+    )
+
+
+@dataclass
+class _Progress:
+    """What the Ctrl-C handler and the clean-up of a failed run need to know about a run."""
+
+    output_dir: Path
+    created_output_dir: bool = False
+    global_step: int = 0
+    last_ckpt: Path | None = None
+
+
+def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipeline) -> Path:
+    """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder.
+
+    Ctrl-C ends the run with one line naming the last checkpoint and the command that resumes it (exit code 130);
+    a run that fails before writing anything leaves no empty `--output_dir` behind. `load_pipeline(args, dtype)`
+    returns the base pipeline (default: [`load_base_pipeline`]); a benchmark hands in a pipeline already in memory
+    through it when the disk cannot hold a saved copy.
+    """
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+    progress = _Progress(output_dir, created_output_dir=not output_dir.exists())
+    try:
+        return _train(args, expected_families, progress, load_pipeline)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) != 0:  # one line from the whole run
+            pass
+        elif progress.last_ckpt is None:
+            print(
+                f"\nInterrupted at global step {progress.global_step}, before the first checkpoint: nothing to resume."
+            )
+        else:
+            print(
+                f"\nInterrupted at global step {progress.global_step}; last checkpoint {progress.last_ckpt}. Resume "
+                f"with: {runs.resume_command()}",
+                flush=True,
+            )
+        raise SystemExit(130) from None
+    finally:
+        if progress.created_output_dir:
+            runs.remove_empty_dirs(output_dir)
+
+
+def _tracker_config(args) -> dict:
+    """The flags as hyperparameters a tracker takes: lists become strings (TensorBoard takes only scalars)."""
+    out = {}
+    for k, v in vars(args).items():
+        if k == "hub_token":
+            continue
+        out[k] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+def _train(args, expected_families: tuple[str, ...], progress_info: _Progress, load_pipeline) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers import DiffusionPipeline
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from .. import hub
     from ..families import get_family
 
+    # -- every flag check before any model loads -----------------------------------------------------------------
     check_args(args)
+    check_speed_args(args)
     output_dir = Path(args.output_dir)
+    prompts = load_prompts(args.prompts, args.prompt_column)
+    family = runs.probe_family(args)
+
+    def checks_needing_the_family(family):
+        if family.name not in expected_families:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` is a {family.name} pipeline; this script trains "
+                f"{list(expected_families)}."
+            )
+        if getattr(family, "image_concat", False) and not getattr(args, "image", None):
+            raise ValueError(f"`--image` (the first frame of every sample) is required to distil {family.name}.")
+        if args.guidance_scale_2 is not None and len(family.transformer_names) < 2:
+            raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
+        check_sizes(args, family)
+        plan = make_plan(args, family)
+        return plan, runs.run_config(args, plan, family.name)
+
+    plan = run = None
+    if family is not None:
+        plan, run = checks_needing_the_family(family)
+    resume = ckpt.resolve_resume(output_dir, args.resume_from_checkpoint)
+    resume_state = ckpt.read_state(resume) if resume is not None else None
+    if resume is not None and run is not None:
+        runs.check_resume(resume, resume_state, run, runs.recipe_config(args))
+        if resume_state["global_step"] >= plan.total_steps and runs.finished(output_dir):
+            logger.info(
+                "The run in %s is finished (%d of %d generator updates, experts written); nothing to do.",
+                output_dir,
+                resume_state["global_step"],
+                plan.total_steps,
+            )
+            return output_dir
+    to_delete = runs.check_output_dir(args, output_dir)
+
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -526,28 +905,23 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and to_delete:
+        logger.info("--overwrite_output_dir: deleting %s", ", ".join(p.name for p in to_delete))
+        for p in to_delete:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    accelerator.wait_for_everyone()
     set_seed(args.seed)
 
-    prompts = load_prompts(args.prompts, args.prompt_column)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, use_safetensors=True, dtype=weight_dtype
-    )
+    pipe = load_pipeline(args, weight_dtype)
     family = get_family(pipe)
-    if family.name not in expected_families:
-        raise ValueError(
-            f"`--pretrained_model_name_or_path` is a {family.name} pipeline; this script trains {list(expected_families)}."
-        )
-    if family.image_concat and not getattr(args, "image", None):
-        raise ValueError(f"`--image` (the first frame of every sample) is required to distil {family.name}.")
-    if args.guidance_scale_2 is not None and len(family.transformer_names) < 2:
-        raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
-    plan = make_plan(args, family)
+    if plan is None or run["family"] != family.name:  # the config files could not be read before loading
+        plan, run = checks_needing_the_family(family)
+        if resume is not None:
+            runs.check_resume(resume, resume_state, run, runs.recipe_config(args))
     d = Distiller(args, accelerator, family, pipe, plan)
-    height, width, num_frames = d.size()
+    del pipe  # the Distiller holds the components; no second reference may keep a freed text encoder alive
+    buckets = sizes(args)
     device = accelerator.device
 
     # -- text conditioning (cached: encoded once, text encoder freed) ------------------------------------------
@@ -562,6 +936,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         all_cond = encode(prompts)
         neg_cond = encode([args.negative_prompt]) if need_neg else None
         val_cond = encode(val_prompts) if val_prompts else None
+        d.components["text_encoder"].to("cpu")  # off the device even if the caller still holds the pipeline
         d.components["text_encoder"] = None
         gc.collect()
         if torch.cuda.is_available():
@@ -570,20 +945,22 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         all_cond, val_cond = None, None
         neg_cond = encode([args.negative_prompt]) if need_neg else None
 
-    image_cond = {}
+    image, image_conds = None, {}
     if getattr(args, "image", None):
         from diffusers.utils import load_image
 
         image = load_image(args.image)
-        image_cond = family.encode_image(d.components, image, args.train_batch_size, height, width, num_frames, device)
 
-    def batch_cond(index: torch.Tensor) -> dict:
+    def batch_cond(index: torch.Tensor, size) -> dict:
         if all_cond is not None:
             cond = select_cond(all_cond, index, len(prompts))
         else:
             cond = encode([prompts[i] for i in index.tolist()])
-        cond = dict(cond, **family.size_cond(height, width, num_frames, batch_size=len(index)))
-        cond.update(image_cond)
+        cond = dict(cond, **family.size_cond(*size, batch_size=len(index)))
+        if image is not None:
+            if size not in image_conds:
+                image_conds[size] = family.encode_image(d.components, image, args.train_batch_size, *size, device)
+            cond.update(image_conds[size])
         return _to_device(cond, device)
 
     # -- optimizers, per phase ---------------------------------------------------------------------------------
@@ -598,9 +975,8 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         for p in gen_params + fake_params:
             p.requires_grad_(True)
             p.data = p.data.float()
-        betas = (args.adam_beta1, args.adam_beta2)
-        g_opt = torch.optim.AdamW(gen_params, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
-        f_opt = torch.optim.AdamW(fake_params, lr=fake_lr, betas=betas, weight_decay=args.adam_weight_decay)
+        g_opt = d.adamw(gen_params, args.learning_rate)
+        f_opt = d.adamw(fake_params, fake_lr)
         g_sch = get_scheduler(
             args.lr_scheduler, g_opt, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
         )
@@ -626,7 +1002,6 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
             f"Training phase {min(plan.phases)} needs the experts of phases 0..{min(plan.phases) - 1}: put the "
             f"output of their run in `--output_dir` ({output_dir}) first."
         )
-    resume = ckpt.resolve_resume(output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint is not None and resume is None:
         logger.info("No checkpoint in %s; starting from scratch.", output_dir)
     if resume is not None:
@@ -634,14 +1009,14 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         global_step, history = state["global_step"], state.get("history", [])
         for j in range(plan.num_phases):
             if f"phase_{j}" in files:
-                ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"])
+                _load_adapter(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"], resume / f"phase_{j}")
         phase, _ = plan.position(min(global_step, plan.total_steps - 1))
         for j in state["opt_phases"]:  # phases whose optimizers were live when the checkpoint was written
             if plan.order == "sequential" and j != phase:
                 continue  # the checkpoint closed phase j: phase `phase` starts fresh, as in an uninterrupted run
             if not args.fake_full_finetune:
                 for name, model in d.models.items():
-                    ad.load_adapter_state_dict(model, f"fake_{j}", files[f"fake_{j}.{name}"])
+                    _load_adapter(model, f"fake_{j}", files[f"fake_{j}.{name}"], resume / f"fake_{j}.{name}")
             else:
                 d.start_phase(j)
                 for name, model in d.fake_full.items():
@@ -656,6 +1031,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         ckpt.set_rng_state(files["rng"], state["rng"], {"noise": gen})
         last_ckpt = resume
         logger.info("Resumed from %s at global step %d (phase %d).", resume, global_step, phase)
+    progress_info.global_step, progress_info.last_ckpt = global_step, last_ckpt
 
     def save_ckpt():
         files, state = (
@@ -672,6 +1048,8 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
                     "steps_per_phase": plan.steps_per_phase,
                     "phases": plan.phases,
                 },
+                "run": run,
+                "recipe": runs.recipe_config(args),
             },
         )
         opt_tensors = {}
@@ -702,13 +1080,17 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
             path = ckpt.save_checkpoint(output_dir, global_step, files, state)
             ckpt.prune_checkpoints(output_dir, args.checkpoints_total_limit)
         accelerator.wait_for_everyone()
+        progress_info.last_ckpt = path
         return path
 
     # -- loop ---------------------------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("phased-dmd", config={k: v for k, v in vars(args).items() if k != "hub_token"})
+        accelerator.init_trackers("phased-dmd", config=_tracker_config(args))
     b, ga = args.train_batch_size, args.gradient_accumulation_steps
-    current_phase = plan.position(global_step)[0] if plan.order == "sequential" and opts else None
+    finished = global_step >= plan.total_steps
+    current_phase = plan.position(global_step)[0] if plan.order == "sequential" and opts and not finished else None
     progress = tqdm(
         total=plan.total_steps,
         initial=global_step,
@@ -717,98 +1099,116 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     )
 
     mine = slice(rank * b, (rank + 1) * b)
+    logit = {"logit_mean": args.logit_mean, "logit_std": args.logit_std}
 
-    def noise_and_cond():
+    def draw_batch() -> _Batch:
+        """Noise, prompts and size of one batch; with `--resolutions`, the bucket is drawn from the shared generator
+        (every process draws the same one)."""
+        size = buckets[int(torch.randint(len(buckets), (1,), generator=gen))] if len(buckets) > 1 else buckets[0]
         index = torch.randint(len(prompts), (b * n_proc,), generator=gen)[mine]
-        z = family.prepare_latents(d.components, b * n_proc, height, width, num_frames, gen, "cpu", torch.float32)
-        return z[mine].to(device), batch_cond(index)
+        z = family.prepare_latents(d.components, b * n_proc, *size, gen, "cpu", torch.float32)
+        sigmas, shift = d.schedule(*size)
+        return _Batch(z[mine].to(device), batch_cond(index, size), sigmas, shift)
 
-    def t_and_eps(s, like):
-        t = sample_t(s, b * n_proc, gen)[mine].to(device)
+    def t_and_eps(batch: _Batch, s, like):
+        t = sample_t(s, b * n_proc, gen, sampling=args.timestep_sampling, shift=batch.shift, **logit)[mine].to(device)
         eps = torch.randn((b * n_proc, *like.shape[1:]), generator=gen)[mine].to(device)
         return t, eps
 
-    try:
-        while global_step < plan.total_steps:
-            phase, step = plan.position(global_step)
-            if plan.order == "sequential" and phase != current_phase:
-                opts.clear()
-                d.start_phase(phase)
-                make_opts(phase)
-                current_phase = phase
-            elif plan.order == "alternate" and phase not in opts:
-                d.start_phase(phase)
-                make_opts(phase)
-            gen_params, fake_params, g_opt, f_opt, g_sch, f_sch = opts[phase]
+    def optimizer_step(params, opt, sch):
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        sch.step()
+        opt.zero_grad(set_to_none=True)
 
-            # fake score: subinterval score matching on stop-gradient generator samples
-            fake_logs = {}
-            for _ in range(args.fake_updates_per_step):
-                for _ in range(ga):
-                    z, cond = noise_and_cond()
-                    experts = [d.expert(j, cond) for j in range(plan.num_phases)]
-                    with torch.no_grad():
-                        x_s, s = generator_sample(
-                            plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen
-                        )
-                    t, eps = t_and_eps(s, x_s)
-                    loss_f, fake_logs = fake_score_loss(
-                        d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting
+    # --fake_reuse_samples N: the back-simulated batches of one fake update serve the next N - 1 as well (fresh t and
+    # noise each); never across a generator update, which changes the generator
+    shared = {"uses_left": 0, "batches": []}
+
+    def fake_update(phase: int, step: int) -> dict:
+        """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13)."""
+        _, fake_params, _, f_opt, _, f_sch = opts[phase]
+        fresh = shared["uses_left"] == 0
+        if fresh:
+            shared["batches"], shared["uses_left"] = [], args.fake_reuse_samples
+        shared["uses_left"] -= 1
+        for i in range(ga):
+            if fresh:
+                batch = draw_batch()
+                experts = [d.expert(j, batch.cond) for j in range(plan.num_phases)]
+                with torch.no_grad():
+                    x_s, s = generator_sample(
+                        plan.method, batch.z, batch.sigmas, experts, phase, grad=False, generator=gen
                     )
-                    _finite(loss_f, "Fake-score", phase, step, last_ckpt)
-                    accelerator.backward(loss_f / ga)
-                if args.max_grad_norm:
-                    accelerator.clip_grad_norm_(fake_params, args.max_grad_norm)
-                f_opt.step()
-                f_sch.step()
-                f_opt.zero_grad(set_to_none=True)
+                shared["batches"].append((batch, x_s, s))
+            batch, x_s, s = shared["batches"][i]
+            t, eps = t_and_eps(batch, s, x_s)
+            loss, logs = fake_score_loss(d.fake(phase, batch.cond), x_s, s, t, eps, weighting=args.fake_weighting)
+            _finite(loss, "Fake-score", phase, step, last_ckpt)
+            accelerator.backward(loss / ga)
+        optimizer_step(fake_params, f_opt, f_sch)
+        return logs
 
-            # generator: DMD on the reverse-nested interval (s, 1]
-            for _ in range(ga):
-                z, cond = noise_and_cond()
-                experts = [d.expert(j, cond) for j in range(plan.num_phases)]
-                x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=True, generator=gen)
-                t, eps = t_and_eps(s, x_s)
-                loss_g, gen_logs = dmd_loss(
-                    x_s, s, d.teacher(cond, neg_cond), d.fake(phase, cond), t, eps, weighting=args.dmd_weighting
-                )
-                _finite(loss_g, "Generator (DMD)", phase, step, last_ckpt)
-                # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
-                d.switches[d.expert_base[phase]].set(f"phase_{phase}")
-                accelerator.backward(loss_g / ga)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(gen_params, args.max_grad_norm)
-            g_opt.step()
-            g_sch.step()
-            g_opt.zero_grad(set_to_none=True)
+    def generator_update(phase: int, step: int) -> dict:
+        """One generator update: the DMD gradient on the reverse-nested interval (s, 1] (Eq. 11-12)."""
+        gen_params, _, g_opt, _, g_sch, _ = opts[phase]
+        shared["uses_left"] = 0
+        for _ in range(ga):
+            batch = draw_batch()
+            experts = [d.expert(j, batch.cond) for j in range(plan.num_phases)]
+            x_s, s = generator_sample(plan.method, batch.z, batch.sigmas, experts, phase, grad=True, generator=gen)
+            t, eps = t_and_eps(batch, s, x_s)
+            real, fake = d.teacher(batch.cond, neg_cond), d.fake(phase, batch.cond)
+            loss, logs = dmd_loss(x_s, s, real, fake, t, eps, weighting=args.dmd_weighting)
+            _finite(loss, "Generator (DMD)", phase, step, last_ckpt)
+            # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
+            d.switches[d.expert_base[phase]].set(f"phase_{phase}")
+            accelerator.backward(loss / ga)
+        optimizer_step(gen_params, g_opt, g_sch)
+        return logs
 
-            global_step += 1
-            logs = {**gen_logs, **fake_logs}
-            if n_proc > 1:  # losses of the global batch: the mean over processes
-                values = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
-                logs = dict(zip(logs, values.tolist()))
-            logs.update(phase=phase, lr=g_sch.get_last_lr()[0])
-            history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
-            progress.update(1)
-            progress.set_postfix(
-                phase=phase, dmd=f"{gen_logs['dmd_loss']:.4g}", fake=f"{fake_logs.get('fake_loss', float('nan')):.4g}"
-            )
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                last_ckpt = save_ckpt()
-            if val_prompts and global_step % args.validation_steps == 0:  # all processes: FSDP forwards are collective
-                validate(d, val_prompts, val_cond, encode, output_dir / "validation" / f"step-{global_step}.png")
-    except KeyboardInterrupt:
-        logger.error(
-            "Interrupted at global step %d; resume with --resume_from_checkpoint latest (last: %s).",
-            global_step,
-            last_ckpt,
+    def enter_phase(phase: int) -> None:
+        """Fresh fake score and optimizers when a phase starts (sequential) or is first met (alternate)."""
+        nonlocal current_phase
+        if plan.order == "sequential" and phase != current_phase:
+            opts.clear()
+            current_phase = phase
+        elif plan.order == "sequential" or phase in opts:
+            return
+        d.start_phase(phase)
+        make_opts(phase)
+
+    while global_step < plan.total_steps:
+        phase, step = plan.position(global_step)
+        enter_phase(phase)
+        started = _synchronized_clock(device)
+        fake_logs = {}
+        for _ in range(args.fake_updates_per_step):
+            fake_logs = fake_update(phase, step)
+        gen_logs = generator_update(phase, step)
+        step_seconds = _synchronized_clock(device) - started
+        global_step += 1
+        progress_info.global_step = global_step
+        logs = {**gen_logs, **fake_logs}
+        if n_proc > 1:  # losses of the global batch: the mean over processes
+            values = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
+            logs = dict(zip(logs, values.tolist()))
+        logs.update(phase=phase, lr=opts[phase][4].get_last_lr()[0], step_seconds=step_seconds)
+        history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
+        progress.update(1)
+        progress.set_postfix(
+            phase=phase, dmd=f"{gen_logs['dmd_loss']:.4g}", fake=f"{fake_logs.get('fake_loss', float('nan')):.4g}"
         )
-        raise
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            last_ckpt = save_ckpt()
+        if val_prompts and global_step % args.validation_steps == 0:  # all processes: FSDP forwards are collective
+            validate(d, val_prompts, val_cond, encode, output_dir / "validation" / f"step-{global_step}.png")
     progress.close()
 
     # -- the experts-only repo ----------------------------------------------------------------------------------
-    last_ckpt = save_ckpt() if global_step % args.checkpointing_steps else last_ckpt
+    last_ckpt = save_ckpt() if global_step % args.checkpointing_steps and not finished else last_ckpt
     with d.full_params():
         if accelerator.is_main_process:
             save_experts(d, output_dir, history)
@@ -816,6 +1216,9 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     if accelerator.is_main_process:
         figures = _summary(history, plan)
         (output_dir / "training_summary.json").write_text(json.dumps(figures, indent=2))
+        # every generator update's losses and wall time (`step_seconds`: its fake updates included, synchronised)
+        (output_dir / args.logging_dir).mkdir(parents=True, exist_ok=True)
+        (output_dir / args.logging_dir / "history.json").write_text(json.dumps(history, indent=1))
         config = hub.ExpertsConfig.load(output_dir)
         repo_id = args.hub_model_id or output_dir.name
         hub.write_model_card(
@@ -834,6 +1237,23 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
+
+
+@dataclass
+class _Batch:
+    """One batch: initial noise `z`, its conditioning, and the schedule of its size (sigmas by phase, time shift)."""
+
+    z: torch.Tensor
+    cond: dict
+    sigmas: list[list[float]]
+    shift: float
+
+
+def _load_adapter(model, adapter_name: str, state_dict, path: Path) -> None:
+    try:
+        ad.load_adapter_state_dict(model, adapter_name, state_dict)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}.safetensors does not fit adapter {adapter_name!r} of this run: {e}") from e
 
 
 def _summary(history: list[dict], plan: Plan) -> dict:
@@ -861,8 +1281,19 @@ def _load_experts(d: Distiller, folder: Path, skip) -> None:
         if j in skip or j >= d.plan.num_phases or e.get("type", "lora") != "lora":
             continue
         path = folder / e["path"]
-        if path.exists():
-            hub.load_lora_expert(d.models[d.expert_base[j]], path, f"phase_{j}")
+        if path.is_dir():
+            path = path / hub.LORA_WEIGHT_NAME
+        if path.exists():  # into the adapter the Distiller already made for phase j
+            from safetensors.torch import load_file
+
+            prefix = hub.LORA_PREFIX + "."
+            try:
+                state_dict = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+                ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", state_dict)
+            except Exception as err:
+                raise ValueError(
+                    f"The expert of phase {j} in `--output_dir`, {path}, cannot be loaded: {err}"
+                ) from err
 
 
 def save_experts(d: Distiller, output_dir: Path, history) -> None:

@@ -16,10 +16,13 @@ from .flow import (
     add_noise_from,
     dmd_weight,
     expand_like,
+    inverse_variance_weight,
     naive_subinterval_target,
     posterior_mean_xs,
+    shift_time,
     subinterval_target,
     subinterval_weight,
+    unshift_time,
 )
 
 
@@ -27,7 +30,8 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 DMD_WEIGHTINGS = ("normalized", "paper")
 FAKE_TARGETS = ("unbiased", "naive")
-FAKE_WEIGHTINGS = ("clamped", "none")
+FAKE_WEIGHTINGS = ("paper", "inverse_variance", "none")
+T_SAMPLINGS = ("shifted", "uniform", "logit_normal")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]):
@@ -42,16 +46,43 @@ def sample_t(
     device: torch.device | str | None = None,
     t_max: float = 1.0,
     min_gap: float = 1e-3,
+    sampling: str = "shifted",
+    shift: float = 1.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
 ) -> torch.Tensor:
-    """Draw `t` uniformly from the reverse-nested interval `(s, t_max]`, one value per sample, shape `(B,)`.
+    """Draw `t` in the reverse-nested interval `(s, t_max]`, one value per sample, shape `(B,)`.
 
-    `min_gap` keeps `t` at least that far above `s`, where `sigma_{t|s} -> 0` (the clamp of
-    [`~diffusers_pdmd.training.flow.subinterval_weight`] bounds the weight there too).
+    The paper draws `t ~ T(t; s, 1)`: the distribution of `t` the base model was trained with, restricted to
+    `(s, 1]`. With `lo = s + min_gap` and the time shift `S(u) = shift * u / (1 + (shift - 1) u)`:
+
+    - `"shifted"` (default): `u` uniform on `(S^-1(lo), S^-1(t_max)]`, `t = S(u)`: uniform training times on the
+      model's own shifted scale (Wan's flow shift; Qwen-Image's `exp(mu)` at the training resolution). So
+      `P(t >= x | s) = (1 - S^-1(x)) / (1 - S^-1(lo))` for `t_max = 1`; with `shift = 1` this is `"uniform"`.
+    - `"uniform"`: `t` uniform on `(lo, t_max]`, no shift (this library's earlier default).
+    - `"logit_normal"`: `u = sigmoid(n)`, `n ~ N(logit_mean, logit_std^2)` truncated to the same interval in `u`
+      (exactly, by the inverse CDF), then `t = S(u)` (SD3's sampling, shifted).
+
+    Every mode consumes one uniform number per sample from `generator`. `min_gap` keeps `t` away from `s`, where
+    `sigma_{t|s} -> 0`.
     """
+    _check_choice("sampling", sampling, T_SAMPLINGS)
+    if not shift > 0:
+        raise ValueError(f"`shift` must be > 0, got {shift!r}.")
     s = torch.as_tensor(s, dtype=torch.float32, device=device).expand(batch_size)
     u = torch.rand(batch_size, generator=generator, device=generator.device if generator else device).to(s.device)
     lo = s + min_gap
-    return lo + (1 - u) * (t_max - lo)
+    if sampling == "uniform":
+        return lo + (1 - u) * (t_max - lo)
+    u, lo64 = u.double(), lo.double()
+    a, b = unshift_time(lo64, shift), unshift_time(torch.full_like(lo64, t_max), shift)
+    if sampling == "logit_normal":
+        cdf = lambda x: torch.special.ndtr((torch.logit(x) - logit_mean) / logit_std)  # noqa: E731
+        q = cdf(a) + (1 - u) * (cdf(b) - cdf(a))
+        x = torch.sigmoid(logit_mean + logit_std * torch.special.ndtri(q))
+    else:
+        x = a + (1 - u) * (b - a)
+    return torch.minimum(torch.maximum(shift_time(x, shift), lo64), torch.full_like(lo64, t_max)).float()
 
 
 def fake_score_loss(
@@ -61,13 +92,13 @@ def fake_score_loss(
     t: torch.Tensor,
     eps: torch.Tensor,
     target: str = "unbiased",
-    weighting: str = "clamped",
+    weighting: str = "paper",
     max_weight: float = 10.0,
 ) -> tuple[torch.Tensor, dict]:
     """Subinterval score matching for the fake score `F_k`, on generator samples `x_s` (treated as data at `s`).
 
         x_t  = alpha_{t|s} x_s + sigma_{t|s} eps
-        loss = mean_b  c_b * mean(|F_k(x_t, t) - v*|^2),   c = clamp(1 / sigma_{t|s}^2, 0, max_weight)
+        loss = mean_b  c_b * mean(|F_k(x_t, t) - v*|^2),   c = min(1, max_weight * sigma_{t|s}^2)   (Eq. 13)
 
     Args:
         fake_velocity: `F_k` as a callable `(x_t, t) -> v`.
@@ -76,7 +107,8 @@ def fake_score_loss(
         t (`torch.Tensor` of shape `(B,)`): Noise levels in `(s, 1]`, e.g. from [`sample_t`].
         eps (`torch.Tensor`): Standard normal noise shaped like `x_s`.
         target (`str`): `"unbiased"` (the subinterval target `v*`) or `"naive"` (`eps - x_s`, biased unless s=0).
-        weighting (`str`): `"clamped"` (weight each sample by `c`) or `"none"`.
+        weighting (`str`): `"paper"` (Eq. 13's `c` above), `"inverse_variance"` (`min(1 / sigma_{t|s}^2,
+            max_weight)`, the same minimiser with far noisier gradients; the earlier default) or `"none"`.
         max_weight (`float`): Upper clamp of `c`.
 
     Returns:
@@ -90,7 +122,12 @@ def fake_score_loss(
     v_target = subinterval_target(x_s, eps, s_b, t) if target == "unbiased" else naive_subinterval_target(x_s, eps)
     v_pred = fake_velocity(x_t, t)
     mse = ((v_pred.float() - v_target.float()) ** 2).flatten(1).mean(1)
-    c = subinterval_weight(s_b, t, max_weight) if weighting == "clamped" else torch.ones_like(mse)
+    if weighting == "paper":
+        c = subinterval_weight(s_b, t, max_weight)
+    elif weighting == "inverse_variance":
+        c = inverse_variance_weight(s_b, t, max_weight)
+    else:
+        c = torch.ones_like(mse)
     loss = (c.to(mse.dtype) * mse).mean()
     return loss, {"fake_loss": loss.item(), "fake_mse": mse.mean().item()}
 

@@ -30,8 +30,12 @@ def train_flow_matching(
     batch_size: int = 512,
     lr: float = 2e-3,
     seed: int = 0,
+    t_shift: float = 1.0,
 ) -> nn.Module:
     """Fit `model` to `data` by flow matching (`fake_score_loss` at `s = 0`, unweighted), Adam with cosine decay.
+
+    Training times are uniform on the shifted scale `t_shift` ([`sample_t`]'s `"shifted"`), as Wan and Qwen-Image
+    draw theirs; `t_shift=1` is uniform `t`.
 
     Only parameters with `requires_grad=True` are trained (the fixed Fourier frequencies of [`MLPDenoiser`] are not),
     and they keep that flag, so the model can be handed to [`distill_toy`] as the teacher.
@@ -41,7 +45,7 @@ def train_flow_matching(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
         x0 = data.sample(batch_size, g).float()
-        t = sample_t(0.0, batch_size, g)
+        t = sample_t(0.0, batch_size, g, shift=t_shift)
         eps = torch.randn(x0.shape, generator=g)
         loss, _ = fake_score_loss(model, x0, 0.0, t, eps, weighting="none")
         opt.zero_grad()
@@ -100,6 +104,10 @@ def distill_toy(
     lr_fake: float = 1e-3,
     dim: int = 2,
     seed: int = 0,
+    fake_weighting: str = "paper",
+    timestep_sampling: str = "shifted",
+    t_shift: float = 1.0,
+    betas: tuple[float, float] = (0.0, 0.99),
 ) -> ToyDistillResult:
     """Distil `teacher` with `method` (`"phased_dmd"`, `"sgts"` or `"dmd"`) on unconditional toy data.
 
@@ -114,9 +122,13 @@ def distill_toy(
         generator_steps (`int`): Generator updates per phase.
         fake_updates (`int`): Fake-score updates per generator update (the paper's 5).
         batch_size (`int`): Samples per update.
-        lr_generator, lr_fake (`float`): Adam learning rates, betas `(0.0, 0.99)` as in DMD2.
+        lr_generator, lr_fake (`float`): Adam learning rates.
         dim (`int`): Data dimension (the shape of the noise is `(batch_size, dim)`).
         seed (`int`): Seeds the noise and `torch`'s global generator (for the SGTS exit step).
+        fake_weighting (`str`): The fake-score loss weight, as [`fake_score_loss`] takes it.
+        timestep_sampling, t_shift: How `t` is drawn in `(s, 1]`, as [`sample_t`] takes them (`t_shift=1`: the
+            teacher's own, unshifted, training times).
+        betas (`tuple[float, float]`): Adam betas of both networks; `(0.0, 0.99)` as in DMD2.
 
     Returns:
         [`ToyDistillResult`].
@@ -130,8 +142,8 @@ def distill_toy(
     for phase in range(len(sigmas)):
         expert, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
         experts.append(expert)
-        opt_g = torch.optim.Adam(_trainable(expert), lr=lr_generator, betas=(0.0, 0.99))
-        opt_f = torch.optim.Adam(_trainable(fake), lr=lr_fake, betas=(0.0, 0.99))
+        opt_g = torch.optim.Adam(_trainable(expert), lr=lr_generator, betas=betas)
+        opt_f = torch.optim.Adam(_trainable(fake), lr=lr_fake, betas=betas)
 
         def draw(grad, phase=phase):
             noise = torch.randn(batch_size, dim, generator=g)
@@ -141,14 +153,14 @@ def distill_toy(
             for _ in range(fake_updates):
                 with torch.no_grad():
                     x_s, s = draw(grad=False)
-                t = sample_t(s, batch_size, g)
+                t = sample_t(s, batch_size, g, sampling=timestep_sampling, shift=t_shift)
                 eps = torch.randn(x_s.shape, generator=g)
-                fake_loss, _ = fake_score_loss(fake, x_s, s, t, eps)
+                fake_loss, _ = fake_score_loss(fake, x_s, s, t, eps, weighting=fake_weighting)
                 opt_f.zero_grad()
                 fake_loss.backward()
                 opt_f.step()
             x_s, s = draw(grad=True)
-            t = sample_t(s, batch_size, g)
+            t = sample_t(s, batch_size, g, sampling=timestep_sampling, shift=t_shift)
             eps = torch.randn(x_s.shape, generator=g)
             loss, log = dmd_loss(x_s, s, real_velocity, fake, t, eps)
             opt_g.zero_grad()

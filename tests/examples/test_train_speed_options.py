@@ -1,0 +1,383 @@
+"""The speed and memory options of the example scripts keep the numbers honest (tiny models, CPU).
+
+Each option either gives the reference path's losses to a stated tolerance, or (`--fake_reuse_samples`, which
+changes the algorithm) does what its documentation says and nothing else. `benchmarks/gpu_train.py --tiny` runs
+whole, and its forward counts match the method's own arithmetic.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_pdmd import tiny
+
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "examples" / "phased_dmd"
+BENCH = ROOT / "benchmarks"
+# prompts of different lengths: the batch of prompts is padded, and the negative prompt ("") is shorter still
+PROMPTS = ["a red cat", "a blue house on a hill at night with many small lit windows", "seven"]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    out = {f: tiny.save_pipeline(f, root / f) for f in ("qwen-image", "wan2.2-t2v-a14b")}
+    out["prompts"] = root / "prompts.txt"
+    out["prompts"].write_text("\n".join(PROMPTS) + "\n")
+    return out
+
+
+def _run(bases, family, out, *extra, steps=1, fakes=1):
+    name = "train_phased_dmd_qwen_image" if family == "qwen-image" else "train_phased_dmd_wan22"
+    script = _load(SCRIPTS / f"{name}.py", name)
+    size = (
+        ["--resolution", "32"] if family == "qwen-image" else ["--height", "16", "--width", "16", "--num_frames", "5"]
+    )
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(bases[family]),
+        "--prompts",
+        str(bases["prompts"]),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        str(steps),
+        "--fake_updates_per_step",
+        str(fakes),
+        "--max_sequence_length",
+        "32",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--train_batch_size",
+        "2",
+        "--checkpointing_steps",
+        "100",
+        *size,
+        *extra,
+    ]
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # runs in one process with different precisions
+    script.main(argv)
+    return json.loads((Path(out) / "logs" / "history.json").read_text())
+
+
+def _losses(history):
+    return torch.tensor([[h["dmd_loss"], h["fake_loss"]] for h in history], dtype=torch.float64)
+
+
+def test_batched_cfg_equals_sequential_with_padded_prompts(bases, tmp_path):
+    """The teacher's cond + uncond passes as one batch give the sequential passes' losses (fp32: 1e-5 relative)."""
+    ref = _run(bases, "qwen-image", tmp_path / "seq", "--sequential_cfg", steps=2)
+    new = _run(bases, "qwen-image", tmp_path / "bat", steps=2)
+    torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-5, atol=1e-8)
+
+
+def test_cat_cond_masks_the_padding():
+    """Qwen-Image velocities of a batch padded by `cat_cond` equal the unpadded ones; without the mask they do not."""
+    from diffusers_pdmd.families import get_family
+    from diffusers_pdmd.training.distill import cat_cond
+
+    pipe = tiny.build_pipeline("qwen-image")
+    family = get_family(pipe)
+    model = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 16, generator=g)
+    sigma = torch.tensor([0.7])
+    size = family.size_cond(32, 32, batch_size=1)
+    cond = {"prompt_embeds": torch.randn(1, 7, 16, generator=g), "prompt_embeds_mask": None, **size}
+    neg = {"prompt_embeds": torch.randn(1, 3, 16, generator=g), "prompt_embeds_mask": None, **size}
+    with torch.no_grad():
+        v, v_neg = family.velocity(model, x, sigma, cond), family.velocity(model, x, sigma, neg)
+        both = cat_cond(cond, neg, 1)
+        assert (
+            both["prompt_embeds"].shape == (2, 7, 16) and both["prompt_embeds_mask"].tolist()[1] == [1] * 3 + [0] * 4
+        )
+        out = family.velocity(model, torch.cat([x, x]), torch.cat([sigma, sigma]), both)
+        unmasked = family.velocity(
+            model, torch.cat([x, x]), torch.cat([sigma, sigma]), dict(both, prompt_embeds_mask=None)
+        )
+    torch.testing.assert_close(out[0:1], v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1:2], v_neg, rtol=1e-5, atol=1e-6)
+    assert (unmasked[1:2] - v_neg).abs().max() > 1e-3  # the check can fail: zero padding alone changes the result
+
+
+def test_lora_without_input_upcast_equals_upcast_under_bf16(bases, tmp_path):
+    """LoRA in bf16 from fp32 master weights (default) = peft's input upcast: autocast computes the same matmuls."""
+    ref = _run(bases, "qwen-image", tmp_path / "up", "--mixed_precision", "bf16", "--upcast_lora_inputs", steps=2)
+    new = _run(bases, "qwen-image", tmp_path / "bf", "--mixed_precision", "bf16", steps=2)
+    torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-6, atol=0)
+    for phase in (0, 1):  # and the same trained experts
+        a = load_file(str(tmp_path / "up" / f"phase_{phase}" / "pytorch_lora_weights.safetensors"))
+        b = load_file(str(tmp_path / "bf" / f"phase_{phase}" / "pytorch_lora_weights.safetensors"))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=0)
+
+
+def test_keep_input_dtype_stops_the_fp32_copy():
+    """With the cast off, a bf16 input reaches the fp32 LoRA weights as bf16 (autocast casts the weights)."""
+    from diffusers_pdmd.training import adapters as ad
+
+    model = tiny.build_pipeline("qwen-image").transformer.to(torch.bfloat16)
+    ad.add_lora(model, "e", 4, 4, ad.lora_targets("qwen-image"))
+    ad.set_trainable(model, ["e"])
+    layer = ad.tuner_layers(model)[0]
+    seen = []
+    layer.lora_A["e"].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        ad.keep_input_dtype([layer])
+        layer(x)
+    assert seen == [torch.float32, torch.bfloat16]
+
+
+def test_attention_backend_math_equals_default(bases, tmp_path):
+    ref = _run(bases, "qwen-image", tmp_path / "a")
+    new = _run(bases, "qwen-image", tmp_path / "b", "--attention_backend", "_native_math")
+    torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-5, atol=1e-8)
+
+
+def test_fused_adamw_equals_foreach():
+    """The optimizer the script builds on CUDA (fused) makes the same update as the default one (CPU kernels)."""
+    torch.manual_seed(0)
+    params = [torch.randn(64, 8, requires_grad=True), torch.randn(8, requires_grad=True)]
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    a = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    b = torch.optim.AdamW(copies, lr=1e-3, weight_decay=1e-2, fused=True)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, grad in zip(params, copies, grads):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_base_fp8_keeps_lora_and_stays_close(bases, tmp_path):
+    """fp8 storage of the base (bf16 compute): LoRA weights untouched and trained, losses near the bf16 ones."""
+    ref = _run(bases, "wan2.2-t2v-a14b", tmp_path / "bf16", "--mixed_precision", "bf16")
+    new = _run(bases, "wan2.2-t2v-a14b", tmp_path / "fp8", "--mixed_precision", "bf16", "--base_fp8")
+    new, ref = _losses(new), _losses(ref)
+    # the fake-score loss (score matching against the data) moves by fp8 rounding: ~0.1% here
+    torch.testing.assert_close(new[:, 1], ref[:, 1], rtol=1e-2, atol=0)
+    # the DMD loss is the small difference of two scores at the start (both on the fp8 base): same order only
+    ratio = new[:, 0] / ref[:, 0]
+    assert ((ratio > 0.5) & (ratio < 2)).all(), ratio
+    for phase in (0, 1):
+        sd = load_file(str(tmp_path / "fp8" / f"phase_{phase}" / "pytorch_lora_weights.safetensors"))
+        assert all(v.dtype in (torch.float32, torch.bfloat16) for v in sd.values())
+        assert max(v.abs().max().item() for k, v in sd.items() if "lora_B" in k) > 0  # gradients reached them
+
+
+def test_store_base_in_fp8_teacher_error():
+    """One teacher forward with the base in fp8 is within a few percent of bf16, and the linears are fp8."""
+    from diffusers_pdmd.training import adapters as ad
+
+    model = tiny.build_pipeline("wan2.2-t2v-a14b").transformer.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    kwargs = {
+        "hidden_states": torch.randn(1, 16, 3, 8, 8, generator=g).to(torch.bfloat16),
+        "encoder_hidden_states": torch.randn(1, 9, 32, generator=g).to(torch.bfloat16),
+        "timestep": torch.tensor([900.0]),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        ref = model(**kwargs)[0].float()
+        ad.store_base_in_fp8(model)
+        ad.store_base_in_fp8(model)  # idempotent
+        out = model(**kwargs)[0].float()
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05, rel
+
+
+def test_transformers_used_per_phase(bases, tmp_path):
+    """A14B phase 0 (sigma >= 0.875) never calls transformer_2; phase 1 needs both (its t spans (s, 1])."""
+    from accelerate import Accelerator
+
+    from diffusers_pdmd.families import get_family
+    from diffusers_pdmd.training.distill import Distiller, build_parser, make_plan
+
+    args = build_parser("t", video=True).parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "x",
+            "--prompts",
+            "p",
+            "--lora_rank",
+            "4",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--num_frames",
+            "5",
+            "--offload_idle_transformers",
+        ]
+    )
+    pipe = tiny.build_pipeline("wan2.2-t2v-a14b")
+    family = get_family(pipe)
+    d = Distiller(args, Accelerator(cpu=True), family, pipe, make_plan(args, family))
+    assert d.transformers_used(0) == {"transformer"}
+    assert d.transformers_used(1) == {"transformer", "transformer_2"}
+
+
+def test_offload_idle_transformers_same_losses(bases, tmp_path):
+    ref = _run(bases, "wan2.2-t2v-a14b", tmp_path / "a")
+    new = _run(bases, "wan2.2-t2v-a14b", tmp_path / "b", "--offload_idle_transformers")
+    torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-6, atol=0)
+
+
+def test_fake_reuse_samples_back_simulates_once_per_n_updates(bases, tmp_path, monkeypatch):
+    """Algorithm-changing (opt-in): with N = 2 two fake updates share one back-simulated batch."""
+    from diffusers_pdmd.training import distill
+
+    calls = {"n": 0}
+    real = distill.generator_sample
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill, "generator_sample", counted)
+    _run(bases, "qwen-image", tmp_path / "a", steps=1, fakes=4)
+    fresh = calls["n"]
+    calls["n"] = 0
+    hist = _run(bases, "qwen-image", tmp_path / "b", "--fake_reuse_samples", "2", steps=1, fakes=4)
+    # per phase: 4 fake updates + 1 generator update; sharing: 2 fake back-simulations + 1
+    assert (fresh, calls["n"]) == (2 * 5, 2 * 3)
+    assert all(torch.isfinite(_losses(hist)).all() for _ in [0])
+
+
+def test_train_phase_1_loads_the_phase_0_expert(bases, tmp_path):
+    """`--train_phase 1` after a phase-0 run into the same folder trains on the trained phase-0 expert."""
+    out = tmp_path / "o"
+    _run(bases, "qwen-image", out, "--train_phase", "0")
+    first = load_file(str(out / "phase_0" / "pytorch_lora_weights.safetensors"))
+    _run(bases, "qwen-image", out, "--train_phase", "1")
+    again = load_file(str(out / "phase_0" / "pytorch_lora_weights.safetensors"))
+    assert max(v.abs().max().item() for k, v in first.items() if "lora_B" in k) > 0
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
+    config = json.loads((out / "phased_dmd_config.json").read_text())
+    assert [e["phase"] for e in config["experts"]] == [0, 1]
+
+
+def test_flops_formula_matches_the_counter():
+    """The analytic FLOPs of `gpu_common` equal torch's FlopCounterMode on the tiny models (math attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(BENCH))
+    import gpu_common
+
+    for family in ("qwen-image", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b"):
+        model = tiny.build_pipeline(family).transformer
+        b, text = 2, 9
+        if family == "qwen-image":
+            tokens = 16
+            kwargs = {
+                "hidden_states": torch.randn(b, tokens, 16),
+                "encoder_hidden_states": torch.randn(b, text, 16),
+                "encoder_hidden_states_mask": None,
+                "timestep": torch.ones(b),
+                "img_shapes": [[(1, 4, 4)]] * b,
+            }
+            per_token = False
+        else:
+            tokens = 3 * 4 * 4
+            per_token = family.endswith("5b")
+            kwargs = {
+                "hidden_states": torch.randn(b, model.config.in_channels, 3, 8, 8),
+                "encoder_hidden_states": torch.randn(b, text, model.config.text_dim),
+                "timestep": torch.full((b, tokens) if per_token else (b,), 500.0),
+            }
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            model(**kwargs, return_dict=False)
+        assert gpu_common.transformer_forward_flops(model, b, tokens, text, per_token) == counter.get_total_flops()
+
+
+def test_gpu_train_tiny_runs_and_counts(tmp_path):
+    """`benchmarks/gpu_train.py --tiny`: both phases through the script, forwards as the method counts them."""
+    sys.path.insert(0, str(BENCH))
+    bench = _load(BENCH / "gpu_train.py", "gpu_train")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path / "experts"
+    res = bench.main(
+        [
+            "--tiny",
+            "--model",
+            "qwen",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--fake_updates_per_step",
+            "2",
+            "--out",
+            str(tmp_path / "r.json"),
+            "--doc",
+            str(tmp_path / "gpu.md"),
+        ]
+    )
+    steps = [2, 2]  # the script's default --steps_per_phase
+    fakes = 2
+    for phase in (0, 1):
+        r = res["phases"][str(phase)]
+        n = sum(steps[: phase + 1])  # expert forwards of one back-simulation to the end of the phase
+        # fake update: n without grad + the fake score with grad; generator: n - 1 without grad + 1 with grad,
+        # the teacher (cond + uncond in one batch) and the fake score without grad
+        assert r["forwards_per_update"] == {
+            "forward_no_grad": fakes * n + (n - 1) + 2,
+            "forward_grad": fakes + 1,
+            "backward": fakes + 1,
+        }
+        assert r["updates"] == 2 and len(r["step_seconds"]) == 2 and r["seconds_per_update"] > 0
+    assert res["experts"]["phases"] == [0, 1]
+    assert json.loads((tmp_path / "r.json").read_text())["model"] == "qwen"
+
+
+def test_offload_activations_same_losses(bases, tmp_path):
+    """Saved tensors go to CPU memory and come back unchanged (a copy): the same losses."""
+    ref = _run(bases, "qwen-image", tmp_path / "a", "--gradient_checkpointing")
+    new = _run(bases, "qwen-image", tmp_path / "b", "--gradient_checkpointing", "--offload_activations")
+    torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-6, atol=0)
+
+
+def test_speed_flags_are_checked_before_loading(bases, tmp_path):
+    from diffusers_pdmd.training.distill import build_parser, check_speed_args
+
+    def args(*extra):
+        return build_parser("t").parse_args(["--pretrained_model_name_or_path", "x", "--prompts", "p", *extra])
+
+    for extra, match in [
+        (("--fake_reuse_samples", "0"), "--fake_reuse_samples"),
+        (("--base_fp8",), "--mixed_precision bf16"),
+        (("--offload_idle_transformers", "--phase_order", "alternate"), "--phase_order sequential"),
+        (("--attention_backend", "flashy"), "--attention_backend"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            check_speed_args(args(*extra))
+    check_speed_args(args("--base_fp8", "--mixed_precision", "bf16", "--attention_backend", "_native_cudnn"))
