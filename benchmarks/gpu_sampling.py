@@ -444,7 +444,7 @@ def render(res: dict) -> str:
 
 
 def _short(text: str, n: int = 160) -> str:
-    text = " ".join(str(text).split()).replace("|", "/")
+    text = " ".join(str(text).replace("\\n", " ").split()).replace("|", "/")
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
