@@ -258,11 +258,12 @@ def reference(base):
     root, folder = base
     done = {}
 
-    def get(batch):
-        if batch not in done:
-            done[batch] = root / f"one-b{batch}"
-            _one_process(root, folder, done[batch], "--train_batch_size", str(batch))
-        return done[batch]
+    def get(batch, *extra):
+        key = (batch, *extra)
+        if key not in done:
+            done[key] = root / f"one-b{batch}{'-full' if extra else ''}"
+            _one_process(root, folder, done[key], "--train_batch_size", str(batch), *extra)
+        return done[key]
 
     return get
 
@@ -276,20 +277,24 @@ def test_context_parallel_training_follows_one_process(base, reference, tmp_path
     _assert_same_curve(_history(reference(1)), _history(out))
 
 
-@pytest.mark.benchmark  # ~95 s on 2 cores (three launches): run with `pytest -m benchmark`
-def test_fsdp2_shards_train_like_one_process_and_resume_bit_identically(base, reference, tmp_path):
-    """FSDP2 (the shipped fsdp2_lora.yaml) over 2 processes with batch 1 follows 1 process with batch 2; a run resumed
-    from its sharded checkpoint-1 ends exactly where the uninterrupted one does (weights, optimizer states, losses)."""
+FULL_FAKE = ("--fake_full_finetune", "--fake_learning_rate", "1e-4")
+
+
+@pytest.mark.benchmark  # ~95 s on 2 cores each (three launches): run with `pytest -m benchmark`
+@pytest.mark.parametrize("config, extra", [("fsdp2_lora.yaml", ()), ("fsdp2_full_fake.yaml", FULL_FAKE)])
+def test_fsdp2_shards_train_like_one_process_and_resume_bit_identically(base, reference, tmp_path, config, extra):
+    """FSDP2 (a shipped config) over 2 processes with batch 1 follows 1 process with batch 2; a run resumed from its
+    sharded checkpoint-1 ends exactly where the uninterrupted one does (weights, optimizer states, losses)."""
     root, folder = base
-    driver, config = str(root / "fsdp_on_cpu.py"), str(CONFIGS / "fsdp2_lora.yaml")
+    driver, config = str(root / "fsdp_on_cpu.py"), str(CONFIGS / config)
     script = str(SCRIPTS / "train_phased_dmd_wan22.py")
     full, cut = tmp_path / "full", tmp_path / "cut"
-    _launch(29643, driver, config, script, *_args(root, folder, full, "--train_batch_size", "1"))
-    _assert_same_curve(_history(reference(2)), _history(full))
+    _launch(29643, driver, config, script, *_args(root, folder, full, "--train_batch_size", "1", *extra))
+    _assert_same_curve(_history(reference(2, *extra)), _history(full))
 
     cut.mkdir()
     shutil.copytree(full / "checkpoint-1", cut / "checkpoint-1")
-    resume = ("--train_batch_size", "1", "--resume_from_checkpoint", "latest")
+    resume = ("--train_batch_size", "1", "--resume_from_checkpoint", "latest", *extra)
     _launch(29644, driver, config, script, *_args(root, folder, cut, *resume))
     assert _history(cut) == _history(full)
     for name in ("phase_0", "phase_1"):
@@ -297,6 +302,11 @@ def test_fsdp2_shards_train_like_one_process_and_resume_bit_identically(base, re
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    names = ["fake_full.transformer", "fake_full.transformer_2"] if extra else ["fake_0.transformer"]
+    for name in names:
+        a = load_file(str(full / "checkpoint-2" / f"{name}.safetensors"))
+        b = load_file(str(cut / "checkpoint-2" / f"{name}.safetensors"))
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fake_a, fake_b = (
         load_file(str(full / "checkpoint-2" / "optimizers.safetensors")),
         load_file(str(cut / "checkpoint-2" / "optimizers.safetensors")),

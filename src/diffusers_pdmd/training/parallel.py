@@ -26,14 +26,11 @@ sage: CUDA only), and diffusers' "Ulysses anything" mode has no backward; neithe
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from unittest import mock
 
 import torch
 
-
-logger = logging.getLogger("diffusers_pdmd.parallel")
 
 MODES = ("ulysses", "ring")
 # Attention backends of diffusers 0.42 whose context-parallel forward returns the log-sum-exp ring attention needs.
