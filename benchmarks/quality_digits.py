@@ -137,7 +137,8 @@ def compare_recipe(args, argv):
     command = "python benchmarks/quality_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     section = (
         f"{DIGITS_START}\n### Digits teacher: Phased DMD, new training defaults against the earlier ones\n\n"
-        "Same budget and metrics as above; only the recipe differs. New defaults: Eq. 13 fake-score weight, `t` "
+        f"Metrics and hyperparameters as above, {args.max_train_steps} generator updates per phase; only the recipe "
+        "differs. New defaults: Eq. 13 fake-score weight, `t` "
         "uniform on the teacher's shifted time scale, AdamW beta1 0. Earlier defaults: `--fake_weighting "
         "inverse_variance --timestep_sampling uniform --adam_beta1 0.9`. Mean ± std over "
         f"{len(args.seeds)} training seeds.\n\n{table}\n\nCommand: `nice -n 10 {command.strip()}` "
