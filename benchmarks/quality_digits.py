@@ -83,7 +83,7 @@ def main(argv=None):
         analysis=analysis(mean, std),
     )
     old = doc.read_text() if doc.is_file() else ""
-    if RECIPE_START in old:  # the recipe sections are written by --compare_recipe and benchmarks/toy_recipe.py
+    if RECIPE_START in old:  # the recipe sections: --compare_recipe and the output of benchmarks/toy_recipe.py
         text = text.rstrip("\n") + "\n\n" + old[old.index(RECIPE_START) :]
     doc.write_text(text)
     print(f"wrote {doc}")
