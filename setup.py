@@ -27,6 +27,6 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-learn>=1.3", "matplotlib"],  # the digits teacher, its metrics and plots
-        "dev": ["pytest>=8", "pytest-xdist", "ruff>=0.6", "scikit-learn>=1.3", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-xdist", "ruff>=0.6", "scikit-learn>=1.3", "matplotlib", "tensorboard"],
     },
 )

@@ -49,12 +49,6 @@ def teacher(seed: int = 0):
     return train_flow_matching(model, GM, steps=1000, batch_size=512, seed=seed, t_shift=SHIFT)
 
 
-def recovered_weights(x: torch.Tensor) -> torch.Tensor:
-    """Fraction of samples nearest to each mode."""
-    idx = (x.double() - GM.means.T).abs().argmin(1)
-    return torch.bincount(idx, minlength=len(GM.means)).double() / len(x)
-
-
 def distil(method: str, model, seed: int, generator_steps: int = 150, **recipe) -> torch.Tensor:
     """Recovered mode weights of `method` distilled from `model` with `recipe` (`distill_toy` keywords)."""
     phased = method == "phased_dmd"
@@ -75,7 +69,7 @@ def distil(method: str, model, seed: int, generator_steps: int = 150, **recipe) 
     )
     z = torch.randn(20000, 1, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return recovered_weights(result.sample(z, generator=torch.Generator().manual_seed(5)))
+        return GM.mode_weights(result.sample(z, generator=torch.Generator().manual_seed(5)))
 
 
 def main(argv=None):

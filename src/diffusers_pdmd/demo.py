@@ -79,6 +79,7 @@ def train_args(
         "100000",
         "--seed",
         str(seed),
+        "--overwrite_output_dir",  # a re-run of the demo replaces its students
         *METHODS[method][0],
         *extra,
     ]

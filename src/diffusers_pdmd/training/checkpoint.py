@@ -112,13 +112,29 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+def read_state(path: str | os.PathLike) -> dict:
+    """The JSON state of a checkpoint (step, run, history), without reading its tensors."""
     path = Path(path)
     if not (path / STATE_NAME).is_file():
-        raise ValueError(f"`resume_from_checkpoint`: {path} is not a checkpoint folder (no {STATE_NAME}).")
-    files = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
-    with open(path / STATE_NAME) as f:
-        return files, json.load(f)
+        raise ValueError(f"`--resume_from_checkpoint`: {path} is not a checkpoint folder (no {STATE_NAME}).")
+    try:
+        with open(path / STATE_NAME) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"`--resume_from_checkpoint`: {path / STATE_NAME} is not readable JSON ({e}).") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """`(files, state)` of a checkpoint: every `<name>.safetensors` as `files[name]`, and its JSON state."""
+    path = Path(path)
+    state = read_state(path)
+    files = {}
+    for p in sorted(path.glob("*.safetensors")):
+        try:
+            files[p.stem] = load_file(str(p))
+        except Exception as e:
+            raise ValueError(f"Checkpoint file {p} is corrupt or not a safetensors file ({e}).") from e
+    return files, state
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -142,7 +158,7 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
         path = Path(output_dir) / resume
     if not path.is_dir():
         raise ValueError(
-            f"`resume_from_checkpoint` must be 'latest' or an existing checkpoint folder, got {resume!r}."
+            f"`--resume_from_checkpoint` must be 'latest' or an existing checkpoint folder, got {resume!r}."
         )
     return path
 

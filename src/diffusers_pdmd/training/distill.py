@@ -21,6 +21,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
 from . import checkpoint as ckpt
+from . import runs
 from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, T_SAMPLINGS, dmd_loss, fake_score_loss, sample_t
 from .simulate import METHODS, generator_sample, split_by_phase
 
@@ -95,6 +97,15 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
         a("--image", default=None, help="TI2V/I2V: an image file used as the first frame of every sample.")
     else:
         a("--resolution", type=int, default=1024, help="Square image size.")
+    a(
+        "--resolutions",
+        nargs="+",
+        default=None,
+        help="Multi-resolution training, one bucket per batch: "
+        + ("FxHxW entries (e.g. 81x720x1280 81x1280x720)" if video else "HxW entries (e.g. 1328x1328 928x1664)")
+        + "; replaces "
+        + ("--num_frames/--height/--width." if video else "--resolution."),
+    )
     a("--train_batch_size", type=int, default=1)
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_train_steps", type=int, default=1000, help="Generator updates per phase.")
@@ -139,6 +150,11 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    a(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start afresh in a non-empty --output_dir: its checkpoints and experts are deleted first.",
+    )
     a("--validation_prompts", nargs="*", default=None)
     a("--validation_steps", type=int, default=200)
     a("--report_to", default="none", help="Tracker for accelerate (tensorboard, wandb, ...), or 'none'.")
@@ -256,21 +272,81 @@ def check_args(args) -> None:
             raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints_total_limit` must be >= 1, got {args.checkpoints_total_limit}.")
+    if args.method != "phased_dmd" and args.phase_boundaries:
+        raise ValueError(
+            f"`--phase_boundaries` is for `--method phased_dmd`; `--method {args.method}` trains one generator over "
+            f"the whole interval. Drop `--phase_boundaries {' '.join(map(str, args.phase_boundaries))}`."
+        )
+    if args.phase_boundaries is not None:
+        b = args.phase_boundaries
+        if any(not 0.0 < x < 1.0 for x in b) or any(x <= y for x, y in zip(b, b[1:])):
+            raise ValueError(f"`--phase_boundaries` must be strictly decreasing values inside (0, 1), got {b}.")
+        if args.method == "phased_dmd" and len(args.steps_per_phase) != len(b) + 1:
+            raise ValueError(
+                f"`--steps_per_phase` needs {len(b) + 1} values for the {len(b)} `--phase_boundaries` {b}, "
+                f"got {args.steps_per_phase}."
+            )
+    sizes(args)  # parses --resolutions
+
+
+def sizes(args) -> list[tuple[int, int, int | None]]:
+    """The training sizes `(height, width, num_frames)`: the `--resolutions` buckets, else the one size flag(s)."""
+    video = hasattr(args, "num_frames")
+    if not getattr(args, "resolutions", None):
+        return [(args.height, args.width, args.num_frames)] if video else [(args.resolution, args.resolution, None)]
+    out = []
+    for entry in args.resolutions:
+        parts = entry.lower().split("x")
+        if len(parts) != (3 if video else 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            form = "FxHxW (frames x height x width, e.g. 81x480x832)" if video else "HxW (e.g. 928x1664)"
+            raise ValueError(f"`--resolutions` entries must be {form}, got {entry!r}.")
+        n = [int(p) for p in parts]
+        out.append((n[1], n[2], n[0]) if video else (n[0], n[1], None))
+    return out
+
+
+def check_sizes(args, family) -> None:
+    """`family.check_size` on every training size, its message naming the flag instead of the argument."""
+    video = hasattr(args, "num_frames")
+    for h, w, f in sizes(args):
+        try:
+            family.check_size(h, w, f)
+        except ValueError as e:
+            if getattr(args, "resolutions", None):
+                entry = f"{f}x{h}x{w}" if video else f"{h}x{w}"
+                raise ValueError(f"`--resolutions` entry {entry}: {e}") from None
+            msg = str(e)
+            names = ("height", "width", "num_frames") if video else ("height", "width")
+            for name in names:
+                msg = msg.replace(f"`{name}`", f"`--{name}`" if video else "`--resolution`")
+            raise ValueError(msg) from None
+
+
+_PROMPT_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".tsv")
 
 
 def load_prompts(prompts: str, column: str = "prompt") -> list[str]:
     """Prompts from a text file (one a line; blank lines skipped) or a `datasets` name / path."""
     path = Path(prompts)
+    if not path.exists() and (path.suffix in _PROMPT_FILE_SUFFIXES or prompts.startswith((".", "/", "~"))):
+        raise ValueError(f"`--prompts` {prompts!r}: no such file.")
     if path.is_file() and path.suffix in ("", ".txt"):
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         out = [line for line in lines if line]
     else:
         from datasets import load_dataset
 
-        if path.is_file():
-            ds = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path), split="train")
-        else:
-            ds = load_dataset(prompts, split="train")
+        try:
+            if path.is_file():
+                kind = path.suffix.lstrip(".").replace("jsonl", "json").replace("tsv", "csv")
+                ds = load_dataset(kind, data_files=str(path), split="train")
+            else:
+                ds = load_dataset(prompts, split="train")
+        except Exception as e:
+            raise ValueError(
+                f"`--prompts` {prompts!r} is neither a text file nor a dataset `datasets` can load "
+                f"({type(e).__name__}: {e})."
+            ) from e
         if column not in ds.column_names:
             raise ValueError(f"`--prompt_column` {column!r} is not in the dataset; columns: {ds.column_names}.")
         out = [str(x) for x in ds[column] if str(x).strip()]
@@ -542,10 +618,8 @@ class Distiller:
         )
 
     def size(self):
-        a = self.args
-        if hasattr(a, "resolution"):
-            return a.resolution, a.resolution, None
-        return a.height, a.width, a.num_frames
+        """The first training size `(height, width, num_frames)` (validation samples at it)."""
+        return sizes(self.args)[0]
 
     def schedule(self, h, w, f=None) -> tuple[list[list[float]], float]:
         """`(sigmas by phase, time shift)` at a sample size: Wan's flow shift, Qwen-Image's `exp(mu)` of the size."""
@@ -714,12 +788,60 @@ def load_base_pipeline(args, dtype: torch.dtype):
     )
 
 
+@dataclass
+class _Progress:
+    """What the Ctrl-C handler and the clean-up of a failed run need to know about a run."""
+
+    output_dir: Path
+    created_output_dir: bool = False
+    global_step: int = 0
+    last_ckpt: Path | None = None
+
+
 def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipeline) -> Path:
     """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder.
 
     `load_pipeline(args, dtype)` returns the base pipeline (default: [`load_base_pipeline`]); a benchmark hands
     in a pipeline already in memory through it when the disk cannot hold a saved copy.
+
+    Ctrl-C ends the run with one line naming the last checkpoint and the command that resumes it (exit code 130);
+    a run that fails before writing anything leaves no empty `--output_dir` behind.
     """
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+    progress = _Progress(output_dir, created_output_dir=not output_dir.exists())
+    try:
+        return _train(args, expected_families, progress, load_pipeline)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) != 0:  # one line from the whole run
+            pass
+        elif progress.last_ckpt is None:
+            print(
+                f"\nInterrupted at global step {progress.global_step}, before the first checkpoint: nothing to resume."
+            )
+        else:
+            print(
+                f"\nInterrupted at global step {progress.global_step}; last checkpoint {progress.last_ckpt}. Resume "
+                f"with: {runs.resume_command()}",
+                flush=True,
+            )
+        raise SystemExit(130) from None
+    finally:
+        if progress.created_output_dir:
+            runs.remove_empty_dirs(output_dir)
+
+
+def _tracker_config(args) -> dict:
+    """The flags as hyperparameters a tracker takes: lists become strings (TensorBoard takes only scalars)."""
+    out = {}
+    for k, v in vars(args).items():
+        if k == "hub_token":
+            continue
+        out[k] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+def _train(args, expected_families: tuple[str, ...], progress_info: _Progress, load_pipeline) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -728,9 +850,42 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
     from .. import hub
     from ..families import get_family
 
+    # -- every flag check before any model loads -----------------------------------------------------------------
     check_args(args)
     check_speed_args(args)
     output_dir = Path(args.output_dir)
+    prompts = load_prompts(args.prompts, args.prompt_column)
+    family = runs.probe_family(args)
+
+    def checks_needing_the_family(family):
+        if family.name not in expected_families:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` is a {family.name} pipeline; this script trains "
+                f"{list(expected_families)}."
+            )
+        if args.guidance_scale_2 is not None and len(family.transformer_names) < 2:
+            raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
+        check_sizes(args, family)
+        plan = make_plan(args, family)
+        return plan, runs.run_config(args, plan, family.name)
+
+    plan = run = None
+    if family is not None:
+        plan, run = checks_needing_the_family(family)
+    resume = ckpt.resolve_resume(output_dir, args.resume_from_checkpoint)
+    resume_state = ckpt.read_state(resume) if resume is not None else None
+    if resume is not None and run is not None:
+        runs.check_resume(resume, resume_state, run, runs.recipe_config(args))
+        if resume_state["global_step"] >= plan.total_steps and runs.finished(output_dir):
+            logger.info(
+                "The run in %s is finished (%d of %d generator updates, experts written); nothing to do.",
+                output_dir,
+                resume_state["global_step"],
+                plan.total_steps,
+            )
+            return output_dir
+    to_delete = runs.check_output_dir(args, output_dir)
+
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -739,25 +894,23 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and to_delete:
+        logger.info("--overwrite_output_dir: deleting %s", ", ".join(p.name for p in to_delete))
+        for p in to_delete:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    accelerator.wait_for_everyone()
     set_seed(args.seed)
 
-    prompts = load_prompts(args.prompts, args.prompt_column)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = load_pipeline(args, weight_dtype)
     family = get_family(pipe)
-    if family.name not in expected_families:
-        raise ValueError(
-            f"`--pretrained_model_name_or_path` is a {family.name} pipeline; this script trains {list(expected_families)}."
-        )
-    if args.guidance_scale_2 is not None and len(family.transformer_names) < 2:
-        raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
-    plan = make_plan(args, family)
+    if plan is None or run["family"] != family.name:  # the config files could not be read before loading
+        plan, run = checks_needing_the_family(family)
+        if resume is not None:
+            runs.check_resume(resume, resume_state, run, runs.recipe_config(args))
     d = Distiller(args, accelerator, family, pipe, plan)
     del pipe  # the Distiller holds the components; no second reference may keep a freed text encoder alive
-    height, width, num_frames = d.size()
+    buckets = sizes(args)
     device = accelerator.device
 
     # -- text conditioning (cached: encoded once, text encoder freed) ------------------------------------------
@@ -781,20 +934,22 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         all_cond, val_cond = None, None
         neg_cond = encode([args.negative_prompt]) if need_neg else None
 
-    image_cond = {}
+    image, image_conds = None, {}
     if getattr(args, "image", None):
         from diffusers.utils import load_image
 
         image = load_image(args.image)
-        image_cond = family.encode_image(d.components, image, args.train_batch_size, height, width, num_frames, device)
 
-    def batch_cond(index: torch.Tensor) -> dict:
+    def batch_cond(index: torch.Tensor, size) -> dict:
         if all_cond is not None:
             cond = select_cond(all_cond, index, len(prompts))
         else:
             cond = encode([prompts[i] for i in index.tolist()])
-        cond = dict(cond, **family.size_cond(height, width, num_frames, batch_size=len(index)))
-        cond.update(image_cond)
+        cond = dict(cond, **family.size_cond(*size, batch_size=len(index)))
+        if image is not None:
+            if size not in image_conds:
+                image_conds[size] = family.encode_image(d.components, image, args.train_batch_size, *size, device)
+            cond.update(image_conds[size])
         return _to_device(cond, device)
 
     # -- optimizers, per phase ---------------------------------------------------------------------------------
@@ -836,7 +991,6 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
             f"Training phase {min(plan.phases)} needs the experts of phases 0..{min(plan.phases) - 1}: put the "
             f"output of their run in `--output_dir` ({output_dir}) first."
         )
-    resume = ckpt.resolve_resume(output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint is not None and resume is None:
         logger.info("No checkpoint in %s; starting from scratch.", output_dir)
     if resume is not None:
@@ -844,14 +998,14 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         global_step, history = state["global_step"], state.get("history", [])
         for j in range(plan.num_phases):
             if f"phase_{j}" in files:
-                ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"])
+                _load_adapter(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"], resume / f"phase_{j}")
         phase, _ = plan.position(min(global_step, plan.total_steps - 1))
         for j in state["opt_phases"]:  # phases whose optimizers were live when the checkpoint was written
             if plan.order == "sequential" and j != phase:
                 continue  # the checkpoint closed phase j: phase `phase` starts fresh, as in an uninterrupted run
             if not args.fake_full_finetune:
                 for name, model in d.models.items():
-                    ad.load_adapter_state_dict(model, f"fake_{j}", files[f"fake_{j}.{name}"])
+                    _load_adapter(model, f"fake_{j}", files[f"fake_{j}.{name}"], resume / f"fake_{j}.{name}")
             else:
                 d.start_phase(j)
                 for name, model in d.fake_full.items():
@@ -866,6 +1020,7 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         ckpt.set_rng_state(files["rng"], state["rng"], {"noise": gen})
         last_ckpt = resume
         logger.info("Resumed from %s at global step %d (phase %d).", resume, global_step, phase)
+    progress_info.global_step, progress_info.last_ckpt = global_step, last_ckpt
 
     def save_ckpt():
         files, state = (
@@ -882,6 +1037,8 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
                     "steps_per_phase": plan.steps_per_phase,
                     "phases": plan.phases,
                 },
+                "run": run,
+                "recipe": runs.recipe_config(args),
             },
         )
         opt_tensors = {}
@@ -912,13 +1069,17 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
             path = ckpt.save_checkpoint(output_dir, global_step, files, state)
             ckpt.prune_checkpoints(output_dir, args.checkpoints_total_limit)
         accelerator.wait_for_everyone()
+        progress_info.last_ckpt = path
         return path
 
     # -- loop ---------------------------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("phased-dmd", config={k: v for k, v in vars(args).items() if k != "hub_token"})
+        accelerator.init_trackers("phased-dmd", config=_tracker_config(args))
     b, ga = args.train_batch_size, args.gradient_accumulation_steps
-    current_phase = plan.position(global_step)[0] if plan.order == "sequential" and opts else None
+    finished = global_step >= plan.total_steps
+    current_phase = plan.position(global_step)[0] if plan.order == "sequential" and opts and not finished else None
     progress = tqdm(
         total=plan.total_steps,
         initial=global_step,
@@ -927,16 +1088,19 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
     )
 
     mine = slice(rank * b, (rank + 1) * b)
-
-    def noise_and_cond():
-        index = torch.randint(len(prompts), (b * n_proc,), generator=gen)[mine]
-        z = family.prepare_latents(d.components, b * n_proc, height, width, num_frames, gen, "cpu", torch.float32)
-        return z[mine].to(device), batch_cond(index)
-
     logit = {"logit_mean": args.logit_mean, "logit_std": args.logit_std}
 
-    def t_and_eps(s, like):
-        t = sample_t(s, b * n_proc, gen, sampling=args.timestep_sampling, shift=d.time_shift, **logit)[mine].to(device)
+    def draw_batch() -> _Batch:
+        """Noise, prompts and size of one batch; with `--resolutions`, the bucket is drawn from the shared generator
+        (every process draws the same one)."""
+        size = buckets[int(torch.randint(len(buckets), (1,), generator=gen))] if len(buckets) > 1 else buckets[0]
+        index = torch.randint(len(prompts), (b * n_proc,), generator=gen)[mine]
+        z = family.prepare_latents(d.components, b * n_proc, *size, gen, "cpu", torch.float32)
+        sigmas, shift = d.schedule(*size)
+        return _Batch(z[mine].to(device), batch_cond(index, size), sigmas, shift)
+
+    def t_and_eps(batch: _Batch, s, like):
+        t = sample_t(s, b * n_proc, gen, sampling=args.timestep_sampling, shift=batch.shift, **logit)[mine].to(device)
         eps = torch.randn((b * n_proc, *like.shape[1:]), generator=gen)[mine].to(device)
         return t, eps
 
@@ -960,16 +1124,16 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         shared["uses_left"] -= 1
         for i in range(ga):
             if fresh:
-                z, cond = noise_and_cond()
-                experts = [d.expert(j, cond) for j in range(plan.num_phases)]
+                batch = draw_batch()
+                experts = [d.expert(j, batch.cond) for j in range(plan.num_phases)]
                 with torch.no_grad():
                     x_s, s = generator_sample(
-                        plan.method, z, d.sigmas_by_phase, experts, phase, grad=False, generator=gen
+                        plan.method, batch.z, batch.sigmas, experts, phase, grad=False, generator=gen
                     )
-                shared["batches"].append((x_s, s, cond))
-            x_s, s, cond = shared["batches"][i]
-            t, eps = t_and_eps(s, x_s)
-            loss, logs = fake_score_loss(d.fake(phase, cond), x_s, s, t, eps, weighting=args.fake_weighting)
+                shared["batches"].append((batch, x_s, s))
+            batch, x_s, s = shared["batches"][i]
+            t, eps = t_and_eps(batch, s, x_s)
+            loss, logs = fake_score_loss(d.fake(phase, batch.cond), x_s, s, t, eps, weighting=args.fake_weighting)
             _finite(loss, "Fake-score", phase, step, last_ckpt)
             accelerator.backward(loss / ga)
         optimizer_step(fake_params, f_opt, f_sch)
@@ -980,13 +1144,12 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         gen_params, _, g_opt, _, g_sch, _ = opts[phase]
         shared["uses_left"] = 0
         for _ in range(ga):
-            z, cond = noise_and_cond()
-            experts = [d.expert(j, cond) for j in range(plan.num_phases)]
-            x_s, s = generator_sample(plan.method, z, d.sigmas_by_phase, experts, phase, grad=True, generator=gen)
-            t, eps = t_and_eps(s, x_s)
-            loss, logs = dmd_loss(
-                x_s, s, d.teacher(cond, neg_cond), d.fake(phase, cond), t, eps, weighting=args.dmd_weighting
-            )
+            batch = draw_batch()
+            experts = [d.expert(j, batch.cond) for j in range(plan.num_phases)]
+            x_s, s = generator_sample(plan.method, batch.z, batch.sigmas, experts, phase, grad=True, generator=gen)
+            t, eps = t_and_eps(batch, s, x_s)
+            real, fake = d.teacher(batch.cond, neg_cond), d.fake(phase, batch.cond)
+            loss, logs = dmd_loss(x_s, s, real, fake, t, eps, weighting=args.dmd_weighting)
             _finite(loss, "Generator (DMD)", phase, step, last_ckpt)
             # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
             d.switches[d.expert_base[phase]].set(f"phase_{phase}")
@@ -1005,43 +1168,36 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
         d.start_phase(phase)
         make_opts(phase)
 
-    try:
-        while global_step < plan.total_steps:
-            phase, step = plan.position(global_step)
-            enter_phase(phase)
-            started = _synchronized_clock(device)
-            fake_logs = {}
-            for _ in range(args.fake_updates_per_step):
-                fake_logs = fake_update(phase, step)
-            gen_logs = generator_update(phase, step)
-            step_seconds = _synchronized_clock(device) - started
-            global_step += 1
-            logs = {**gen_logs, **fake_logs}
-            if n_proc > 1:  # losses of the global batch: the mean over processes
-                values = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
-                logs = dict(zip(logs, values.tolist()))
-            logs.update(phase=phase, lr=opts[phase][4].get_last_lr()[0], step_seconds=step_seconds)
-            history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
-            progress.update(1)
-            progress.set_postfix(
-                phase=phase, dmd=f"{gen_logs['dmd_loss']:.4g}", fake=f"{fake_logs.get('fake_loss', float('nan')):.4g}"
-            )
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                last_ckpt = save_ckpt()
-            if val_prompts and global_step % args.validation_steps == 0:  # all processes: FSDP forwards are collective
-                validate(d, val_prompts, val_cond, encode, output_dir / "validation" / f"step-{global_step}.png")
-    except KeyboardInterrupt:
-        logger.error(
-            "Interrupted at global step %d; resume with --resume_from_checkpoint latest (last: %s).",
-            global_step,
-            last_ckpt,
+    while global_step < plan.total_steps:
+        phase, step = plan.position(global_step)
+        enter_phase(phase)
+        started = _synchronized_clock(device)
+        fake_logs = {}
+        for _ in range(args.fake_updates_per_step):
+            fake_logs = fake_update(phase, step)
+        gen_logs = generator_update(phase, step)
+        step_seconds = _synchronized_clock(device) - started
+        global_step += 1
+        progress_info.global_step = global_step
+        logs = {**gen_logs, **fake_logs}
+        if n_proc > 1:  # losses of the global batch: the mean over processes
+            values = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
+            logs = dict(zip(logs, values.tolist()))
+        logs.update(phase=phase, lr=opts[phase][4].get_last_lr()[0], step_seconds=step_seconds)
+        history.append({"step": global_step, **{k: float(v) for k, v in logs.items()}})
+        progress.update(1)
+        progress.set_postfix(
+            phase=phase, dmd=f"{gen_logs['dmd_loss']:.4g}", fake=f"{fake_logs.get('fake_loss', float('nan')):.4g}"
         )
-        raise
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            last_ckpt = save_ckpt()
+        if val_prompts and global_step % args.validation_steps == 0:  # all processes: FSDP forwards are collective
+            validate(d, val_prompts, val_cond, encode, output_dir / "validation" / f"step-{global_step}.png")
     progress.close()
 
     # -- the experts-only repo ----------------------------------------------------------------------------------
-    last_ckpt = save_ckpt() if global_step % args.checkpointing_steps else last_ckpt
+    last_ckpt = save_ckpt() if global_step % args.checkpointing_steps and not finished else last_ckpt
     with d.full_params():
         if accelerator.is_main_process:
             save_experts(d, output_dir, history)
@@ -1069,6 +1225,23 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
+
+
+@dataclass
+class _Batch:
+    """One batch: initial noise `z`, its conditioning, and the schedule of its size (sigmas by phase, time shift)."""
+
+    z: torch.Tensor
+    cond: dict
+    sigmas: list[list[float]]
+    shift: float
+
+
+def _load_adapter(model, adapter_name: str, state_dict, path: Path) -> None:
+    try:
+        ad.load_adapter_state_dict(model, adapter_name, state_dict)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}.safetensors does not fit adapter {adapter_name!r} of this run: {e}") from e
 
 
 def _summary(history: list[dict], plan: Plan) -> dict:
@@ -1102,8 +1275,13 @@ def _load_experts(d: Distiller, folder: Path, skip) -> None:
             from safetensors.torch import load_file
 
             prefix = hub.LORA_PREFIX + "."
-            state_dict = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
-            ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", state_dict)
+            try:
+                state_dict = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+                ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", state_dict)
+            except Exception as err:
+                raise ValueError(
+                    f"The expert of phase {j} in `--output_dir`, {path}, cannot be loaded: {err}"
+                ) from err
 
 
 def save_experts(d: Distiller, output_dir: Path, history) -> None:

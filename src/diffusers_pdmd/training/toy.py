@@ -61,6 +61,11 @@ class GaussianMixture:
         """Posterior component probabilities `p(i | x_t)`, shape `(N, M)`."""
         return self._posterior(x_t, t)[-1].to(x_t.dtype)
 
+    def mode_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The fraction of the samples `x` (`(N, D)`) nearest to each mean: the mixture weights a sampler recovers."""
+        idx = torch.cdist(x.to(torch.float64), self.means).argmin(1)
+        return torch.bincount(idx, minlength=self.means.shape[0]).to(torch.float64) / x.shape[0]
+
     def noisy_sample(self, n: int, t: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """Samples of the marginal at time `t`."""
         x0 = self.sample(n, generator)
