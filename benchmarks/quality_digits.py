@@ -93,7 +93,7 @@ def main(argv=None):
         analysis=analysis(mean, std),
     )
     old = doc.read_text() if doc.is_file() else ""
-    if RECIPE_START in old:  # the recipe sections are written by --compare_recipe and benchmarks/toy_recipe.py
+    if RECIPE_START in old:  # the recipe sections: --compare_recipe and the output of benchmarks/toy_recipe.py
         text = text.rstrip("\n") + "\n\n" + old[old.index(RECIPE_START) :]
     doc.write_text(text)
     print(f"wrote {doc}")
@@ -147,7 +147,8 @@ def compare_recipe(args, argv):
     command = "python benchmarks/quality_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     section = (
         f"{DIGITS_START}\n### Digits teacher: Phased DMD, new training defaults against the earlier ones\n\n"
-        "Same budget and metrics as above; only the recipe differs. New defaults: Eq. 13 fake-score weight, `t` "
+        f"Metrics and hyperparameters as above, {args.max_train_steps} generator updates per phase; only the recipe "
+        "differs. New defaults: Eq. 13 fake-score weight, `t` "
         "uniform on the teacher's shifted time scale, AdamW beta1 0. Earlier defaults: `--fake_weighting "
         "inverse_variance --timestep_sampling uniform --adam_beta1 0.9`. Mean ± std over "
         f"{len(args.seeds)} training seeds.\n\n{table}\n\nCommand: `nice -n 10 {command.strip()}` "
