@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import shlex
 import shutil
@@ -44,8 +45,11 @@ import sys
 import threading
 import time
 
-import gpu_common as gc_
-import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # GPU machines have no network; nothing here is downloaded
+
+import gpu_common as gc_  # noqa: E402
+import torch  # noqa: E402
 
 
 NAME = "gpu_train"

@@ -826,6 +826,9 @@ class _Progress:
 def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipeline) -> Path:
     """Run Phased DMD (or a baseline) as the flags say; return the experts-only output folder.
 
+    `load_pipeline(args, dtype)` returns the base pipeline (default: [`load_base_pipeline`]); a benchmark hands
+    in a pipeline already in memory through it when the disk cannot hold a saved copy.
+
     Ctrl-C ends the run with one line naming the last checkpoint and the command that resumes it (exit code 130);
     a run that fails before writing anything leaves no empty `--output_dir` behind. `load_pipeline(args, dtype)`
     returns the base pipeline (default: [`load_base_pipeline`]); a benchmark hands in a pipeline already in memory
