@@ -534,6 +534,7 @@ def train(args, expected_families: tuple[str, ...]) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    parallel.check_degree(args.context_parallel_degree, accelerator.num_processes)  # before the weights load
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
