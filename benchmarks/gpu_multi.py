@@ -24,8 +24,8 @@ the GPUs), median step time (first step excluded) and samples per second per GPU
     # Wan2.2 A14B at full size (2 x 14.3B), 480x832x81 (32,760 tokens)
     python benchmarks/gpu_multi.py --family wan --make_base /tmp/wan-a14b
     NCCL_NVLS_ENABLE=0 python benchmarks/gpu_multi.py --family wan --model /tmp/wan-a14b \\
-        --height 480 --width 832 --num_frames 81 --gpus 2 4 --modes cp fsdp2-cp --steps 2 --fake_updates 1 \\
-        --out benchmarks/results/multi_wan.json
+        --height 480 --width 832 --num_frames 81 --gpus 2 --modes cp --steps 2 --fake_updates 1 \\
+        --out benchmarks/results/multi_wan_x2_cp.json   # then other modes / GPUs with --references_from that JSON
     # CPU logic check: tiny Wan2.2 A14B, 2 gloo processes, every mode (not a measurement)
     python benchmarks/gpu_multi.py --tiny
 """
@@ -231,6 +231,8 @@ def run(a) -> dict:
         prompts.write_text("a handwritten digit seven\na red cat\na blue house\n")
         a.prompts = str(prompts)
     port, refs, rows = 29650, {}, []
+    if a.references_from:  # one-GPU runs of an earlier invocation (same model, size and steps), keyed by batch
+        refs = {int(k): v for k, v in json.loads(Path(a.references_from).read_text())["references"].items()}
     for n in a.gpus:
         for mode in a.modes:
             degree = n if mode.endswith("cp") else 1
@@ -305,6 +307,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--num_frames", type=int, default=81)
     parser.add_argument("--work_dir", default=None, help="where the runs write (default: a temporary folder)")
+    parser.add_argument("--references_from", default=None, help="reuse the one-GPU runs of this results JSON")
     parser.add_argument("--make_base", default=None, help="only save a random-weight full-size base to this folder")
     a = parser.parse_args(argv)
     if a.make_base:

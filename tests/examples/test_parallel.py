@@ -192,6 +192,16 @@ CP_WORKER = textwrap.dedent(
     wan_inputs = dict(hidden_states=x, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text)
     wan_cp = compare("wan", wan, wan_inputs)
 
+    # DDP over a context-parallel group with parallel.py's communication hook: the summed gradient, not the mean.
+    from torch.nn.parallel import DistributedDataParallel
+    hooked = parallel.copy_model(wan_cp)
+    hooked.zero_grad(set_to_none=True)
+    parallel.enable_on(hooked, layout)
+    ddp = DistributedDataParallel(hooked, find_unused_parameters=True)
+    ddp.register_comm_hook(None, parallel._sum_over_group_hook(layout.dp_size))
+    ddp(**wan_inputs, return_dict=False)[0].square().mean().backward()
+    result["ddp_hook"] = [(grads(hooked) - grads(wan)).abs().max().item(), grads(wan).abs().max().item()]
+
     # Qwen-Image splits the text tokens too: 5 of them (one masked out) are padded to 6 by parallel.py.
     torch.manual_seed(0)
     qwen = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
@@ -244,6 +254,7 @@ def test_ulysses_attention_on_two_processes_matches_one(tmp_path):
             out_diff, grad_diff, grad_scale = r[name]
             assert out_diff < 1e-5 and grad_diff < 1e-5 * max(grad_scale, 1.0), (name, r[name])
         assert r["copy"] < 1e-6
+        assert r["ddp_hook"][0] < 1e-5 * max(r["ddp_hook"][1], 1.0), r["ddp_hook"]
         assert r["pipeline"][0] < 1e-4 and r["pipeline"][1] > 0.1
 
 

@@ -923,6 +923,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress, l
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    parallel.check_degree(args.context_parallel_degree, accelerator.num_processes)  # before the weights load
     if accelerator.is_main_process and to_delete:
         logger.info("--overwrite_output_dir: deleting %s", ", ".join(p.name for p in to_delete))
         for p in to_delete:
