@@ -308,6 +308,10 @@ def test_model_card(tmp_path):
     card = hub.write_model_card(tmp_path, qwen)
     assert card.data.base_model is None  # a local path is not Hub metadata
     assert "text-to-image" in card.data.tags and ".images[0]" in str(card)
+    i2v = hub.ExpertsConfig.from_dict(experts_config(family="wan2.2-i2v-a14b"))
+    card = hub.write_model_card(tmp_path, i2v, repo_id="org/i2v-phased")
+    assert card.data.pipeline_tag == "image-to-video" and "text-to-video" not in card.data.tags
+    assert "image=image" in str(card) and "load_image(" in str(card)  # the pipeline needs the first frame
 
 
 def _python_block(markdown: str) -> str:

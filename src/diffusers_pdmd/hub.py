@@ -464,6 +464,19 @@ export_to_video(frames, "sample.mp4", fps=16)
 ```"""
 
 
+_USAGE_I2V = """```python
+# pip install "diffusers-pdmd[video]"  (imageio and imageio-ffmpeg, for export_to_video)
+import torch
+from diffusers.utils import export_to_video, load_image
+from diffusers_pdmd import PhasedMoEPipeline
+
+pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=torch.bfloat16).to("cuda")
+image = load_image("first_frame.png")  # the first frame of the video
+frames = pipe({prompt}, image=image, generator=torch.Generator("cuda").manual_seed(0)).frames[0]
+export_to_video(frames, "sample.mp4", fps=16)
+```"""
+
+
 def _is_hub_id(value: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -507,7 +520,8 @@ def write_model_card(
 
     out_dir = pathlib.Path(out_dir)
     family = get_family(config.family)
-    task = "text-to-video" if family.is_video else "text-to-image"
+    image_to_video = bool(getattr(family, "image_concat", False))  # Wan2.2 I2V-A14B needs the first frame
+    task = "image-to-video" if image_to_video else "text-to-video" if family.is_video else "text-to-image"
     kinds = {e["type"] for e in config.experts}
     tags = ["diffusers", "phased-dmd", "few-step", "distillation", task]
     if "lora" in kinds:
@@ -526,7 +540,7 @@ def write_model_card(
         for k, e in enumerate(config.experts)
     )
     revision = f" (revision `{config.base_revision}`)" if config.base_revision else ""
-    usage = (_USAGE_VIDEO if family.is_video else _USAGE_IMAGE).format(
+    usage = (_USAGE_I2V if image_to_video else _USAGE_VIDEO if family.is_video else _USAGE_IMAGE).format(
         repo_id=json.dumps(repo_id or str(out_dir.resolve())), prompt=json.dumps(prompt or "a red fox in snow")
     )
     sections = [
