@@ -8,33 +8,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import QwenImagePipeline, WanPipeline
-from peft import LoraConfig
+from test_pipeline_phased_moe import PHASES, SIZES, add_lora, phased  # noqa: F401  (the shared tiny set-up)
 
-from diffusers_pdmd import PhasedDMDScheduler, tiny
+from diffusers_pdmd import tiny
 from diffusers_pdmd.families import get_family
-from diffusers_pdmd.hub import multiple_adapters
 from diffusers_pdmd.pipelines import PhasedMoEPipeline
-
-
-SIZES = {"qwen-image": {"height": 32, "width": 32}, "wan2.2-ti2v-5b": {"height": 32, "width": 32, "num_frames": 5}}
-PHASES = {"qwen-image": ([0.6], [2, 1]), "wan2.2-ti2v-5b": ([0.7], [1, 1])}
-
-
-def add_lora(module, name, seed, targets=("to_q", "to_k", "to_v")):
-    with torch.random.fork_rng(devices=[]), multiple_adapters():
-        torch.manual_seed(seed)
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights=False)
-        module.add_adapter(config, adapter_name=name)
-
-
-def phased(family, components, experts=None, **kwargs):
-    boundaries, steps = PHASES[family]
-    scheduler = PhasedDMDScheduler.from_config(
-        components["scheduler"].config, phase_boundaries=boundaries, steps_per_phase=steps
-    )
-    pipe = PhasedMoEPipeline(**{**components, "scheduler": scheduler}, experts=experts, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def run(pipe, prompt="a cat", **kwargs):
