@@ -87,6 +87,21 @@ def test_lora_linear_layers_finds_adapted_layers_only():
         lora_linear_layers(model, ["missing"])
 
 
+def test_lora_with_a_bias_is_not_merged():
+    # `.diff_b` keys of extracted LoRAs load as a bias of lora_B, which `W + s B A` leaves out: the merging modes
+    # must refuse such adapters rather than drop the bias (the "auto" mode then keeps them unfused).
+    torch.manual_seed(0)
+    model = Tiny()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"], init_lora_weights=False, lora_bias=True)
+    peft.inject_adapter_in_model(config, model, adapter_name="biased")
+    with pytest.raises(ValueError, match="bias"):
+        lora_linear_layers(model, ["biased"])
+    from diffusers_pdmd.pipelines import ExpertSwitcher
+
+    with pytest.raises(ValueError, match="bias"):
+        ExpertSwitcher([(model, "biased")], mode="resident")
+
+
 def test_delta_factors_product():
     model = make_model()
     layer = lora_linear_layers(model)[0]
