@@ -2,6 +2,7 @@
 and sample exactly as their authors' sampler, re-implemented plainly here."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -129,7 +130,10 @@ def test_wan22_lightning_matches_authors_sampler(family, boundary, diff_b, tmp_p
     expected = euler(lambda t: hi if t >= boundary else lo, authors, x, _wan_velocity(embeds, concat))
     torch.testing.assert_close(out.frames, expected, atol=1e-5, rtol=1e-5)
     # Saved in our format (its config names the base it was loaded on) they load back as the same sampler.
-    pipe.save_pretrained(tmp_path / "ours", experts_only=True)
+    with warnings.catch_warnings(record=True) as caught:  # peft's false "invalid shape" for the biases of .diff_b
+        warnings.simplefilter("always")
+        pipe.save_pretrained(tmp_path / "ours", experts_only=True)
+    assert not [w for w in caught if "invalid shape" in str(w.message)]
     resaved = PhasedMoEPipeline.from_pretrained(tmp_path / "ours")
     again = resaved(
         prompt_embeds=embeds, latents=x.clone(), output_type="latent", height=16, width=16, num_frames=5, **kwargs

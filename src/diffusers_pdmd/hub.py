@@ -279,7 +279,11 @@ def save_lora_expert(
             f"`adapter_name` {adapter_name!r} is not an adapter of the transformer: {sorted(peft_config)}."
         )
     weight_name = lora_weight_name(variant)
-    layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        if getattr(peft_config[adapter_name], "lora_bias", False):
+            # peft takes the 1-D `lora_B.bias` of a LoRA with a bias (`.diff_b` keys) for an ungathered shard
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape: .*lora_B\.bias")
+        layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     state_dict = {f"{LORA_PREFIX}.{k}": v.detach().contiguous() for k, v in layers.items()}
     metadata = {f"{LORA_PREFIX}.{k}": v for k, v in peft_config[adapter_name].to_dict().items()}
     out_dir = pathlib.Path(out_dir)
