@@ -235,12 +235,14 @@ def sampling(args, run: Run, spec: dict, workdir: pathlib.Path) -> None:
     if not (args.memory_modes and args.model == "qwen"):
         return
     memory = MemoryModes(run, size, base_dir, experts_dir)
-    memory.shared(student)
-    # The modes that change the weights for good load the pipeline afresh: free the device and the host first.
+    memory.plain(student)
+    # The modes that change the weights for good load the pipeline afresh, before any offloading hook exists (an
+    # H100 run measured them after sequential offloading, whose pipeline was still held: out of memory).
     del student, base
     extra = None
     gc_.free()
     memory.fresh()
+    memory.shared(memory.load().to(gc_.device()))
 
 
 # ----------------------------------------------------------------------------------------------- memory modes
@@ -249,9 +251,10 @@ def sampling(args, run: Run, spec: dict, workdir: pathlib.Path) -> None:
 class MemoryModes:
     """Each way of fitting Qwen-Image on a smaller card against the plain call (batch 1): the largest difference of
     the image (in [0, 1]) to the plain call's, and the peak device memory of the call itself
-    (`torch.cuda.max_memory_allocated`, reset after the mode is set up). Offloading and `to()` use the benchmark's
-    pipeline; fp8 layerwise casting, fp16 and group offloading (which change the weights or their placement for good)
-    a fresh `PhasedMoEPipeline.from_pretrained` of the same folders."""
+    (`torch.cuda.max_memory_allocated`, reset after the mode is set up). The reference is the benchmark's pipeline;
+    fp8 layerwise casting, fp16 and group offloading (which change the weights or their placement for good) each load
+    a fresh `PhasedMoEPipeline.from_pretrained` of the same folders, then one more fresh load serves `to()` with
+    merged experts and, last, model and sequential offloading."""
 
     def __init__(self, run: Run, size: dict, base_dir, experts_dir):
         self.run, self.size, self.base_dir, self.experts_dir = run, size, pathlib.Path(base_dir), experts_dir
@@ -286,12 +289,17 @@ class MemoryModes:
         print(key, entry, flush=True)
         self.run.save()
 
-    def shared(self, student) -> None:
-        dev = gc_.device()
+    def plain(self, student) -> None:
+        """The reference: the plain call with the default `expert_swap_mode`."""
         student.expert_swap_mode = "auto"
         self.reference = self.image(student)
         self.results["plain"] = {"max_abs_diff": 0.0, "peak_gib": self.peak, "mode": student.expert_switcher.mode}
         self.run.save()
+
+    def shared(self, student) -> None:
+        """`to()` with merged experts, then model and sequential offloading, on one pipeline (offloading last)."""
+        dev = gc_.device()
+        student.set_progress_bar_config(disable=True)
 
         def moved(mode):
             def fn():
