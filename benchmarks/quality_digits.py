@@ -33,6 +33,15 @@ from diffusers_pdmd import demo, digits, metrics
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def mean_and_std(per_seed: dict, seeds) -> tuple[dict, dict]:
+    """Mean and standard deviation over `seeds` of each model's metrics (`per_seed[seed][model][metric]`)."""
+    names = list(per_seed[seeds[0]])
+    keys = list(per_seed[seeds[0]][names[0]])
+    mean = {n: {k: float(np.mean([per_seed[s][n][k] for s in seeds])) for k in keys} for n in names}
+    std = {n: {k: float(np.std([per_seed[s][n][k] for s in seeds])) for k in keys} for n in names}
+    return mean, std
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -62,10 +71,7 @@ def main(argv=None):
         )
         per_seed[seed] = result["rows"]
         print(f"seed {seed}:\n{result['table']}\n", flush=True)
-    names = list(per_seed[args.seeds[0]])
-    keys = list(per_seed[args.seeds[0]][names[0]])
-    mean = {n: {k: float(np.mean([per_seed[s][n][k] for s in args.seeds])) for k in keys} for n in names}
-    std = {n: {k: float(np.std([per_seed[s][n][k] for s in args.seeds])) for k in keys} for n in names}
+    mean, std = mean_and_std(per_seed, args.seeds)
     table = demo.markdown_table(mean, std)
     print(table)
 
@@ -138,10 +144,7 @@ def compare_recipe(args, argv):
             models[name] = (images, time.perf_counter() - t0, 4)
         per_seed[seed] = demo.evaluate(models, labels)
         print(f"seed {seed}:\n{demo.markdown_table(per_seed[seed])}\n", flush=True)
-    names = list(per_seed[args.seeds[0]])
-    keys = list(per_seed[args.seeds[0]][names[0]])
-    mean = {n: {k: float(np.mean([per_seed[s][n][k] for s in args.seeds])) for k in keys} for n in names}
-    std = {n: {k: float(np.std([per_seed[s][n][k] for s in args.seeds])) for k in keys} for n in names}
+    mean, std = mean_and_std(per_seed, args.seeds)
     table = demo.markdown_table(mean, std)
     print(table)
     command = "python benchmarks/quality_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -6,8 +6,9 @@ nor diffusers; `from diffusers_pdmd import PhasedMoEPipeline` loads what that cl
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_attributes
 
 
 __version__ = "0.1.0.dev0"
@@ -27,13 +28,4 @@ if TYPE_CHECKING:
     from .schedulers import PhasedDMDScheduler, PhasedDMDSchedulerOutput
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

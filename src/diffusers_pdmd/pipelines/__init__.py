@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 
 
 _LAZY = {"ExpertSwitcher": ".expert_swap", "PhasedMoEPipeline": ".pipeline_phased_moe"}
@@ -15,13 +16,4 @@ if TYPE_CHECKING:
     from .pipeline_phased_moe import PhasedMoEPipeline
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
