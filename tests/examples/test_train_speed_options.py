@@ -83,11 +83,90 @@ def _losses(history):
     return torch.tensor([[h["dmd_loss"], h["fake_loss"]] for h in history], dtype=torch.float64)
 
 
-def test_batched_cfg_equals_sequential_with_padded_prompts(bases, tmp_path):
-    """The teacher's cond + uncond passes as one batch give the sequential passes' losses (fp32: 1e-5 relative)."""
-    ref = _run(bases, "qwen-image", tmp_path / "seq", "--sequential_cfg", steps=2)
-    new = _run(bases, "qwen-image", tmp_path / "bat", steps=2)
+def test_batched_cfg_equals_sequential(bases, tmp_path, monkeypatch):
+    """Wan2.2 pads every prompt to one length: the teacher's cond + uncond passes run as one batch by default and
+    give the sequential passes' losses (fp32: 1e-5 relative)."""
+    from diffusers_pdmd.training import distill
+
+    seen = []
+    batchable = distill.cfg_batchable
+    monkeypatch.setattr(distill, "cfg_batchable", lambda c, n: seen.append(batchable(c, n)) or seen[-1])
+    ref = _run(bases, "wan2.2-t2v-a14b", tmp_path / "seq", "--sequential_cfg", steps=2)
+    assert seen == []  # --sequential_cfg never asks
+    new = _run(bases, "wan2.2-t2v-a14b", tmp_path / "bat", steps=2)
+    assert seen and all(seen)
     torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-5, atol=1e-8)
+
+
+def test_trim_padding_keeps_the_velocities():
+    """A batch cut to its longest prompt gives the velocities of the set-wide padded, masked batch; at batch 1 (and
+    for equal lengths) the mask is dropped, as diffusers' pipelines pass it."""
+    from diffusers_pdmd.families import get_family
+    from diffusers_pdmd.training.distill import select_cond, trim_padding
+
+    pipe = tiny.build_pipeline("qwen-image")
+    family = get_family(pipe)
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(3, 9, 16, generator=g)
+    mask = torch.tensor([[1] * 4 + [0] * 5, [1] * 6 + [0] * 3, [1] * 9])  # the set is padded to 9 tokens
+    cond = {"prompt_embeds": embeds * mask[..., None], "prompt_embeds_mask": mask}
+    x = torch.randn(2, 16, 16, generator=g)
+    sigma = torch.tensor([0.7, 0.4])
+    index = torch.tensor([0, 1])  # a batch whose longest prompt has 6 tokens
+    padded = dict(select_cond(cond, index, 3), **family.size_cond(32, 32, batch_size=2))
+    trimmed = trim_padding(padded)
+    assert trimmed["prompt_embeds"].shape == (2, 6, 16) and trimmed["prompt_embeds_mask"].shape == (2, 6)
+    one = trim_padding(select_cond(cond, torch.tensor([1]), 3))
+    assert one["prompt_embeds"].shape == (1, 6, 16) and one["prompt_embeds_mask"] is None
+    assert trim_padding({"prompt_embeds": embeds, "prompt_embeds_mask": None})["prompt_embeds"] is embeds
+    with torch.no_grad():
+        ref = family.velocity(pipe.transformer, x, sigma, padded)
+        out = family.velocity(pipe.transformer, x, sigma, trimmed)
+        single = family.velocity(pipe.transformer, x[1:], sigma[1:], dict(one, **family.size_cond(32, 32)))
+        unmasked = family.velocity(pipe.transformer, x, sigma, dict(padded, prompt_embeds_mask=None))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(single, ref[1:], rtol=1e-5, atol=1e-6)
+    assert (unmasked - ref).abs().max() > 1e-3  # the padding matters: the check can fail
+
+
+def test_qwen_cfg_runs_two_unpadded_passes(bases, tmp_path, monkeypatch):
+    """Qwen-Image's prompt and negative prompt differ in length: two passes, neither padded nor masked."""
+    from diffusers_pdmd.training import distill
+
+    calls = []
+    velocity = distill.Distiller._call
+
+    def spy(self, model, switch_name, adapter, x, t, cond):
+        if adapter is None:
+            calls.append((x.shape[0], cond.get("prompt_embeds_mask")))
+        return velocity(self, model, switch_name, adapter, x, t, cond)
+
+    monkeypatch.setattr(distill.Distiller, "_call", spy)
+    _run(bases, "qwen-image", tmp_path / "q", "--train_batch_size", "1", "--train_phase", "0")
+    assert len(calls) == 2 and all(b == 1 and m is None for b, m in calls)
+
+
+def test_compile_default():
+    """Compiled by default on one CUDA process only; the two flags force it either way and contradict each other."""
+    from types import SimpleNamespace
+
+    from diffusers_pdmd.training.distill import build_parser, check_speed_args, compile_wanted
+
+    def args(*extra):
+        return build_parser("t").parse_args(["--pretrained_model_name_or_path", "x", "--prompts", "p", *extra])
+
+    def acc(kind, n=1):
+        return SimpleNamespace(device=torch.device(kind), num_processes=n)
+
+    assert compile_wanted(args(), acc("cuda")) and not compile_wanted(args(), acc("cuda", 2))
+    assert not compile_wanted(args(), acc("cpu")) and compile_wanted(args("--compile"), acc("cpu"))
+    assert not compile_wanted(args("--no_compile"), acc("cuda"))
+    for flag in ("--base_fp8", "--offload_activations"):  # not by default with these
+        assert not compile_wanted(args(flag, "--mixed_precision", "bf16"), acc("cuda"))
+    with pytest.raises(ValueError, match="--no_compile"):
+        check_speed_args(args("--compile", "--no_compile"))
+    with pytest.raises(ValueError, match="--base_fp8"):
+        check_speed_args(args("--compile", "--base_fp8", "--mixed_precision", "bf16", "--gradient_checkpointing"))
 
 
 def test_cat_cond_masks_the_padding():
@@ -348,9 +427,10 @@ def test_gpu_train_tiny_runs_and_counts(tmp_path):
         r = res["phases"][str(phase)]
         n = sum(steps[: phase + 1])  # expert forwards of one back-simulation to the end of the phase
         # fake update: n without grad + the fake score with grad; generator: n - 1 without grad + 1 with grad,
-        # the teacher (cond + uncond in one batch) and the fake score without grad
+        # the teacher (cond and uncond: two passes, Qwen-Image's prompt and negative prompt differ in length) and
+        # the fake score without grad
         assert r["forwards_per_update"] == {
-            "forward_no_grad": fakes * n + (n - 1) + 2,
+            "forward_no_grad": fakes * n + (n - 1) + 3,
             "forward_grad": fakes + 1,
             "backward": fakes + 1,
         }
@@ -381,3 +461,22 @@ def test_speed_flags_are_checked_before_loading(bases, tmp_path):
         with pytest.raises(ValueError, match=match):
             check_speed_args(args(*extra))
     check_speed_args(args("--base_fp8", "--mixed_precision", "bf16", "--attention_backend", "_native_cudnn"))
+
+
+def test_compiled_blocks_equal_eager(bases, tmp_path, monkeypatch):
+    """`--compile` captures every block with dynamo (its `eager` backend: no code generation, which takes minutes on
+    the CPU) and guards on the active adapter and grad mode: a missed adapter switch (the teacher run with an expert
+    on, a fake score with the generator's adapter, a checkpoint recompute with the wrong adapter) would change the
+    losses."""
+    backend = "eager"
+    from diffusers.models.modeling_utils import ModelMixin
+
+    compile_blocks = ModelMixin.compile_repeated_blocks
+    monkeypatch.setattr(
+        ModelMixin, "compile_repeated_blocks", lambda self, **kw: compile_blocks(self, **kw, backend=backend)
+    )
+    ref = _run(bases, "qwen-image", tmp_path / "eager", "--no_compile", "--gradient_checkpointing", steps=2, fakes=2)
+    torch._dynamo.reset()
+    new = _run(bases, "qwen-image", tmp_path / "comp", "--compile", "--gradient_checkpointing", steps=2, fakes=2)
+    torch._dynamo.reset()
+    torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-5, atol=1e-8)

@@ -194,13 +194,17 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     a(
         "--sequential_cfg",
         action="store_true",
-        help="Run the teacher's conditional and unconditional passes one after another (default: one batch of 2).",
+        help="Run the teacher's conditional and unconditional passes one after another. Default: one batch of 2 "
+        "where the two prompt embeddings have the same length (Wan2.2), else one after another (Qwen-Image: no "
+        "padding, so attention needs no mask).",
     )
     a(
         "--compile",
         action="store_true",
-        help="torch.compile the repeated transformer blocks (compile_repeated_blocks).",
+        help="torch.compile the repeated transformer blocks (diffusers' compile_repeated_blocks). Default: on for a "
+        "one-process run on a CUDA GPU (the first update then takes a minute or two longer), off otherwise.",
     )
+    a("--no_compile", action="store_true", help="Never compile (see --compile).")
     a(
         "--attention_backend",
         default=None,
@@ -236,6 +240,15 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
 
 def check_speed_args(args) -> None:
     """Raise `ValueError` for a bad speed / memory flag (before any model loads)."""
+    if getattr(args, "compile", False) and getattr(args, "no_compile", False):
+        raise ValueError("`--compile` and `--no_compile` contradict each other: pass one of them, or neither (auto).")
+    if getattr(args, "compile", False) and args.base_fp8 and args.gradient_checkpointing:
+        # measured on an H100 (Wan2.2 A14B): the layerwise-casting hooks swap each weight between fp8 and bf16
+        # around its forward, and checkpoint's recompute of a compiled block then sees fp8 where bf16 was saved
+        raise ValueError(
+            "`--compile` does not work with `--base_fp8` and `--gradient_checkpointing` (the recompute in backward "
+            "fails); drop `--compile` (with `--base_fp8` the default is not to compile)."
+        )
     if args.fake_reuse_samples < 1:
         raise ValueError(f"`--fake_reuse_samples` must be >= 1, got {args.fake_reuse_samples}.")
     if args.base_fp8 and args.mixed_precision != "bf16":
@@ -484,6 +497,35 @@ def cat_cond(a: dict, b: dict, n: int) -> dict:
     return out
 
 
+def trim_padding(cond: dict) -> dict:
+    """Cut a batch's prompt embeddings after the last real token of its longest prompt; drop a mask that is then
+    all ones (`None`), as diffusers' pipelines pass it.
+
+    The cached embeddings of all prompts are padded to the longest prompt of the whole set; a batch needs only its
+    own longest. Without a mask attention runs its unmasked (flash) kernel. Qwen-Image's text RoPE positions do not
+    depend on the length, so the velocities equal the padded, masked ones. Entries without a mask are unchanged.
+    """
+    mask, embeds = cond.get("prompt_embeds_mask"), cond.get("prompt_embeds")
+    if not isinstance(mask, torch.Tensor) or not isinstance(embeds, torch.Tensor):
+        return cond
+    real = mask.bool().any(dim=0).cpu()
+    length = int(real.nonzero().max()) + 1 if bool(real.any()) else mask.shape[1]
+    mask = mask[:, :length]
+    out = dict(cond, prompt_embeds=embeds[:, :length], prompt_embeds_mask=mask)
+    if bool(mask.bool().all()):
+        out["prompt_embeds_mask"] = None
+    return out
+
+
+def cfg_batchable(cond: dict, negative: dict) -> bool:
+    """Whether the teacher's conditional and negative passes can run as one batch without padding either prompt:
+    same embedding length (Wan2.2 pads every prompt to `max_sequence_length`; Qwen-Image's lengths differ)."""
+    a, b = cond.get("prompt_embeds"), negative.get("prompt_embeds")
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape[1] == b.shape[1]
+    return True
+
+
 def _to_device(cond: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
@@ -509,6 +551,18 @@ class _CallThrough:
 
     def __getattr__(self, name):
         return getattr(self.raw, name)
+
+
+def compile_wanted(args, accelerator) -> bool:
+    """`--compile` forces compilation, `--no_compile` stops it; by default a one-process CUDA run compiles, unless
+    `--base_fp8` (see `check_speed_args`) or `--offload_activations` (saved-tensor hooks, not measured compiled)."""
+    if getattr(args, "no_compile", False):
+        return False
+    if args.compile:
+        return True
+    if getattr(args, "base_fp8", False) or getattr(args, "offload_activations", False):
+        return False
+    return accelerator.device.type == "cuda" and accelerator.num_processes == 1
 
 
 class Distiller:
@@ -560,11 +614,18 @@ class Distiller:
         if accelerator.mixed_precision in ("fp16", "bf16") and not args.upcast_lora_inputs:
             for switch in self.switches.values():  # autocast casts the fp32 LoRA weights per matmul instead
                 ad.keep_input_dtype(switch.layers)
-        if args.compile:
+        if compile_wanted(args, accelerator):
             from torch import _dynamo
 
-            # one graph per block for each adapter (experts, fake scores, none for the teacher) and batch size
+            # one graph per block for each adapter (experts, fake scores, none for the teacher), grad mode and shape
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+            _dynamo.config.accumulated_recompile_limit = max(_dynamo.config.accumulated_recompile_limit, 1024)
+            if not args.compile:  # the default: a failure to compile falls back to eager instead of ending the run
+                _dynamo.config.suppress_errors = True
+            logger.info(
+                "Compiling the repeated transformer blocks (torch.compile): the first update takes a minute or two "
+                "longer. `--no_compile` skips it."
+            )
             for model in self.models.values():
                 model.compile_repeated_blocks()
         # What a velocity query calls: the model itself, or its DDP / FSDP wrapper in a distributed run.
@@ -731,6 +792,8 @@ class Distiller:
             return self.family.velocity(model, x, t, cond).float()
 
     def _routed(self, x, t, cond, fn):
+        if len(self.models) == 1:  # nothing to route (and no host sync reading `t`)
+            return fn(next(iter(self.models)), x, t, cond)
         names = [self.family.teacher_transformer_for_sigma(float(v)) for v in t]
         if len(set(names)) == 1:
             return fn(names[0], x, t, cond)
@@ -766,11 +829,12 @@ class Distiller:
             if neg_cond is None or scale == 1.0:
                 return self._call(self.callers[name], name, None, x, t, c)
             n = x.shape[0]
-            if a.sequential_cfg:
+            neg = negative(c, n)
+            if a.sequential_cfg or not cfg_batchable(c, neg):
                 v = self._call(self.callers[name], name, None, x, t, c)
-                v_neg = self._call(self.callers[name], name, None, x, t, negative(c, n))
+                v_neg = self._call(self.callers[name], name, None, x, t, neg)
             else:  # one forward of batch 2n: the conditional rows, then the negative ones
-                both = cat_cond(c, negative(c, n), n)
+                both = cat_cond(c, neg, n)
                 v, v_neg = self._call(
                     self.callers[name], name, None, torch.cat([x, x]), torch.cat([t, t]), both
                 ).split(n)
@@ -972,7 +1036,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress, l
 
     def batch_cond(index: torch.Tensor, size) -> dict:
         if all_cond is not None:
-            cond = select_cond(all_cond, index, len(prompts))
+            cond = trim_padding(select_cond(all_cond, index, len(prompts)))
         else:
             cond = encode([prompts[i] for i in index.tolist()])
         cond = dict(cond, **family.size_cond(*size, batch_size=len(index)))
