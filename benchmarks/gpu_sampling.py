@@ -231,6 +231,7 @@ def sampling(args, run: Run, spec: dict, workdir: pathlib.Path) -> None:
                 )
     for m in transformers(student):
         gc_.set_compiled(m, "none")
+    m = None  # the loop variable would keep a 41 GB transformer alive past `del student` below
     student.release_experts()
     if not (args.memory_modes and args.model == "qwen"):
         return
@@ -459,21 +460,32 @@ def _short(text: str, n: int = 160) -> str:
 def render_memory(res: dict) -> str:
     env = res["env"]
     size = res.get("size", {})
+    runs = res.get("runs")  # results gathered from several runs on one machine kind, each with its own plain call
     rows = [
         [name, v.get("mode", "-"), v.get("max_abs_diff", "-"), v.get("peak_gib", "-"), _short(v.get("error", ""))]
+        + ([v.get("run", 1)] if runs else [])
         for name, v in res["memory_modes"].items()
     ]
     tiny = " (tiny configs, CPU logic check: not a measurement)" if env.get("tiny") else ""
+    command = f"Command: `{env['command']}`."
+    if runs:
+        command = (
+            "Commands (one per run; each mode's image is compared with the plain call of its own run): "
+            + "; ".join(f"run {i}: `{c}`" for i, c in enumerate(runs, 1))
+            + "."
+        )
     return "\n".join(
         [
             f"### Memory modes: Qwen-Image with LoRA experts, {size.get('height')}x{size.get('width')}, batch 1{tiny}",
             "",
-            f"Device: **{env['device']}** ({gc_.env_line(env)}). Command: `{env['command']}`. Each mode's image "
+            f"Device: **{env['device']}** ({gc_.env_line(env)}). {command} Each mode's image "
             "(`output_type='np'`, values in [0, 1]) against the plain bf16 call's on the device, same seed; peak = "
             "`torch.cuda.max_memory_allocated` over the call alone (reset after the mode is set up). `expert swap` is "
             "what `expert_swap_mode='auto'` chose under that mode.",
             "",
-            gc_.md_table(["mode", "expert swap", "max abs diff", "peak GiB", "error"], rows),
+            gc_.md_table(
+                ["mode", "expert swap", "max abs diff", "peak GiB", "error"] + (["run"] if runs else []), rows
+            ),
             "",
         ]
     )
