@@ -356,6 +356,7 @@ def run(args) -> dict:
     res["phases"] = {}
     for phase in args.phases:
         res["phases"][str(phase)] = run_phase(args, script, loader, base_name, phase, prompts_file, meter)
+        gc_.save_json(args.out, res)  # a run cut short keeps the phases it finished
     meter.detach()
     loader = None
     gc_.free()
@@ -414,6 +415,8 @@ def render(res: dict) -> str:
         f"the bf16 matmul rate measured in the same run ({res['ceilings']['matmul_tflops']:.0f} TFLOP/s). Peak "
         "device: `total - free` of `torch.cuda.mem_get_info`, polled (what nvidia-smi shows).",
     ]
+    if res.get("note"):
+        lines += ["", res["note"]]
     if "fp8_check" in res:
         c = res["fp8_check"]
         lines += [
