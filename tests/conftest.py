@@ -23,3 +23,14 @@ def _fixed_device_memory(monkeypatch):
     change: the tests see a fixed 64 of 128 GiB free, so "auto" always resolves the same way (tests of the rule
     inject their own figures)."""
     monkeypatch.setattr("diffusers_pdmd.pipelines.expert_swap.device_memory", lambda device=None: (64 * 2**30, 2**37))
+
+
+@pytest.fixture(autouse=True)
+def _attention_backend_restored():
+    """diffusers' `set_attention_backend` also sets the process-wide active backend (the training scripts call it for
+    `--attention_backend`): restore it after each test, so no test sees another's."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry.get_active_backend()[0]
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
