@@ -573,17 +573,7 @@ def build_train_pipeline(model: str, tiny: bool, in_cpu_memory: bool = False):
         return module.to("cpu") if in_cpu_memory else module
 
     if model == "qwen":  # schedulers outside the build context: they keep their tables on the CPU
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=1.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=0.9,
-            base_image_seq_len=256,
-            max_image_seq_len=8192,
-            shift_terminal=0.02,
-            time_shift_type="exponential",
-        )
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**tiny_models.QWEN_IMAGE_SCHEDULER)
     else:
         scheduler = diffusers.UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if model == "wan-ti2v-5b" else 3.0

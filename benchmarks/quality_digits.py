@@ -137,8 +137,7 @@ def compare_recipe(args, argv):
         models["teacher"] = (models["teacher"][0], time.perf_counter() - t0, 2 * digits.SAMPLE_STEPS)
         for name, flags in RECIPES.items():
             folder = out / name.replace(" ", "_")
-            argv_ = demo.train_args(teacher, prompts, folder, "phased_dmd", args.max_train_steps, seed) + flags
-            run_script(argv_)
+            demo.distill(teacher, prompts, folder, "phased_dmd", args.max_train_steps, seed, extra=flags)
             t0 = time.perf_counter()
             images = demo.sample_student(folder, labels, seed=1000 + seed)
             models[name] = (images, time.perf_counter() - t0, 4)
@@ -171,16 +170,6 @@ def compare_recipe(args, argv):
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     doc.write_text(text)
     print(f"wrote {doc}")
-
-
-def run_script(argv):
-    """The example script in this process, as `demo.distill` runs it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_phased_dmd_qwen_image", demo.SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(argv)
 
 
 def plot(mean, std, path):

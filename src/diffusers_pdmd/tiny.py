@@ -59,6 +59,18 @@ from typing import Any
 
 
 FAMILIES = ("qwen-image", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")
+# Qwen-Image's published `scheduler/scheduler_config.json` (FlowMatchEulerDiscreteScheduler), used at every size.
+QWEN_IMAGE_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+}
 
 # Words of QwenImagePipeline's prompt template, as the Qwen pre-tokenizer splits them (a leading space is kept).
 _QWEN_TEMPLATE_WORDS = (
@@ -261,17 +273,7 @@ def _qwen_components(seed: int, transformer_kwargs: dict, vae_kwargs: dict) -> d
         "temperal_downsample": [False, True],
         **vae_kwargs,
     }
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
     return {
         "transformer": _seeded(seed, QwenImageTransformer2DModel, **transformer_config),
         "vae": _seeded(seed + 1, AutoencoderKLQwenImage, **_with_latent_stats(vae_config)),

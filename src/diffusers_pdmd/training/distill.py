@@ -240,9 +240,9 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
 
 def check_speed_args(args) -> None:
     """Raise `ValueError` for a bad speed / memory flag (before any model loads)."""
-    if getattr(args, "compile", False) and getattr(args, "no_compile", False):
+    if args.compile and args.no_compile:
         raise ValueError("`--compile` and `--no_compile` contradict each other: pass one of them, or neither (auto).")
-    if getattr(args, "compile", False) and args.base_fp8 and args.gradient_checkpointing:
+    if args.compile and args.base_fp8 and args.gradient_checkpointing:
         # measured on an H100 (Wan2.2 A14B): the layerwise-casting hooks swap each weight between fp8 and bf16
         # around its forward, and checkpoint's recompute of a compiled block then sees fp8 where bf16 was saved
         raise ValueError(
@@ -556,11 +556,11 @@ class _CallThrough:
 def compile_wanted(args, accelerator) -> bool:
     """`--compile` forces compilation, `--no_compile` stops it; by default a one-process CUDA run compiles, unless
     `--base_fp8` (see `check_speed_args`) or `--offload_activations` (saved-tensor hooks, not measured compiled)."""
-    if getattr(args, "no_compile", False):
+    if args.no_compile:
         return False
     if args.compile:
         return True
-    if getattr(args, "base_fp8", False) or getattr(args, "offload_activations", False):
+    if args.base_fp8 or args.offload_activations:
         return False
     return accelerator.device.type == "cuda" and accelerator.num_processes == 1
 
