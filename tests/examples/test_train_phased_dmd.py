@@ -204,17 +204,17 @@ def test_kill_and_resume_reaches_the_uninterrupted_state(bases, tmp_path, kill_a
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(bases, tmp_path, monkeypatch):
-    from diffusers_pdmd.training import distill
+    from diffusers_pdmd.training import distill, steps
 
     calls = {"n": 0}
-    real = distill.dmd_loss
+    real = steps.dmd_loss
 
     def poisoned(*a, **k):
         loss, logs = real(*a, **k)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), logs
 
-    monkeypatch.setattr(distill, "dmd_loss", poisoned)
+    monkeypatch.setattr(steps, "dmd_loss", poisoned)
     script = _load_script("train_phased_dmd_qwen_image")
     out = tmp_path / "nan"
     with pytest.raises(distill.TrainingDivergedError, match=r"(?s)phase 1, step 0.*checkpoint-2"):

@@ -86,11 +86,11 @@ def _losses(history):
 def test_batched_cfg_equals_sequential(bases, tmp_path, monkeypatch):
     """Wan2.2 pads every prompt to one length: the teacher's cond + uncond passes run as one batch by default and
     give the sequential passes' losses (fp32: 1e-5 relative)."""
-    from diffusers_pdmd.training import distill
+    from diffusers_pdmd.training import roles
 
     seen = []
-    batchable = distill.cfg_batchable
-    monkeypatch.setattr(distill, "cfg_batchable", lambda c, n: seen.append(batchable(c, n)) or seen[-1])
+    batchable = roles.cfg_batchable
+    monkeypatch.setattr(roles, "cfg_batchable", lambda c, n: seen.append(batchable(c, n)) or seen[-1])
     ref = _run(bases, "wan2.2-t2v-a14b", tmp_path / "seq", "--sequential_cfg", steps=2)
     assert seen == []  # --sequential_cfg never asks
     new = _run(bases, "wan2.2-t2v-a14b", tmp_path / "bat", steps=2)
@@ -328,16 +328,16 @@ def test_offload_idle_transformers_same_losses(bases, tmp_path):
 
 def test_fake_reuse_samples_back_simulates_once_per_n_updates(bases, tmp_path, monkeypatch):
     """Algorithm-changing (opt-in): with N = 2 two fake updates share one back-simulated batch."""
-    from diffusers_pdmd.training import distill
+    from diffusers_pdmd.training import steps
 
     calls = {"n": 0}
-    real = distill.generator_sample
+    real = steps.generator_sample
 
     def counted(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(distill, "generator_sample", counted)
+    monkeypatch.setattr(steps, "generator_sample", counted)
     _run(bases, "qwen-image", tmp_path / "a", steps=1, fakes=4)
     fresh = calls["n"]
     calls["n"] = 0

@@ -24,14 +24,12 @@ from .flow import (
     subinterval_weight,
     unshift_time,
 )
+from .options import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, T_SAMPLINGS
 
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-DMD_WEIGHTINGS = ("normalized", "paper")
 FAKE_TARGETS = ("unbiased", "naive")
-FAKE_WEIGHTINGS = ("paper", "inverse_variance", "none")
-T_SAMPLINGS = ("shifted", "uniform", "logit_normal")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]):

@@ -15,11 +15,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .flow import euler_step, x0_from_velocity
+from .options import METHODS
 
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-METHODS = ("phased_dmd", "dmd", "sgts")
 
 
 def split_by_phase(sigmas, steps_per_phase: Sequence[int], boundaries: Sequence[float]) -> list[list[float]]:

@@ -1,0 +1,130 @@
+"""What a finished run leaves behind: the experts-only repo (config, scheduler, one LoRA per phase), validation
+grids, the training summary and history, the model card, and the push to the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import hub
+from .data import to_device
+from .phases import TrainState
+from .plan import Plan
+from .roles import Distiller
+
+
+logger = logging.getLogger("diffusers_pdmd.train")
+
+
+def save_experts(d: Distiller, output_dir: Path, history) -> None:
+    """Write the experts-only repo: config, scheduler, one LoRA file per phase."""
+    args = d.settings
+    experts = []
+    for j in range(d.plan.num_phases):
+        hub.save_lora_expert(d.models[d.expert_base[j]], f"phase_{j}", output_dir / f"phase_{j}")
+        experts.append({"phase": j, "base_transformer": d.expert_base[j], "type": "lora", "path": f"phase_{j}"})
+    base, revision = hub.base_model_reference(args.pretrained_model_name_or_path, args.revision, args.base_model_id)
+    config = hub.ExpertsConfig(
+        family=d.family.name,
+        base_model=base,
+        base_revision=revision,
+        phase_boundaries=d.plan.boundaries,
+        steps_per_phase=d.plan.steps_per_phase,
+        method=d.plan.method,
+        experts=experts,
+    )
+    config.save(output_dir)
+    d.scheduler().save_pretrained(output_dir / "scheduler")
+
+
+@torch.no_grad()
+def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds=(0, 1)):
+    """Sample each validation prompt with the current experts (one row per seed) and save a PNG grid."""
+    from PIL import Image
+
+    family, (h, w, f) = d.family, d.size()
+    cond_all = cached if cached is not None else encode(prompts)
+    images = []
+    scheduler = d.scheduler()
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        n = len(prompts)
+        cond = to_device(dict(cond_all, **family.size_cond(h, w, f, batch_size=n)), d.device)
+        if d.settings.image:  # the first frame of image-to-video, as in training
+            from diffusers.utils import load_image
+
+            cond.update(family.encode_image(d.components, load_image(d.settings.image), n, h, w, f, d.device))
+        x = family.prepare_latents(d.components, n, h, w, f, g, "cpu", torch.float32).to(d.device)
+        scheduler.set_timesteps(mu=family.mu(d.components, x) if scheduler.config.use_dynamic_shifting else None)
+        for t in scheduler.timesteps:
+            sigma = torch.full((n,), float(t) / scheduler.config.num_train_timesteps, device=d.device)
+            v = d.expert(scheduler.phase_index(t), cond)(family.apply_condition(x, cond), sigma)
+            x = scheduler.step(v, t, x, generator=g).prev_sample
+        out = family.decode(d.components, family.apply_condition(x, cond), h, w, f, "pil")
+        images += [frames[0] if isinstance(frames, list) else frames for frames in out]
+    cols = len(prompts)
+    grid = Image.new("RGB", (cols * images[0].width, len(seeds) * images[0].height))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * im.width, (i // cols) * im.height))
+    if d.accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+    return path
+
+
+def summary(history: list[dict], plan: Plan) -> dict:
+    """The figures of `training_summary.json`: the plan, and each phase's losses (means of its last 10 updates)."""
+    out = {
+        "method": plan.method,
+        "phase_boundaries": plan.boundaries,
+        "steps_per_phase": plan.steps_per_phase,
+        "generator_updates": len(history),
+    }
+    for phase in sorted({int(h["phase"]) for h in history}):
+        rows = [h for h in history if int(h["phase"]) == phase][-10:]
+        out[f"phase_{phase}_final_dmd_loss"] = sum(r["dmd_loss"] for r in rows) / len(rows)
+        if any("fake_loss" in r for r in rows):
+            vals = [r["fake_loss"] for r in rows if "fake_loss" in r]
+            out[f"phase_{phase}_final_fake_loss"] = sum(vals) / len(vals)
+    return out
+
+
+def write_outputs(d, state: TrainState, text) -> None:
+    """The experts-only repo, the validation grid, the summary, history and model card, and the push (if asked)."""
+    s, accelerator, output_dir = d.settings, d.accelerator, state.output_dir
+    with d.full_params():
+        if accelerator.is_main_process:
+            save_experts(d, output_dir, state.history)
+    val_prompts = s.validation_prompts
+    grid = (
+        validate(d, val_prompts, text.validation, text.encode, output_dir / "validation_grid.png")
+        if val_prompts
+        else None
+    )
+    if not accelerator.is_main_process:
+        return
+    figures = summary(state.history, d.plan)
+    (output_dir / "training_summary.json").write_text(json.dumps(figures, indent=2))
+    # every generator update's losses and wall time (`step_seconds`: its fake updates included, synchronised)
+    (output_dir / s.logging_dir).mkdir(parents=True, exist_ok=True)
+    (output_dir / s.logging_dir / "history.json").write_text(json.dumps(state.history, indent=1))
+    config = hub.ExpertsConfig.load(output_dir)
+    hub.write_model_card(
+        output_dir,
+        config,
+        repo_id=s.hub_model_id,  # None: the folder's path, replaced by the real repo id when pushing
+        prompt=val_prompts[0] if val_prompts else None,
+        training_figures=figures,
+        validation_images=[grid.name] if grid else None,
+    )
+    if s.push_to_hub:
+        url = hub.push_experts_to_hub(
+            output_dir,
+            s.hub_model_id or output_dir.name,
+            token=s.hub_token,
+            ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
+        )
+        logger.info("Pushed the experts to %s", url)

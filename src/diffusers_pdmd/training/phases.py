@@ -1,0 +1,90 @@
+"""Phase entry: a fresh fake score and fresh optimizers when a phase starts, and the state the phase loop carries.
+
+Experts 0..k-1 stay as they are when phase k starts; the fake score of phase k starts as a copy of the teacher
+(PHASED_DMD.md, "Training one phase"). With `--phase_order sequential` (the paper) the optimizers of the phase
+that ended are dropped; with `alternate` each phase keeps its own from the step it is first met.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .settings import Recipe
+
+
+@dataclass
+class Optimizers:
+    """The trainable parameters, AdamW optimizers and LR schedules of one phase's expert (`gen`) and fake score."""
+
+    gen_params: list[torch.nn.Parameter]
+    fake_params: list[torch.nn.Parameter]
+    gen: torch.optim.Optimizer
+    fake: torch.optim.Optimizer
+    gen_schedule: object
+    fake_schedule: object
+
+
+@dataclass
+class FakeSamples:
+    """`--fake_reuse_samples N`: the back-simulated batches of one fake update serve the next N - 1 as well (fresh
+    `t` and noise each); never across a generator update, which changes the generator."""
+
+    uses_left: int = 0
+    batches: list = field(default_factory=list)
+
+    def start_use(self, reuse: int) -> bool:
+        """Count one fake update; `True` when it must back-simulate fresh batches (and store them here)."""
+        fresh = self.uses_left == 0
+        if fresh:
+            self.batches, self.uses_left = [], reuse
+        self.uses_left -= 1
+        return fresh
+
+
+@dataclass
+class TrainState:
+    """Where the run stands: written by the loop, saved in checkpoints, read by the Ctrl-C handler and the clean-up
+    of a failed run."""
+
+    output_dir: Path
+    created_output_dir: bool = False
+    global_step: int = 0
+    last_ckpt: Path | None = None
+    history: list[dict] = field(default_factory=list)
+    opts: dict[int, Optimizers] = field(default_factory=dict)  # the live phases' optimizers
+    current_phase: int | None = None  # sequential order: the phase whose optimizers are live
+    fake_samples: FakeSamples = field(default_factory=FakeSamples)
+
+
+def make_optimizers(d, recipe: Recipe, max_steps: int, phase: int) -> Optimizers:
+    """Optimizers of phase `phase`: its expert's and its fake score's parameters, trainable and in float32."""
+    from diffusers.optimization import get_scheduler
+
+    gen_params, fake_params = d.expert_params(phase), d.fake_params(phase)
+    for p in gen_params + fake_params:
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    g_opt, f_opt = d.adamw(gen_params, recipe.learning_rate), d.adamw(fake_params, recipe.fake_learning_rate)
+    warmup = recipe.lr_warmup_steps
+    g_sch = get_scheduler(recipe.lr_scheduler, g_opt, num_warmup_steps=warmup, num_training_steps=max_steps)
+    f_sch = get_scheduler(
+        recipe.lr_scheduler,
+        f_opt,
+        num_warmup_steps=warmup,
+        num_training_steps=max_steps * max(recipe.fake_updates_per_step, 1),
+    )
+    return Optimizers(gen_params, fake_params, g_opt, f_opt, g_sch, f_sch)
+
+
+def enter_phase(d, recipe: Recipe, state: TrainState, phase: int) -> None:
+    """Fresh fake score and optimizers when a phase starts (sequential) or is first met (alternate)."""
+    if d.plan.order == "sequential" and phase != state.current_phase:
+        state.opts.clear()
+        state.current_phase = phase
+    elif d.plan.order == "sequential" or phase in state.opts:
+        return
+    d.start_phase(phase)
+    state.opts[phase] = make_optimizers(d, recipe, d.plan.max_steps, phase)

@@ -1,0 +1,140 @@
+"""How a run is saved and picked up again: the training checkpoint (experts, fake scores, optimizers, LR
+schedules, RNG states, history) and the experts of earlier phases that a `--train_phase k` run starts from.
+
+The files themselves are written atomically by `checkpoint.py`; this module decides what goes into them. A resumed
+run continues bit-exactly: the optimizers of the live phases, their LR schedules and every RNG state come back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import adapters as ad
+from . import checkpoint as ckpt
+from .phases import TrainState, make_optimizers
+
+
+logger = logging.getLogger("diffusers_pdmd.train")
+
+
+def load_adapter(model, adapter_name: str, state_dict, path: Path) -> None:
+    try:
+        ad.load_adapter_state_dict(model, adapter_name, state_dict)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}.safetensors does not fit adapter {adapter_name!r} of this run: {e}") from e
+
+
+def load_earlier_experts(d, folder: Path, skip) -> None:
+    """The experts in `folder`'s experts-only repo into the adapters the Distiller made for them (but `skip`)."""
+    from safetensors.torch import load_file
+
+    from .. import hub
+
+    config = hub.ExpertsConfig.load(folder)
+    for e in config.experts:
+        j = int(e["phase"])
+        if j in skip or j >= d.plan.num_phases or e.get("type", "lora") != "lora":
+            continue
+        path = folder / e["path"]
+        if path.is_dir():
+            path = path / hub.LORA_WEIGHT_NAME
+        if path.exists():  # into the adapter the Distiller already made for phase j
+            prefix = hub.LORA_PREFIX + "."
+            try:
+                state_dict = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+                ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", state_dict)
+            except Exception as err:
+                raise ValueError(
+                    f"The expert of phase {j} in `--output_dir`, {path}, cannot be loaded: {err}"
+                ) from err
+
+
+def resume_training(d, state: TrainState, path: Path, generator) -> None:
+    """Load checkpoint `path` into the models, fresh optimizers of its live phases, `state` and the RNGs."""
+    plan, full_fake = d.plan, d.settings.fake_full_finetune
+    files, saved = ckpt.load_checkpoint(path)
+    state.global_step, state.history = saved["global_step"], saved.get("history", [])
+    with d.full_params(writeback=True):  # collective under FSDP
+        for j in range(plan.num_phases):
+            if f"phase_{j}" in files:
+                load_adapter(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"], path / f"phase_{j}")
+    phase, _ = plan.position(min(state.global_step, plan.total_steps - 1))
+    for j in saved["opt_phases"]:  # phases whose optimizers were live when the checkpoint was written
+        if plan.order == "sequential" and j != phase:
+            continue  # the checkpoint closed phase j: phase `phase` starts fresh, as in an uninterrupted run
+        if full_fake:
+            d.start_phase(j)
+        with d.full_params(writeback=True):
+            for name, model in d.models.items() if not full_fake else ():
+                load_adapter(model, f"fake_{j}", files[f"fake_{j}.{name}"], path / f"fake_{j}.{name}")
+            for name, model in d.fake_full.items() if full_fake else ():
+                getattr(model, "raw", model).load_state_dict(files[f"fake_full.{name}"])
+        opt = state.opts[j] = make_optimizers(d, d.recipe, plan.max_steps, j)
+        for role, optimizer in (("gen", opt.gen), ("fake", opt.fake)):
+            key = f"{role}_{j}"
+            d.load_optimizer_state(optimizer, j, role, files["optimizers"], saved["optimizers"][key], key)
+        opt.gen_schedule.load_state_dict(saved["lr_schedulers"][f"gen_{j}"])
+        opt.fake_schedule.load_state_dict(saved["lr_schedulers"][f"fake_{j}"])
+    ckpt.set_rng_state(files["rng"], saved["rng"], {"noise": generator})
+    state.last_ckpt = path
+    logger.info("Resumed from %s at global step %d (phase %d).", path, state.global_step, phase)
+
+
+def _weights(d, state: TrainState) -> dict:
+    """The experts' and the live fake scores' tensors, by checkpoint file name (collective under FSDP)."""
+    files = {}
+    with d.full_params():  # every process takes part under FSDP; only the main one writes
+        for j in range(d.plan.num_phases):
+            files[f"phase_{j}"] = ad.adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}")
+        for j in state.opts:
+            if not d.settings.fake_full_finetune:
+                for name, model in d.models.items():
+                    files[f"fake_{j}.{name}"] = ad.adapter_state_dict(model, f"fake_{j}")
+            else:
+                for name, model in d.fake_full.items():
+                    files[f"fake_full.{name}"] = {
+                        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                    }
+    return files
+
+
+def save_training_checkpoint(d, state: TrainState, run: dict, recipe_record: dict, generator) -> Path:
+    """Write `checkpoint-<global_step>` into the output folder (main process) and return its path.
+
+    `run` holds the run-defining values a resume must match, `recipe_record` the other flags (a resume logs changes).
+    """
+    plan = d.plan
+    saved = {
+        "global_step": state.global_step,
+        "history": state.history,
+        "optimizers": {},
+        "lr_schedulers": {},
+        "opt_phases": sorted(state.opts),
+        "plan": {
+            "method": plan.method,
+            "boundaries": plan.boundaries,
+            "steps_per_phase": plan.steps_per_phase,
+            "phases": plan.phases,
+        },
+        "run": run,
+        "recipe": recipe_record,
+    }
+    files, opt_tensors = _weights(d, state), {}
+    for j, opt in state.opts.items():
+        for role, optimizer in (("gen", opt.gen), ("fake", opt.fake)):
+            key = f"{role}_{j}"
+            tensors, meta = d.optimizer_state(optimizer, j, role, key)
+            opt_tensors.update(tensors)
+            saved["optimizers"][key] = meta
+        saved["lr_schedulers"][f"gen_{j}"] = opt.gen_schedule.state_dict()
+        saved["lr_schedulers"][f"fake_{j}"] = opt.fake_schedule.state_dict()
+    files["optimizers"] = opt_tensors
+    files["rng"], saved["rng"] = ckpt.rng_state({"noise": generator})
+    path = state.output_dir / f"checkpoint-{state.global_step}"
+    if d.accelerator.is_main_process:
+        path = ckpt.save_checkpoint(state.output_dir, state.global_step, files, saved)
+        ckpt.prune_checkpoints(state.output_dir, d.settings.checkpoints_total_limit)
+    d.accelerator.wait_for_everyone()
+    state.last_ckpt = path
+    return path

@@ -1,0 +1,167 @@
+"""What a run does, in plain values: the flags resolved once, after [`cli.check_args`] has checked them.
+
+Three things describe a run:
+- [`Recipe`]: the algorithm's knobs, what an update step computes (learning rates, loss weightings, how `t` is
+  drawn, the teacher's guidance, batch sizes). The steps in `steps.py` are handed this and nothing else of the flags.
+- [`Settings`]: everything else, grouped as the parser groups its flags: the base model, the data, the adapters,
+  speed and memory, and the output folder. Field names are the flags' names, so the run-folder checks of `runs.py`
+  read a `Settings` as they read the parsed flags.
+- [`Plan`](plan.py): which phases are trained, their sigmas and the position of each step (needs the family, so it
+  is made once the family is known).
+
+A new flag gets a field here (in `Recipe` when an update step reads it, else in `Settings`) and a line in
+[`resolve`]; the parser group that adds the flag lives in `cli.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from .cli import PAPER_DEFAULTS, sizes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The algorithm's knobs (paper defaults in `cli.build_parser`)."""
+
+    learning_rate: float
+    fake_learning_rate: float  # resolved: 4e-7 with --fake_full_finetune (paper), else --learning_rate
+    adam_beta1: float
+    adam_beta2: float
+    adam_weight_decay: float
+    max_grad_norm: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    fake_updates_per_step: int
+    fake_reuse_samples: int
+    dmd_weighting: str
+    fake_weighting: str
+    timestep_sampling: str
+    logit_mean: float
+    logit_std: float
+    guidance_scale: float
+    guidance_scale_2: float | None
+    negative_prompt: str
+    # new recipe fields (a diversity loss, IDA, ...) go here, and their line in `resolve_recipe`
+
+    @property
+    def needs_negative(self) -> bool:
+        """Whether the teacher runs classifier-free guidance (and so needs the negative prompt's embeddings)."""
+        return self.guidance_scale != 1.0 or self.guidance_scale_2 not in (None, 1.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's settings: everything but the recipe and the plan, under the flags' names."""
+
+    recipe: Recipe
+    flags: dict  # the flags as parsed: the tracker's hyperparameters and the checkpoint's record of them
+    # -- the base model
+    pretrained_model_name_or_path: str
+    revision: str | None
+    base_model_id: str | None
+    # -- what is trained (the plan, once the family is known)
+    method: str
+    phase_boundaries: list[float] | None
+    steps_per_phase: list[int]
+    train_phase: int | str
+    phase_order: str
+    max_train_steps: int
+    # -- data
+    prompts: str
+    prompt_column: str
+    video: bool
+    sizes: list[tuple[int, int, int | None]]  # (height, width, num_frames) of each bucket
+    resolutions: list[str] | None  # as given (error messages name its entries)
+    image: str | None
+    max_sequence_length: int
+    cache_text_embeddings: bool
+    # -- adapters
+    lora_rank: int
+    lora_alpha: float
+    fake_lora_rank: int  # resolved: --lora_rank when not given
+    fake_full_finetune: bool
+    # -- speed and memory (new memory fields go here, and their line in `resolve`)
+    mixed_precision: str | None
+    gradient_checkpointing: bool
+    attention_backend: str | None
+    compile: bool
+    no_compile: bool
+    sequential_cfg: bool
+    upcast_lora_inputs: bool
+    base_fp8: bool
+    offload_idle_transformers: bool
+    offload_activations: bool
+    context_parallel_degree: int
+    # -- output, checkpoints, validation, tracking, Hub
+    output_dir: str
+    seed: int
+    checkpointing_steps: int
+    checkpoints_total_limit: int | None
+    resume_from_checkpoint: str | None
+    overwrite_output_dir: bool
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 200
+    report_to: str = "none"
+    logging_dir: str = "logs"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = field(default=None, repr=False)
+
+
+def resolve_recipe(args: argparse.Namespace) -> Recipe:
+    fake_lr = args.fake_learning_rate or (
+        PAPER_DEFAULTS["fake_full_learning_rate"] if args.fake_full_finetune else args.learning_rate
+    )
+    return Recipe(
+        learning_rate=args.learning_rate,
+        fake_learning_rate=fake_lr,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_weight_decay=args.adam_weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
+        train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        fake_updates_per_step=args.fake_updates_per_step,
+        fake_reuse_samples=args.fake_reuse_samples,
+        dmd_weighting=args.dmd_weighting,
+        fake_weighting=args.fake_weighting,
+        timestep_sampling=args.timestep_sampling,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        guidance_scale=args.guidance_scale,
+        guidance_scale_2=getattr(args, "guidance_scale_2", None),
+        negative_prompt=args.negative_prompt,
+    )
+
+
+_SETTINGS_FLAGS = (
+    "pretrained_model_name_or_path revision base_model_id method phase_boundaries steps_per_phase train_phase "
+    "phase_order max_train_steps prompts prompt_column max_sequence_length cache_text_embeddings lora_rank lora_alpha "
+    "fake_full_finetune mixed_precision gradient_checkpointing attention_backend compile no_compile sequential_cfg "
+    "upcast_lora_inputs base_fp8 offload_idle_transformers offload_activations context_parallel_degree output_dir "
+    "seed checkpointing_steps checkpoints_total_limit resume_from_checkpoint overwrite_output_dir validation_steps "
+    "report_to logging_dir push_to_hub hub_model_id hub_token"
+).split()
+
+
+def resolve(args: argparse.Namespace | Settings) -> Settings:
+    """The run's settings from the parsed (and checked) flags; a `Settings` is returned as it is."""
+    if isinstance(args, Settings):
+        return args
+    return Settings(
+        recipe=resolve_recipe(args),
+        flags=dict(vars(args)),
+        video=hasattr(args, "num_frames"),
+        sizes=sizes(args),
+        resolutions=getattr(args, "resolutions", None),
+        image=getattr(args, "image", None),
+        fake_lora_rank=args.fake_lora_rank or args.lora_rank,
+        validation_prompts=list(args.validation_prompts or []),
+        **{name: getattr(args, name, None) for name in _SETTINGS_FLAGS},
+    )
