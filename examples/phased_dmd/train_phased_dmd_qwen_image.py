@@ -11,20 +11,25 @@ The result in `--output_dir` is an experts-only repo: `PhasedMoEPipeline.from_pr
 from it. See examples/phased_dmd/README.md for hardware and multi-GPU commands, docs/training.md for the knobs.
 """
 
-from diffusers_pdmd.training.distill import build_parser, train
+from diffusers_pdmd.training.cli import build_parser, exit_on_user_error  # torch-free: `--help` answers at once
+
+
+def make_parser():
+    return build_parser("Phased DMD distillation of Qwen-Image.")
 
 
 def parse_args(argv=None):
-    parser = build_parser("Phased DMD distillation of Qwen-Image.")
-    return parser.parse_args(argv)
+    return make_parser().parse_args(argv)
 
 
 def main(argv=None, load_pipeline=None):
-    """Parse `argv` and train; `load_pipeline(args, dtype)` replaces loading the base from disk or the Hub."""
+    """Parse `argv` and train; `load_pipeline(settings, dtype)` replaces loading the base from disk or the Hub."""
     args = parse_args(argv)
+    from diffusers_pdmd.training.distill import train
+
     kwargs = {"load_pipeline": load_pipeline} if load_pipeline is not None else {}
     train(args, expected_families=("qwen-image",), **kwargs)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -14,21 +14,27 @@ each phase is a LoRA on the teacher transformer that owns its subinterval, and t
 comes from the teacher transformer that owns t. Only the model family differs from the Qwen-Image script.
 """
 
-from diffusers_pdmd.training.distill import build_parser, train
+from diffusers_pdmd.training.cli import build_parser, exit_on_user_error  # torch-free: `--help` answers at once
+
+
+def make_parser():
+    parser = build_parser("Phased DMD distillation of Wan2.2 (T2V-A14B, I2V-A14B, TI2V-5B).", video=True)
+    parser.set_defaults(guidance_scale=4.0, max_sequence_length=512)
+    return parser
 
 
 def parse_args(argv=None):
-    parser = build_parser("Phased DMD distillation of Wan2.2 (T2V-A14B, I2V-A14B, TI2V-5B).", video=True)
-    parser.set_defaults(guidance_scale=4.0, max_sequence_length=512)
-    return parser.parse_args(argv)
+    return make_parser().parse_args(argv)
 
 
 def main(argv=None, load_pipeline=None):
-    """Parse `argv` and train; `load_pipeline(args, dtype)` replaces loading the base from disk or the Hub."""
+    """Parse `argv` and train; `load_pipeline(settings, dtype)` replaces loading the base from disk or the Hub."""
     args = parse_args(argv)
+    from diffusers_pdmd.training.distill import train
+
     kwargs = {"load_pipeline": load_pipeline} if load_pipeline is not None else {}
     train(args, expected_families=("wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"), **kwargs)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import sys
+from pathlib import Path
 
 from .options import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, METHODS, T_SAMPLINGS
 
@@ -26,55 +30,113 @@ def _phase_arg(value: str):
         raise argparse.ArgumentTypeError(f"--train_phase must be 'all' or a phase index, got {value!r}") from None
 
 
+EPILOG = (
+    "Every flag, its default and what it costs: docs/training.md (also examples/phased_dmd/README.md). A bad flag "
+    "ends the run with one line naming it, before any model loads."
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (`None`, an unset switch, a required flag)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# A negative number with an exponent ("-1e-4") is a value, not an option: argparse's own pattern knows only "-1" and
+# "-0.5", and would answer "--learning_rate -1e-4" with "expected one argument" instead of the check naming the flag.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def build_parser(description: str, video: bool = False) -> argparse.ArgumentParser:
-    """The flags of the example scripts; `video=True` adds `--num_frames`, `--height`, `--width`, `--image`."""
-    p = argparse.ArgumentParser(description=description)
-    a = p.add_argument
-    a("--pretrained_model_name_or_path", required=True, help="Base (teacher) pipeline: Hub id or local folder.")
-    a("--revision", default=None, help="Revision of the base model on the Hub.")
-    a(
+    """The flags of the example scripts, in groups; `video=True` (the Wan2.2 script) adds the video sizes, `--image`
+    and `--guidance_scale_2`.
+
+    A new group of flags is one `add_<group>_args(parser)` line here (a function beside these), and its values a
+    field of [`settings.Settings`] or [`settings.Recipe`].
+    """
+    p = argparse.ArgumentParser(
+        usage="%(prog)s --pretrained_model_name_or_path MODEL --prompts PROMPTS [options]",
+        description=description,
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    p._negative_number_matcher = _NEGATIVE_NUMBER
+    add_model_args(p)
+    add_phase_args(p)
+    add_data_args(p, video)
+    add_teacher_args(p, video)
+    add_optimizer_args(p)
+    add_loss_args(p)
+    add_adapter_args(p)
+    add_speed_args(p)
+    add_output_args(p)
+    # add_recipe_args(p)  -- issue 21: --recipe and its parts (diversity loss, IDA, ...)
+    # add_memory_args(p)  -- issue 22: the memory planner
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("base model (teacher)")
+    g.add_argument(
+        "--pretrained_model_name_or_path", required=True, help="Base (teacher) pipeline: Hub id or local folder."
+    )
+    g.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
+    g.add_argument(
         "--base_model_id",
         default=None,
         help="Hub repo id of the base, recorded in phased_dmd_config.json when training from a local folder that is "
         "not a Hub cache snapshot (those are recognised), so that the experts load on other machines.",
     )
-    a("--method", default="phased_dmd", choices=METHODS, help="phased_dmd, or a baseline: dmd (1 step), sgts.")
-    a(
+
+
+def add_phase_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method and phases")
+    g.add_argument(
+        "--method", default="phased_dmd", choices=METHODS, help="phased_dmd, or a baseline: dmd (1 step), sgts."
+    )
+    g.add_argument(
         "--phase_boundaries",
         type=float,
         nargs="*",
         default=None,
         help="Sigmas where phases meet (decreasing, in (0, 1)). Default: the teacher's MoE boundary, else 0.875.",
     )
-    a(
+    g.add_argument(
         "--steps_per_phase",
         type=int,
         nargs="+",
         default=[2, 2],
         help="Sampling steps of each phase; `sgts` uses their sum as its step count, `dmd` always 1.",
     )
-    a("--train_phase", type=_phase_arg, default="all", help="A phase index, or 'all'.")
-    a(
+    g.add_argument("--train_phase", type=_phase_arg, default="all", help="A phase index, or 'all'.")
+    g.add_argument(
         "--phase_order",
         default="sequential",
         choices=["sequential", "alternate"],
         help="Train phases one after another (paper) or alternate between them every step.",
     )
-    a("--prompts", required=True, help="A text file (one prompt a line), or a datasets name / path.")
-    a("--prompt_column", default="prompt", help="Column of the prompts in a dataset.")
-    a("--negative_prompt", default="", help="Negative prompt of the teacher's classifier-free guidance.")
+    g.add_argument("--max_train_steps", type=int, default=1000, help="Generator updates per phase.")
+
+
+def add_data_args(p: argparse.ArgumentParser, video: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--prompts", required=True, help="A text file (one prompt a line), or a datasets name / path.")
+    g.add_argument("--prompt_column", default="prompt", help="Column of the prompts in a dataset.")
     if video:
-        a("--height", type=int, default=480)
-        a("--width", type=int, default=832)
-        a("--num_frames", type=int, default=81)
-        a(
+        g.add_argument("--height", type=int, default=480, help="Height of the training videos, in pixels.")
+        g.add_argument("--width", type=int, default=832, help="Width of the training videos, in pixels.")
+        g.add_argument("--num_frames", type=int, default=81, help="Frames of the training videos.")
+        g.add_argument(
             "--image",
             default=None,
             help="TI2V-5B (optional) / I2V-A14B (required): an image file used as the first frame of every sample.",
         )
     else:
-        a("--resolution", type=int, default=1024, help="Square image size.")
-    a(
+        g.add_argument("--resolution", type=int, default=1024, help="Square image size, in pixels.")
+    g.add_argument(
         "--resolutions",
         nargs="+",
         default=None,
@@ -83,32 +145,73 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
         + "; replaces "
         + ("--num_frames/--height/--width." if video else "--resolution."),
     )
-    a("--train_batch_size", type=int, default=1)
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--max_train_steps", type=int, default=1000, help="Generator updates per phase.")
-    a("--learning_rate", type=float, default=PAPER_DEFAULTS["learning_rate"], help="Generator (expert) LR.")
-    a(
+    g.add_argument("--max_sequence_length", type=int, default=512, help="Tokens of each prompt's text encoding.")
+    g.add_argument(
+        "--cache_text_embeddings", action="store_true", help="Encode prompts once, then free the text encoder."
+    )
+
+
+def add_teacher_args(p: argparse.ArgumentParser, video: bool) -> None:
+    g = p.add_argument_group("teacher (real score)")
+    g.add_argument("--guidance_scale", type=float, default=4.0, help="CFG scale of the teacher (real score).")
+    if video:
+        g.add_argument(
+            "--guidance_scale_2",
+            type=float,
+            default=None,
+            help="CFG scale of the low-noise teacher (Wan2.2 A14B's transformer_2). Default: --guidance_scale.",
+        )
+    g.add_argument("--negative_prompt", default="", help="Negative prompt of the teacher's classifier-free guidance.")
+
+
+def add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimization")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Samples per process in each update.")
+    g.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches whose gradients make one update."
+    )
+    g.add_argument(
+        "--learning_rate", type=float, default=PAPER_DEFAULTS["learning_rate"], help="Generator (expert) LR."
+    )
+    g.add_argument(
         "--fake_learning_rate",
         type=float,
         default=None,
         help="Fake score LR. Default: 4e-7 with --fake_full_finetune (paper), else --learning_rate.",
     )
-    a("--fake_updates_per_step", type=int, default=5, help="Fake-score updates per generator update (TTUR).")
-    a("--guidance_scale", type=float, default=4.0, help="CFG scale of the teacher (real score).")
-    a("--guidance_scale_2", type=float, default=None, help="CFG scale of the low-noise teacher (Wan2.2 A14B).")
-    a("--lora_rank", type=int, default=PAPER_DEFAULTS["lora_rank"])
-    a("--lora_alpha", type=float, default=PAPER_DEFAULTS["lora_alpha"])
-    a("--fake_lora_rank", type=int, default=None, help="Rank of the fake-score LoRA (default: --lora_rank).")
-    a("--fake_full_finetune", action="store_true", help="Full-parameter fake score (paper); needs much memory.")
-    a("--dmd_weighting", default="normalized", choices=DMD_WEIGHTINGS)
-    a(
+    g.add_argument(
+        "--fake_updates_per_step", type=int, default=5, help="Fake-score updates per generator update (TTUR)."
+    )
+    g.add_argument("--adam_beta1", type=float, default=0.0, help="AdamW beta1 of both networks (paper: 0).")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 of both networks.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay of both networks.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm; 0: no clipping.")
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="LR schedule of both networks (diffusers' get_scheduler: constant, linear, cosine, ...).",
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the LR schedule.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of the noise, prompts, t and adapter initialisation.")
+
+
+def add_loss_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("losses")
+    g.add_argument(
+        "--dmd_weighting",
+        default="normalized",
+        choices=DMD_WEIGHTINGS,
+        help="Weight of the DMD gradient: normalized = DMD2's per-sample normaliser in x_s space; paper = Eq. 11's "
+        "w_{t|s} (docs/method.md).",
+    )
+    g.add_argument(
         "--fake_weighting",
         default="paper",
         choices=FAKE_WEIGHTINGS,
         help="Fake-score loss weight: paper = Eq. 13, min(1, 10 sigma_{t|s}^2) on ||F - v*||^2; inverse_variance = "
         "min(1/sigma_{t|s}^2, 10) (the earlier default); none.",
     )
-    a(
+    g.add_argument(
         "--timestep_sampling",
         default="shifted",
         choices=T_SAMPLINGS,
@@ -116,94 +219,123 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
         "Qwen-Image's resolution-dependent shift; paper); uniform = uniform sigma, no shift (the earlier default); "
         "logit_normal = SD3's logit-normal, shifted.",
     )
-    a("--logit_mean", type=float, default=0.0, help="Mean of `--timestep_sampling logit_normal`.")
-    a("--logit_std", type=float, default=1.0, help="Std of `--timestep_sampling logit_normal`.")
-    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    a("--gradient_checkpointing", action="store_true")
-    a(
+    g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of `--timestep_sampling logit_normal`.")
+    g.add_argument("--logit_std", type=float, default=1.0, help="Std of `--timestep_sampling logit_normal`.")
+
+
+def add_adapter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapters")
+    g.add_argument(
+        "--lora_rank", type=int, default=PAPER_DEFAULTS["lora_rank"], help="Rank of each expert's LoRA (paper: 64)."
+    )
+    g.add_argument(
+        "--lora_alpha",
+        type=float,
+        default=PAPER_DEFAULTS["lora_alpha"],
+        help="LoRA alpha of the experts and fake scores (paper: 8); the LoRA's scale is alpha / rank.",
+    )
+    g.add_argument(
+        "--fake_lora_rank", type=int, default=None, help="Rank of the fake-score LoRA (default: --lora_rank)."
+    )
+    g.add_argument(
+        "--fake_full_finetune", action="store_true", help="Full-parameter fake score (paper); needs much memory."
+    )
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed and memory", "docs/training.md, 'Speed and memory', gives what each costs.")
+    g.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Compute precision (accelerate's autocast; LoRA weights stay fp32). Default: accelerate's config.",
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute each transformer block in backward instead of keeping its activations (less memory).",
+    )
+    g.add_argument(
         "--context_parallel_degree",
         type=int,
         default=1,
         help="Processes that share each sample, splitting its tokens (diffusers' Ulysses attention); must divide the "
         "number of processes and the attention heads. The others replicate data-parallel.",
     )
-    a("--cache_text_embeddings", action="store_true", help="Encode prompts once, then free the text encoder.")
-    a("--max_sequence_length", type=int, default=512)
-    a("--seed", type=int, default=0)
-    a("--output_dir", default="phased-dmd-experts")
-    a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
-    a("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    a(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start afresh in a non-empty --output_dir: its checkpoints and experts are deleted first.",
-    )
-    a("--validation_prompts", nargs="*", default=None)
-    a("--validation_steps", type=int, default=200)
-    a("--report_to", default="none", help="Tracker for accelerate (tensorboard, wandb, ...), or 'none'.")
-    a("--logging_dir", default="logs")
-    a("--push_to_hub", action="store_true")
-    a("--hub_model_id", default=None)
-    a("--hub_token", default=None, help="Token for the push; prefer `hf auth login`. Never printed.")
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--adam_beta1", type=float, default=0.0, help="AdamW beta1 of both networks (paper: 0).")
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=1e-2)
-    a("--lr_scheduler", default="constant")
-    a("--lr_warmup_steps", type=int, default=0)
-    # -- speed and memory (docs/training.md, "Speed and memory") ------------------------------------------------
-    a(
+    g.add_argument(
         "--upcast_lora_inputs",
         action="store_true",
         help="peft's default: cast every adapted layer's input to the fp32 LoRA weights. Off: under mixed precision "
         "LoRA computes in bf16/fp16 from fp32 master weights (same values under autocast, faster).",
     )
-    a(
+    g.add_argument(
         "--sequential_cfg",
         action="store_true",
         help="Run the teacher's conditional and unconditional passes one after another. Default: one batch of 2 "
         "where the two prompt embeddings have the same length (Wan2.2), else one after another (Qwen-Image: no "
         "padding, so attention needs no mask).",
     )
-    a(
+    g.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the repeated transformer blocks (diffusers' compile_repeated_blocks). Default: on for a "
         "one-process run on a CUDA GPU (the first update then takes a minute or two longer), off otherwise.",
     )
-    a("--no_compile", action="store_true", help="Never compile (see --compile).")
-    a(
+    g.add_argument("--no_compile", action="store_true", help="Never compile (see --compile).")
+    g.add_argument(
         "--attention_backend",
         default=None,
         help="diffusers attention backend of the transformers, e.g. flash, _native_cudnn, _native_flash, sage.",
     )
-    a(
+    g.add_argument(
         "--fake_reuse_samples",
         type=int,
         default=1,
         help="Fake-score updates that share one back-simulated batch (fresh t and noise each). 1: a fresh batch "
         "for every update (the paper). Above 1 changes the algorithm (docs/training.md).",
     )
-    a(
+    g.add_argument(
         "--base_fp8",
         action="store_true",
         help="Store the frozen base transformers in float8 (e4m3), computed in bf16 (diffusers layerwise casting); "
         "LoRA weights stay as they are. Needs --mixed_precision bf16.",
     )
-    a(
+    g.add_argument(
         "--offload_idle_transformers",
         action="store_true",
         help="Keep on the GPU only the transformers the current phase uses, the others in CPU memory (Wan2.2 "
         "A14B phase 0 never uses transformer_2). Needs --phase_order sequential.",
     )
-    a(
+    g.add_argument(
         "--offload_activations",
         action="store_true",
         help="Keep the tensors saved for backward (with --gradient_checkpointing: each block's input) in pinned CPU "
         "memory until backward needs them (torch.autograd.graph.save_on_cpu). Less GPU memory, more transfers.",
     )
-    return p
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output, checkpoints and validation")
+    g.add_argument("--output_dir", default="phased-dmd-experts", help="Where the experts and checkpoints go.")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Generator updates between checkpoints.")
+    g.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Checkpoints kept (the newest). Default: all."
+    )
+    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start afresh in a non-empty --output_dir: its checkpoints and experts are deleted first.",
+    )
+    g.add_argument(
+        "--validation_prompts", nargs="*", default=None, help="Prompts of the validation grids (none: no grids)."
+    )
+    g.add_argument("--validation_steps", type=int, default=200, help="Generator updates between validation grids.")
+    g.add_argument("--report_to", default="none", help="Tracker for accelerate (tensorboard, wandb, ...), or 'none'.")
+    g.add_argument("--logging_dir", default="logs", help="Tracker logs and history.json, inside --output_dir.")
+    g.add_argument("--push_to_hub", action="store_true", help="Push the experts-only repo to the Hub at the end.")
+    g.add_argument("--hub_model_id", default=None, help="Hub repo of the push. Default: --output_dir's name.")
+    g.add_argument("--hub_token", default=None, help="Token for the push; prefer `hf auth login`. Never printed.")
 
 
 def check_speed_args(args) -> None:
@@ -256,8 +388,10 @@ def check_args(args) -> None:
         raise ValueError(f"`--fake_updates_per_step` must be >= 0, got {args.fake_updates_per_step}.")
     if any(n < 1 for n in args.steps_per_phase):
         raise ValueError(f"`--steps_per_phase` must be positive integers, got {args.steps_per_phase}.")
-    if args.learning_rate <= 0 or (args.fake_learning_rate is not None and args.fake_learning_rate <= 0):
-        raise ValueError("`--learning_rate` and `--fake_learning_rate` must be > 0.")
+    for name in ("learning_rate", "fake_learning_rate"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"`--{name}` must be > 0, got {value}.")
     if args.fake_full_finetune and args.phase_order == "alternate":
         raise ValueError("`--fake_full_finetune` supports `--phase_order sequential` only (one full copy at a time).")
     if args.push_to_hub and args.hub_token is not None:
@@ -318,3 +452,17 @@ def check_sizes(settings, family) -> None:
             for name in names:
                 msg = msg.replace(f"`{name}`", f"`--{name}`" if video else "`--resolution`")
             raise ValueError(msg) from None
+
+
+def exit_on_user_error(main, argv=None):
+    """Run a script's `main(argv)`; a `ValueError` (a bad flag, a run folder that does not fit, a corrupt file) ends
+    it as argparse ends a bad flag: one line, `<script>: error: <message>`, and exit code 2, without a traceback.
+
+    Under `accelerate launch` every process meets the same error: only the main one (`RANK` 0) prints it.
+    """
+    try:
+        return main(argv)
+    except ValueError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
