@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .roles import Distiller
 from .settings import Recipe
 
 
@@ -59,7 +60,7 @@ class TrainState:
     fake_samples: FakeSamples = field(default_factory=FakeSamples)
 
 
-def make_optimizers(d, recipe: Recipe, max_steps: int, phase: int) -> Optimizers:
+def make_optimizers(d: Distiller, recipe: Recipe, max_steps: int, phase: int) -> Optimizers:
     """Optimizers of phase `phase`: its expert's and its fake score's parameters, trainable and in float32."""
     from diffusers.optimization import get_scheduler
 
@@ -79,7 +80,7 @@ def make_optimizers(d, recipe: Recipe, max_steps: int, phase: int) -> Optimizers
     return Optimizers(gen_params, fake_params, g_opt, f_opt, g_sch, f_sch)
 
 
-def enter_phase(d, recipe: Recipe, state: TrainState, phase: int) -> None:
+def enter_phase(d: Distiller, recipe: Recipe, state: TrainState, phase: int) -> None:
     """Fresh fake score and optimizers when a phase starts (sequential) or is first met (alternate)."""
     if d.plan.order == "sequential" and phase != state.current_phase:
         state.opts.clear()

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import adapters as ad
 from . import checkpoint as ckpt
 from .phases import TrainState, make_optimizers
+from .roles import Distiller
 
 
 logger = logging.getLogger("diffusers_pdmd.train")
@@ -25,7 +26,7 @@ def load_adapter(model, adapter_name: str, state_dict, path: Path) -> None:
         raise ValueError(f"{path}.safetensors does not fit adapter {adapter_name!r} of this run: {e}") from e
 
 
-def load_earlier_experts(d, folder: Path, skip) -> None:
+def load_earlier_experts(d: Distiller, folder: Path, skip) -> None:
     """The experts in `folder`'s experts-only repo into the adapters the Distiller made for them (but `skip`)."""
     from safetensors.torch import load_file
 
@@ -50,7 +51,7 @@ def load_earlier_experts(d, folder: Path, skip) -> None:
                 ) from err
 
 
-def resume_training(d, state: TrainState, path: Path, generator) -> None:
+def resume_training(d: Distiller, state: TrainState, path: Path, generator) -> None:
     """Load checkpoint `path` into the models, fresh optimizers of its live phases, `state` and the RNGs."""
     plan, full_fake = d.plan, d.settings.fake_full_finetune
     files, saved = ckpt.load_checkpoint(path)
@@ -81,7 +82,7 @@ def resume_training(d, state: TrainState, path: Path, generator) -> None:
     logger.info("Resumed from %s at global step %d (phase %d).", path, state.global_step, phase)
 
 
-def _weights(d, state: TrainState) -> dict:
+def _weights(d: Distiller, state: TrainState) -> dict:
     """The experts' and the live fake scores' tensors, by checkpoint file name (collective under FSDP)."""
     files = {}
     with d.full_params():  # every process takes part under FSDP; only the main one writes
@@ -99,7 +100,7 @@ def _weights(d, state: TrainState) -> dict:
     return files
 
 
-def save_training_checkpoint(d, state: TrainState, run: dict, recipe_record: dict, generator) -> Path:
+def save_training_checkpoint(d: Distiller, state: TrainState, run: dict, recipe_record: dict, generator) -> Path:
     """Write `checkpoint-<global_step>` into the output folder (main process) and return its path.
 
     `run` holds the run-defining values a resume must match, `recipe_record` the other flags (a resume logs changes).

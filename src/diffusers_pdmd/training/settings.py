@@ -9,14 +9,15 @@ Three things describe a run:
 - [`Plan`](plan.py): which phases are trained, their sigmas and the position of each step (needs the family, so it
   is made once the family is known).
 
-A new flag gets a field here (in `Recipe` when an update step reads it, else in `Settings`) and a line in
-[`resolve`]; the parser group that adds the flag lives in `cli.py`.
+A new flag gets a field here, named as the flag: in `Recipe` when an update step reads it, else in `Settings`. A field
+named as its flag is read from it; one whose value needs resolving (a default that depends on other flags) gets its
+line in [`resolve_recipe`] / [`resolve`]. The parser group that adds the flag lives in `cli.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .cli import PAPER_DEFAULTS, sizes
 
@@ -45,7 +46,7 @@ class Recipe:
     guidance_scale: float
     guidance_scale_2: float | None
     negative_prompt: str
-    # new recipe fields (a diversity loss, IDA, ...) go here, and their line in `resolve_recipe`
+    # new recipe fields (a diversity loss, IDA, ...) go here, named as their flags
 
     @property
     def needs_negative(self) -> bool:
@@ -58,7 +59,7 @@ class Settings:
     """The run's settings: everything but the recipe and the plan, under the flags' names."""
 
     recipe: Recipe
-    flags: dict  # the flags as parsed: the tracker's hyperparameters and the checkpoint's record of them
+    flags: dict = field(repr=False)  # the flags as parsed (the tracker's and the checkpoint's record of them)
     # -- the base model
     pretrained_model_name_or_path: str
     revision: str | None
@@ -84,7 +85,7 @@ class Settings:
     lora_alpha: float
     fake_lora_rank: int  # resolved: --lora_rank when not given
     fake_full_finetune: bool
-    # -- speed and memory (new memory fields go here, and their line in `resolve`)
+    # -- speed and memory (new memory fields go here, named as their flags)
     mixed_precision: str | None
     gradient_checkpointing: bool
     attention_backend: str | None
@@ -103,65 +104,48 @@ class Settings:
     checkpoints_total_limit: int | None
     resume_from_checkpoint: str | None
     overwrite_output_dir: bool
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_steps: int = 200
-    report_to: str = "none"
-    logging_dir: str = "logs"
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_token: str | None = field(default=None, repr=False)
+    validation_prompts: list[str]
+    validation_steps: int
+    report_to: str
+    logging_dir: str
+    push_to_hub: bool
+    hub_model_id: str | None
+    hub_token: str | None = field(repr=False)
+
+
+def _as_flagged(cls, args: argparse.Namespace, resolved: dict):
+    """`cls` with the `resolved` values, every other field read from the flag of its name."""
+    return cls(**resolved, **{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in resolved})
 
 
 def resolve_recipe(args: argparse.Namespace) -> Recipe:
+    """The [`Recipe`] of the parsed flags: a field named as its flag is read from it; the others are resolved here."""
     fake_lr = args.fake_learning_rate or (
         PAPER_DEFAULTS["fake_full_learning_rate"] if args.fake_full_finetune else args.learning_rate
     )
-    return Recipe(
-        learning_rate=args.learning_rate,
-        fake_learning_rate=fake_lr,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_weight_decay=args.adam_weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps,
-        train_batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        fake_updates_per_step=args.fake_updates_per_step,
-        fake_reuse_samples=args.fake_reuse_samples,
-        dmd_weighting=args.dmd_weighting,
-        fake_weighting=args.fake_weighting,
-        timestep_sampling=args.timestep_sampling,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        guidance_scale=args.guidance_scale,
-        guidance_scale_2=getattr(args, "guidance_scale_2", None),
-        negative_prompt=args.negative_prompt,
-    )
-
-
-_SETTINGS_FLAGS = (
-    "pretrained_model_name_or_path revision base_model_id method phase_boundaries steps_per_phase train_phase "
-    "phase_order max_train_steps prompts prompt_column max_sequence_length cache_text_embeddings lora_rank lora_alpha "
-    "fake_full_finetune mixed_precision gradient_checkpointing attention_backend compile no_compile sequential_cfg "
-    "upcast_lora_inputs base_fp8 offload_idle_transformers offload_activations context_parallel_degree output_dir "
-    "seed checkpointing_steps checkpoints_total_limit resume_from_checkpoint overwrite_output_dir validation_steps "
-    "report_to logging_dir push_to_hub hub_model_id hub_token"
-).split()
+    resolved = {
+        "fake_learning_rate": fake_lr,
+        "guidance_scale_2": getattr(args, "guidance_scale_2", None),  # a flag of the Wan2.2 script only
+    }
+    return _as_flagged(Recipe, args, resolved)
 
 
 def resolve(args: argparse.Namespace | Settings) -> Settings:
-    """The run's settings from the parsed (and checked) flags; a `Settings` is returned as it is."""
+    """The run's settings from the parsed (and checked) flags; a `Settings` is returned as it is.
+
+    A field named as its flag is read from it; the others are resolved here.
+    """
     if isinstance(args, Settings):
         return args
-    return Settings(
-        recipe=resolve_recipe(args),
-        flags=dict(vars(args)),
-        video=hasattr(args, "num_frames"),
-        sizes=sizes(args),
-        resolutions=getattr(args, "resolutions", None),
-        image=getattr(args, "image", None),
-        fake_lora_rank=args.fake_lora_rank or args.lora_rank,
-        validation_prompts=list(args.validation_prompts or []),
-        **{name: getattr(args, name, None) for name in _SETTINGS_FLAGS},
-    )
+    video = hasattr(args, "num_frames")
+    resolved = {
+        "recipe": resolve_recipe(args),
+        "flags": dict(vars(args)),
+        "video": video,
+        "sizes": sizes(args),
+        "resolutions": args.resolutions,
+        "image": args.image if video else None,
+        "fake_lora_rank": args.fake_lora_rank or args.lora_rank,
+        "validation_prompts": list(args.validation_prompts or []),
+    }
+    return _as_flagged(Settings, args, resolved)

@@ -13,6 +13,7 @@ import torch
 from .data import Batches
 from .losses import dmd_loss, fake_score_loss
 from .phases import TrainState
+from .roles import Distiller
 from .settings import Recipe
 from .simulate import generator_sample
 
@@ -39,7 +40,7 @@ def optimizer_step(accelerator, params, opt, schedule, max_grad_norm: float) -> 
     opt.zero_grad(set_to_none=True)
 
 
-def fake_update(d, batches: Batches, recipe: Recipe, state: TrainState, phase: int, step: int) -> dict:
+def fake_update(d: Distiller, batches: Batches, recipe: Recipe, state: TrainState, phase: int, step: int) -> dict:
     """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13)."""
     opt, ga, reuse = state.opts[phase], recipe.gradient_accumulation_steps, state.fake_samples
     fresh = reuse.start_use(recipe.fake_reuse_samples)
@@ -61,7 +62,7 @@ def fake_update(d, batches: Batches, recipe: Recipe, state: TrainState, phase: i
     return logs
 
 
-def generator_update(d, batches: Batches, recipe: Recipe, state: TrainState, phase: int, step: int) -> dict:
+def generator_update(d: Distiller, batches: Batches, recipe: Recipe, state: TrainState, phase: int, step: int) -> dict:
     """One generator update: the DMD gradient on the reverse-nested interval (s, 1] (Eq. 11-12)."""
     opt, ga = state.opts[phase], recipe.gradient_accumulation_steps
     state.fake_samples.uses_left = 0  # the generator changes: the next fake update back-simulates afresh
