@@ -90,3 +90,25 @@ def test_user_error_is_one_line_and_exit_code_2(tmp_path):
     # under `accelerate launch` every process fails alike: only the main one (RANK 0) prints
     other = _run("train_phased_dmd_qwen_image", *argv, "--learning_rate", "-1e-4", env={"RANK": "1"})
     assert other.returncode == 2 and other.stderr.strip() == ""
+
+
+def test_user_error_under_two_processes_is_printed_once(tmp_path):
+    """Two processes (torch.distributed.run, as `accelerate launch` starts them) meet the same bad flag: one line.
+
+    The launcher then adds its own report of the failed children (torch's ChildFailedError); that is not ours.
+    """
+    (tmp_path / "p.txt").write_text("a cat\n")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path), "--prompts", str(tmp_path / "p.txt")]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+        + [str(SCRIPTS / "train_phased_dmd_qwen_image.py"), *argv, "--learning_rate", "-1e-4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+    )
+    assert done.returncode != 0
+    ours = [
+        line for line in (done.stdout + done.stderr).splitlines() if "train_phased_dmd_qwen_image.py: error:" in line
+    ]
+    assert ours == ["train_phased_dmd_qwen_image.py: error: `--learning_rate` must be > 0, got -0.0001."]
