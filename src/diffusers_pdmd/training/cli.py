@@ -463,6 +463,12 @@ def exit_on_user_error(main, argv=None):
     try:
         return main(argv)
     except ValueError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def is_main_process() -> bool:
+    """Whether this is the run's main process (`RANK` 0, or no launcher), from the environment: known before
+    accelerate starts, and after a failure."""
+    return int(os.environ.get("RANK", "0")) == 0

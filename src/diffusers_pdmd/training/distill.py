@@ -20,7 +20,6 @@ This module wires them together; its loop, [`run_phases`], is the paper's algori
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import parallel, runs
-from .cli import PAPER_DEFAULTS, build_parser, check_args, check_sizes, check_speed_args, sizes
+from .cli import PAPER_DEFAULTS, build_parser, check_args, check_sizes, check_speed_args, is_main_process, sizes
 from .data import Batch, Batches, TextConditions, cat_cond, load_prompts, select_cond, trim_padding
 from .outputs import save_experts, summary, validate, write_outputs
 from .phases import TrainState, enter_phase
@@ -68,7 +67,7 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
     try:
         return _train(args, expected_families, state, load_pipeline)
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) != 0:  # one line from the whole run
+        if not is_main_process():  # one line from the whole run
             pass
         elif state.last_ckpt is None:
             print(f"\nInterrupted at global step {state.global_step}, before the first checkpoint: nothing to resume.")
@@ -85,6 +84,7 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
 
 
 def _train(args, expected_families: tuple[str, ...], state: TrainState, load_pipeline) -> Path:
+    """Every check that needs no weights, then the base and the roles on it, then the phase loop, then the outputs."""
     check_args(args)  # every flag check before any model loads
     check_speed_args(args)
     settings = resolve(args)
