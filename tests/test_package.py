@@ -75,3 +75,13 @@ def test_no_import_cycles():
                     seen.add(nxt)
                     stack.append((nxt, [*path, nxt]))
     assert cycles == []
+
+
+def test_trainer_functions_fit_on_a_screen():
+    """Each step of the trainer reads on one screen (issue 21): no function in training/ over 80 lines."""
+    long = []
+    for path in sorted((SRC / "training").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
