@@ -684,3 +684,51 @@ def transformer_flops(model, batch: int, tokens: int, text_tokens: int, per_toke
     else:
         attention = layers * 4 * (tokens * tokens + tokens * text_tokens) * inner
     return batch * linear, batch * attention
+
+
+WAN22_I2V_A14B_TRANSFORMER = {**WAN22_A14B_TRANSFORMER, "in_channels": 36}  # latents + 4 mask + image latents
+PIPELINE_LAYOUTS = {  # family: (pipeline class, transformer configs, VAE config, text encoder, index extras)
+    "qwen-image": ("QwenImagePipeline", [QWEN_IMAGE_TRANSFORMER], {}, "qwen", {}),
+    "wan2.2-t2v-a14b": ("WanPipeline", [WAN22_A14B_TRANSFORMER] * 2, {}, "umt5", {"boundary_ratio": 0.875}),
+    "wan2.2-i2v-a14b": (
+        "WanImageToVideoPipeline",
+        [WAN22_I2V_A14B_TRANSFORMER] * 2,
+        {},
+        "umt5",
+        {"boundary_ratio": 0.9},
+    ),
+    "wan2.2-ti2v-5b": ("WanPipeline", [WAN22_TI2V_5B_TRANSFORMER], WAN22_VAE, "umt5", {"expand_timesteps": True}),
+}
+
+
+def write_config_base(family: str, folder) -> pathlib.Path:
+    """A base folder of `family` with the published configs and no weights (`model_index.json` and each component's
+    `config.json`): what `--memory auto` reads before loading. The benchmarks pass it as the script's
+    `--pretrained_model_name_or_path` while their `load_pipeline` hook builds the random-weight pipeline."""
+    import diffusers
+    import transformers
+
+    folder = pathlib.Path(folder)
+    cls_name, transformer_configs, vae_config, encoder, extras = PIPELINE_LAYOUTS[family]
+    qwen = family == "qwen-image"
+    index = {"_class_name": cls_name, "_diffusers_version": diffusers.__version__, **extras}
+    transformer_cls = diffusers.QwenImageTransformer2DModel if qwen else diffusers.WanTransformer3DModel
+    vae_cls = diffusers.AutoencoderKLQwenImage if qwen else diffusers.AutoencoderKLWan
+    with torch.device("meta"):
+        for slot, config in zip(("transformer", "transformer_2"), transformer_configs):
+            transformer_cls(**config).save_config(folder / slot)
+            index[slot] = ["diffusers", transformer_cls.__name__]
+        vae_cls(**vae_config).save_config(folder / "vae")
+    if not qwen and len(transformer_configs) == 1:
+        index["transformer_2"] = [None, None]
+    index["vae"] = ["diffusers", vae_cls.__name__]
+    if encoder == "qwen":
+        text = transformers.Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+        text.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    else:
+        text = transformers.UMT5Config(**UMT5_XXL_ENCODER)
+        text.architectures = ["UMT5EncoderModel"]
+    text.save_pretrained(folder / "text_encoder")
+    index["text_encoder"] = ["transformers", text.architectures[0]]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder

@@ -30,7 +30,7 @@ import torch
 from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
 from . import checkpoint as ckpt
-from . import parallel, runs
+from . import memory, parallel, runs
 from .losses import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, T_SAMPLINGS, dmd_loss, fake_score_loss, sample_t
 from .simulate import METHODS, generator_sample, split_by_phase
 
@@ -235,6 +235,7 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
         help="Keep the tensors saved for backward (with --gradient_checkpointing: each block's input) in pinned CPU "
         "memory until backward needs them (torch.autograd.graph.save_on_cpu). Less GPU memory, more transfers.",
     )
+    memory.add_memory_args(p)  # issue 22: --memory auto|off, --memory_budget_gib
     return p
 
 
@@ -988,6 +989,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress, l
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     parallel.check_degree(args.context_parallel_degree, accelerator.num_processes)  # before the weights load
+    memory.apply_memory_plan(args, family, plan, sizes(args), len(prompts), accelerator)  # issue 22: before loading
     if accelerator.is_main_process and to_delete:
         logger.info("--overwrite_output_dir: deleting %s", ", ".join(p.name for p in to_delete))
         for p in to_delete:
