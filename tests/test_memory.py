@@ -102,6 +102,9 @@ def test_full_size_counts_match_the_published_figures(config_bases):
     assert [round(p / 1e9, 2) for p in wan.transformer_params] == [14.29, 14.29]
     assert round(wan.lora_width[0] * 64 / 1e6, 1) == 306.7
     assert abs(wan.fp8_params[0] / GIB - (58.92 - 45.81)) < 0.2
+    # the text encoders (docs/benchmarks/gpu.md): Qwen2.5-VL-7B 8.29 B, UMT5-XXL encoder 5.68 B
+    assert round(qwen.text_encoder_params / 1e9, 2) == 8.29
+    assert round(wan.text_encoder_params / 1e9, 2) == 5.68
 
 
 # -- the estimate against the measured peaks -------------------------------------------------------------------------

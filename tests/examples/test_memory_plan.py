@@ -71,3 +71,35 @@ def test_memory_off_keeps_the_flags(tmp_path):
     with pytest.raises(_Loaded):
         _main(tmp_path, seen, "--memory_budget_gib", "44", "--memory", "off")
     assert not (seen[0].offload_activations or seen[0].base_fp8 or seen[0].offload_idle_transformers)
+
+
+def _gpu_train(tmp_path, *argv):
+    bench = importlib.util.spec_from_file_location("gpu_train", ROOT / "benchmarks" / "gpu_train.py")
+    module = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(module)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    common = ["--tiny", "--output_dir", str(tmp_path / "out"), "--out", str(tmp_path / "r.json")]
+    return module, module.main([*common, "--doc", str(tmp_path / "gpu.md"), *argv])
+
+
+def test_gpu_train_records_the_error_before_loading(tmp_path):
+    """`benchmarks/gpu_train.py` keeps a run that the plan stops (here: a 0.5 GiB budget) as a result row."""
+    module, res = _gpu_train(
+        tmp_path, "--model", "wan-ti2v-5b", "--phases", "0", "--extra", "--memory_budget_gib 0.5", "--cap_gib", "44"
+    )
+    r = res["phases"]["0"]
+    assert r["before_load"] and r["error"].startswith("MemoryPlanError") and r["flags_after_plan"] is None
+    assert res["cap_gib"] == 44 and res["section"] == "gpu_train_wan-ti2v-5b_cap44"
+    assert "stops before loading" in module.render_memory_table([res])
+
+
+def test_gpu_train_profiles_one_update_of_i2v(tmp_path):
+    """`--profile` (I2V-A14B, tiny, CPU: operator CPU time stands in for kernel time): every category is there, the
+    rank-4 LoRA matmuls and the checkpoint recompute are found, and the parts do not exceed the update."""
+    _, res = _gpu_train(tmp_path, "--model", "wan-i2v-a14b", "--phases", "0", "--profile", "--max_train_steps", "2")
+    p = res["phases"]["0"]["profile"]
+    assert p["categories_ms"]["LoRA side paths"] > 0 and p["recompute_ms"] > 0
+    assert sum(p["categories_ms"].values()) <= p["wall_ms"] * 1.01
+    assert res["phases"]["0"]["flags_after_plan"] == ["--gradient_checkpointing"]

@@ -19,6 +19,7 @@ lists them); `choose_swap_mode` (pipelines/expert_swap.py) is the sampling-side 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -254,11 +255,17 @@ def model_sizes(configs: dict, targets, joint_text: bool = False, per_token_time
 
 
 def family_sizes(configs: dict, family) -> ModelSizes:
-    """[`model_sizes`] with the family's LoRA targets and token layout."""
+    """[`model_sizes`] with the family's LoRA targets and token layout (cached per config: sizing builds the
+    models on the meta device, a few seconds for Qwen-Image's)."""
+    per_token_time = bool(getattr(family, "expand_timesteps", False))
+    return _family_sizes(json.dumps(configs, sort_keys=True), family.name, per_token_time)
+
+
+@functools.lru_cache(maxsize=8)
+def _family_sizes(configs_json: str, name: str, per_token_time: bool) -> ModelSizes:
     from .adapters import lora_targets
 
-    per_token_time = bool(getattr(family, "expand_timesteps", False))
-    return model_sizes(configs, lora_targets(family.name), family.name == "qwen-image", per_token_time)
+    return model_sizes(json.loads(configs_json), lora_targets(name), name == "qwen-image", per_token_time)
 
 
 def read_base_configs(base: str, revision: str | None = None) -> dict | None:
@@ -376,9 +383,18 @@ def phase_peak(sizes: ModelSizes, work: Workload, flags: Flags, phase: int) -> d
     return parts
 
 
+def encode_peak(sizes: ModelSizes, work: Workload, flags: Flags) -> float:
+    """Allocated bytes while the prompts are encoded: the text encoder, the VAE and the base transformers (none with
+    `--offload_idle_transformers`, which places them when a phase starts) are on the device together."""
+    on_device = () if flags.offload_idle_transformers else range(len(sizes.transformer_params))
+    encoder = (sizes.text_encoder_params + sizes.vae_params) * work.weight_bytes
+    return weight_bytes(sizes, work, flags, on_device) + encoder + FIXED_BYTES
+
+
 def estimate_peak(sizes: ModelSizes, work: Workload, flags: Flags) -> float:
-    """Peak allocated device bytes of the run: the largest of its trained phases' peaks."""
-    return max(phase_peak(sizes, work, flags, k)["total"] for k in work.trained)
+    """Peak allocated device bytes of the run: the largest of its trained phases' peaks and the encoding's."""
+    phases = max(phase_peak(sizes, work, flags, k)["total"] for k in work.trained)
+    return max(phases, encode_peak(sizes, work, flags))
 
 
 def margin_bytes(peak: float) -> float:
