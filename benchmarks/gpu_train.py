@@ -25,10 +25,19 @@ earlier experts from `--output_dir`), so every figure belongs to one phase:
 `--output_dir` keeps the experts-only folder of the run (for `benchmarks/gpu_sampling.py --base DIR --experts DIR`).
 `--fp8_check` also measures one teacher forward with the base stored in fp8 (`--base_fp8`) against bf16.
 
+`--cap_gib C` caps the process's GPU memory at C GiB (`torch.cuda.set_per_process_memory_fraction`): the script's
+default `--memory auto` plans its flags for that budget from the base's config files (the Wan bases go to the script
+as config-only folders, `gpu_common.write_config_base`, while the loader hook builds the weights), and the result
+keeps the plan's line, the flags it left, and a before-load `MemoryPlanError` or an out-of-memory error as a row.
+`--profile` records the second update of each phase with `torch.profiler` (`gpu_profile.py`: where the kernel time
+goes). `--memory_table FILE ...` renders the family x cap table from such results.
+
     python benchmarks/gpu_train.py --model qwen --base_dir /tmp/qwen-base --output_dir /tmp/qwen-experts \\
         --max_train_steps 2 --fake_updates_per_step 5 --out train_qwen.json
     python benchmarks/gpu_train.py --model wan-a14b --output_dir /tmp/wan-experts --max_train_steps 1 \\
         --extra "--base_fp8 --offload_idle_transformers" --fp8_check --out train_wan.json
+    python benchmarks/gpu_train.py --model wan-a14b --output_dir /tmp/w79 --fake_updates_per_step 1 --phases 0 \
+        --cap_gib 79 --out train_wan_cap79_p0.json
     python benchmarks/gpu_train.py --model qwen --tiny   # CPU logic check, under a minute
 """
 
