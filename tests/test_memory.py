@@ -275,3 +275,27 @@ def test_family_is_read_before_loading(config_bases, family):
 
     probed = probe_family(SimpleNamespace(pretrained_model_name_or_path=str(config_bases[family]), revision=None))
     assert probed is not None and probed.name == family
+
+
+@pytest.mark.parametrize("bounds", [[], ["0.95", "0.5"], ["0.8"]])
+def test_phase_transformers_agree_with_the_distiller(bounds):
+    """The transformers each phase calls, from the boundaries alone, are those the trainer finds from its schedule
+    (tiny T2V-A14B, switch at 0.875)."""
+    from accelerate import Accelerator
+
+    from diffusers_pdmd import tiny
+    from diffusers_pdmd.training.distill import Distiller
+
+    steps = ["1"] * (len(bounds) + 1)
+    extra = ["--phase_boundaries", *bounds] if bounds else ["--steps_per_phase", "2", "2"]
+    argv = ["--pretrained_model_name_or_path", "x", "--prompts", "p", "--lora_rank", "2", "--height", "16"]
+    argv += ["--width", "16", "--num_frames", "5", *extra] + (["--steps_per_phase", *steps] if bounds else [])
+    args = build_parser("t", video=True).parse_args(argv)
+    pipe = tiny.build_pipeline("wan2.2-t2v-a14b")
+    family = get_family(pipe)
+    plan = make_plan(args, family)
+    d = Distiller(args, Accelerator(cpu=True), family, pipe, plan)
+    expert_base, uses = memory.phase_transformers(family, plan.boundaries, plan.num_phases)
+    names = list(family.transformer_names)
+    assert [names[i] for i in expert_base] == d.expert_base
+    assert [{names[i] for i in u} for u in uses] == [d.transformers_used(k) for k in range(plan.num_phases)]
