@@ -7,8 +7,10 @@ into categories:
 
 - `optimizer`: inside `Optimizer.step` (fused AdamW, gradient clipping's norms are `other`);
 - `attention`: scaled-dot-product / flash / cuDNN / efficient attention kernels;
-- `LoRA side paths`: matmuls with a dimension equal to the LoRA rank (`x A^T`, `(x A^T) B^T` and their
-  gradients), from the recorded input shapes;
+- `LoRA side paths`: matmuls whose weight-side operand has a dimension equal to the LoRA rank (`x A^T`,
+  `(x A^T) B^T`, the input gradients through both and `B`'s gradient), from the recorded input shapes; `A`'s
+  gradient (`g^T x`, the rank on the other operand, as in a text-stream matmul over as many tokens as the rank)
+  counts under `base matmuls`;
 - `base matmuls`: the other matmuls (the frozen linears, forward and input gradients);
 - `compiled (fused) kernels`: Triton kernels of the compiled blocks (norms, modulation, RoPE, activations, casts);
 - `copies`, `other`: copies / dtype casts launched eagerly, the rest.
@@ -52,13 +54,19 @@ def categorize(chain: list[str], shapes, rank: int) -> str:
     if any(k in name.lower() for k in _ATTENTION):
         return "attention"
     if name in _MATMUL:
-        dims = [d for shape in shapes or [] if isinstance(shape, list | tuple) for d in shape]
-        return "LoRA side paths" if rank in dims else "base matmuls"
+        return "LoRA side paths" if rank in _weight_shape(name, shapes) else "base matmuls"
     if any(k in name for k in _COMPILED):
         return "compiled (fused) kernels"
     if name in _COPIES:
         return "copies"
     return "other"
+
+
+def _weight_shape(name: str, shapes) -> list:
+    """Shape of a matmul's weight-side operand: `linear(x, W)`, `mm(a, b)`, `addmm(bias, a, b)`, `bmm(a, b)`."""
+    shapes = [s for s in shapes or [] if isinstance(s, list | tuple)]
+    index = 2 if name == "aten::addmm" else 1
+    return list(shapes[index]) if len(shapes) > index else []
 
 
 def busy_time(intervals: list[tuple[float, float]]) -> float:

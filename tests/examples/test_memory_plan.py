@@ -103,3 +103,15 @@ def test_gpu_train_profiles_one_update_of_i2v(tmp_path):
     assert p["categories_ms"]["LoRA side paths"] > 0 and p["recompute_ms"] > 0
     assert sum(p["categories_ms"].values()) <= p["wall_ms"] * 1.01
     assert res["phases"]["0"]["flags_after_plan"] == ["--gradient_checkpointing"]
+
+
+def test_profile_categories_and_busy_time():
+    import gpu_profile as gp
+
+    assert gp.busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    lora = gp.categorize(["aten::mm"], [[4096, 3072], [3072, 64]], 64)
+    text = gp.categorize(["aten::mm"], [[64, 3072], [3072, 3072]], 64)  # 64 text tokens through a base linear
+    bias = gp.categorize(["aten::addmm"], [[3072], [4096, 64], [64, 3072]], 64)
+    assert (lora, text, bias) == ("LoRA side paths", "base matmuls", "LoRA side paths")
+    assert gp.categorize(["aten::mm", "Optimizer.step#AdamW.step"], [], 64) == "optimizer"
+    assert gp.categorize(["aten::_flash_attention_backward"], [], 64) == "attention"
