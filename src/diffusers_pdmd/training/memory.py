@@ -23,6 +23,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,7 +166,7 @@ class MemoryPlan:
         return (
             f"Memory plan (--memory auto): flags added: {added}; final: {' '.join(self.flags.names()) or '(none)'}; "
             f"estimated peak {self.peak_bytes / GIB:.1f} GiB + margin = {self.need_bytes / GIB:.1f} GiB of "
-            f"{self.budget_bytes / GIB:.1f} GiB available; {len(self.tried)} faster flag set(s) did not fit."
+            f"{self.budget_bytes / GIB:.1f} GiB available; {len(self.tried)} flag set(s) ranked before it did not fit."
         )
 
 
@@ -430,7 +431,7 @@ def slowdown(flags: Flags, work: Workload) -> float:
 
 def candidates(given: Flags, work: Workload, mixed_precision: str | None, num_transformers: int) -> list[Flags]:
     """Every flag set that keeps what `given` turns on and adds any of the others, in the order the plan tries
-    them: exact before `--base_fp8`, then faster first, then fewer added flags, then the smaller peak."""
+    them: exact before `--base_fp8`, then faster first ([`slowdown`]), then fewer added flags."""
     free = [n for n in PLAN_FLAGS if not getattr(given, n)]
     out = []
     for k in range(len(free) + 1):
@@ -461,11 +462,13 @@ def choose_flags(
             return MemoryPlan(flags, peak, need, budget_bytes, added, tried)
         tried.append((flags, need))
     least = min(tried, key=lambda fn: fn[1])
+    card = math.ceil(least[1] / GIB)
     listing = "; ".join(f"{' '.join(f.names()) or '(no flag)'}: {n / GIB:.1f} GiB" for f, n in tried)
+    per_phase = "training one phase per run (`--train_phase k`), " if len(work.trained) > 1 else ""
     raise MemoryPlanError(
         f"No flag set fits the {budget_bytes / GIB:.1f} GiB available: the leanest "
-        f"({' '.join(least[0].names()) or 'no flag'}) needs about {least[1] / GIB:.0f} GiB (estimate + margin), so a "
-        f"card with at least {least[1] / GIB:.0f} GiB free. Tried: {listing}. Other ways down: a smaller "
+        f"({' '.join(least[0].names()) or 'no flag'}) needs about {least[1] / GIB:.1f} GiB (estimate + margin), so a "
+        f"card with at least {card} GiB free. Tried: {listing}. Other ways down: {per_phase}a smaller "
         "`--resolution`/`--height`/`--width`/`--num_frames`, a lower `--lora_rank`, `--cache_text_embeddings`, "
         "several GPUs (FSDP2, examples/phased_dmd/README.md); `--memory off` runs the flags as given."
     )
