@@ -299,3 +299,21 @@ def test_phase_transformers_agree_with_the_distiller(bounds):
     names = list(family.transformer_names)
     assert [names[i] for i in expert_base] == d.expert_base
     assert [{names[i] for i in u} for u in uses] == [d.transformers_used(k) for k in range(plan.num_phases)]
+
+
+@pytest.mark.parametrize(
+    "family,size", [("qwen-image", (64, 96, None)), ("wan2.2-t2v-a14b", (32, 48, 9)), ("wan2.2-ti2v-5b", (64, 32, 9))]
+)
+def test_latent_tokens_match_the_latents(family, size):
+    """Tokens per sample equal the transformer's patches of the family's own latent shape."""
+    from diffusers_pdmd import tiny
+
+    components = tiny.build_components(family)
+    fam = get_family(components)
+    shape = fam.latent_shape(components, 1, *size)
+    if size[2] is None:
+        expected = shape[1]  # packed 2x2 patches
+    else:
+        pt, ph, pw = components["transformer"].config.patch_size
+        expected = (shape[2] // pt) * (shape[3] // ph) * (shape[4] // pw)
+    assert memory.latent_tokens(fam, *size) == expected
