@@ -237,7 +237,8 @@ def run_script(args, script, loader, argv, meter: Meter) -> dict:
         return loader(script_args, dtype)
 
     logging.getLogger("diffusers_pdmd.train").addHandler(handler)
-    profiler = gpu_profile.UpdateProfiler(rank=4 if args.tiny else 64) if args.profile else None
+    rank = int(argv[len(argv) - 1 - argv[::-1].index("--lora_rank") + 1]) if "--lora_rank" in argv else 64
+    profiler = gpu_profile.UpdateProfiler(rank) if args.profile else None
     try:
         with profiler.around() if profiler else contextlib.nullcontext():
             script.main(argv, load_pipeline=load)
