@@ -547,13 +547,28 @@ WAN22_VAE = {  # Wan2.2-TI2V-5B: 48 latent channels, 16x spatial, 2x2 pixel patc
     "latents_std": [1.0] * 48,
 }
 # Sizes the training benchmark runs at: (height, width, frames); Qwen-Image frames None.
-TRAIN_SIZES = {"qwen": (1024, 1024, None), "wan-a14b": (480, 832, 81), "wan-ti2v-5b": (704, 1280, 121)}
-TRAIN_SIZES_TINY = {"qwen": (32, 32, None), "wan-a14b": (16, 16, 5), "wan-ti2v-5b": (32, 32, 5)}
-TRAIN_FAMILIES = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-ti2v-5b": "wan2.2-ti2v-5b"}
+TRAIN_SIZES = {
+    "qwen": (1024, 1024, None),
+    "wan-a14b": (480, 832, 81),
+    "wan-i2v-a14b": (480, 832, 81),
+    "wan-ti2v-5b": (704, 1280, 121),
+}
+TRAIN_SIZES_TINY = {
+    "qwen": (32, 32, None),
+    "wan-a14b": (16, 16, 5),
+    "wan-i2v-a14b": (16, 16, 5),
+    "wan-ti2v-5b": (32, 32, 5),
+}
+TRAIN_FAMILIES = {
+    "qwen": "qwen-image",
+    "wan-a14b": "wan2.2-t2v-a14b",
+    "wan-i2v-a14b": "wan2.2-i2v-a14b",
+    "wan-ti2v-5b": "wan2.2-ti2v-5b",
+}
 
 
 def build_train_pipeline(model: str, tiny: bool, in_cpu_memory: bool = False):
-    """A random-weight pipeline of `model` (`qwen`, `wan-a14b`, `wan-ti2v-5b`) in bf16.
+    """A random-weight pipeline of `model` (`qwen`, `wan-a14b`, `wan-i2v-a14b`, `wan-ti2v-5b`) in bf16.
 
     Full size: transformers with the published configs, built on the GPU (random init there takes seconds), VAE
     with the published config, text encoder at full width with 2 layers, the tiny offline tokenizer of
@@ -576,7 +591,7 @@ def build_train_pipeline(model: str, tiny: bool, in_cpu_memory: bool = False):
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**tiny_models.QWEN_IMAGE_SCHEDULER)
     else:
         scheduler = diffusers.UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if model == "wan-ti2v-5b" else 3.0
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0 if model == "wan-a14b" else 5.0
         )
     with build_context():
         if model == "qwen":
@@ -604,16 +619,30 @@ def build_train_pipeline(model: str, tiny: bool, in_cpu_memory: bool = False):
         tok = tiny_models.build_tokenizer(family)
         t5 = dict(UMT5_XXL_ENCODER, num_layers=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         encoder = built(transformers.UMT5EncoderModel(transformers.UMT5Config(**t5)).eval())
-        ti2v = model == "wan-ti2v-5b"
-        config = WAN22_TI2V_5B_TRANSFORMER if ti2v else WAN22_A14B_TRANSFORMER
+        ti2v, i2v = model == "wan-ti2v-5b", model == "wan-i2v-a14b"
+        config = {"wan-ti2v-5b": WAN22_TI2V_5B_TRANSFORMER, "wan-i2v-a14b": WAN22_I2V_A14B_TRANSFORMER}.get(
+            model, WAN22_A14B_TRANSFORMER
+        )
         transformer = built(diffusers.WanTransformer3DModel(**config).eval())
         if ti2v:
             transformer_2, extra = None, {"boundary_ratio": None, "expand_timesteps": True}
             vae = built(diffusers.AutoencoderKLWan(**WAN22_VAE))
         else:
             transformer_2 = built(diffusers.WanTransformer3DModel(**config).eval())
-            extra = {"boundary_ratio": 0.875, "expand_timesteps": False}
+            extra = {"boundary_ratio": 0.9 if i2v else 0.875, "expand_timesteps": False}
             vae = built(diffusers.AutoencoderKLWan())
+        if i2v:  # no image encoder, as the released Wan2.2 I2V-A14B
+            return diffusers.WanImageToVideoPipeline(
+                tokenizer=tok,
+                text_encoder=encoder,
+                vae=vae,
+                scheduler=scheduler,
+                transformer=transformer,
+                transformer_2=transformer_2,
+                image_encoder=None,
+                image_processor=None,
+                **extra,
+            )
         return diffusers.WanPipeline(
             tokenizer=tok,
             text_encoder=encoder,
@@ -684,3 +713,51 @@ def transformer_flops(model, batch: int, tokens: int, text_tokens: int, per_toke
     else:
         attention = layers * 4 * (tokens * tokens + tokens * text_tokens) * inner
     return batch * linear, batch * attention
+
+
+WAN22_I2V_A14B_TRANSFORMER = {**WAN22_A14B_TRANSFORMER, "in_channels": 36}  # latents + 4 mask + image latents
+PIPELINE_LAYOUTS = {  # family: (pipeline class, transformer configs, VAE config, text encoder, index extras)
+    "qwen-image": ("QwenImagePipeline", [QWEN_IMAGE_TRANSFORMER], {}, "qwen", {}),
+    "wan2.2-t2v-a14b": ("WanPipeline", [WAN22_A14B_TRANSFORMER] * 2, {}, "umt5", {"boundary_ratio": 0.875}),
+    "wan2.2-i2v-a14b": (
+        "WanImageToVideoPipeline",
+        [WAN22_I2V_A14B_TRANSFORMER] * 2,
+        {},
+        "umt5",
+        {"boundary_ratio": 0.9},
+    ),
+    "wan2.2-ti2v-5b": ("WanPipeline", [WAN22_TI2V_5B_TRANSFORMER], WAN22_VAE, "umt5", {"expand_timesteps": True}),
+}
+
+
+def write_config_base(family: str, folder) -> pathlib.Path:
+    """A base folder of `family` with the published configs and no weights (`model_index.json` and each component's
+    `config.json`): what `--memory auto` reads before loading. The benchmarks pass it as the script's
+    `--pretrained_model_name_or_path` while their `load_pipeline` hook builds the random-weight pipeline."""
+    import diffusers
+    import transformers
+
+    folder = pathlib.Path(folder)
+    cls_name, transformer_configs, vae_config, encoder, extras = PIPELINE_LAYOUTS[family]
+    qwen = family == "qwen-image"
+    index = {"_class_name": cls_name, "_diffusers_version": diffusers.__version__, **extras}
+    transformer_cls = diffusers.QwenImageTransformer2DModel if qwen else diffusers.WanTransformer3DModel
+    vae_cls = diffusers.AutoencoderKLQwenImage if qwen else diffusers.AutoencoderKLWan
+    with torch.device("meta"):
+        for slot, config in zip(("transformer", "transformer_2"), transformer_configs):
+            transformer_cls(**config).save_config(folder / slot)
+            index[slot] = ["diffusers", transformer_cls.__name__]
+        vae_cls(**vae_config).save_config(folder / "vae")
+    if not qwen and len(transformer_configs) == 1:
+        index["transformer_2"] = [None, None]
+    index["vae"] = ["diffusers", vae_cls.__name__]
+    if encoder == "qwen":
+        text = transformers.Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+        text.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    else:
+        text = transformers.UMT5Config(**UMT5_XXL_ENCODER)
+        text.architectures = ["UMT5EncoderModel"]
+    text.save_pretrained(folder / "text_encoder")
+    index["text_encoder"] = ["transformers", text.architectures[0]]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder

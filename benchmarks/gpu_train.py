@@ -25,17 +25,28 @@ earlier experts from `--output_dir`), so every figure belongs to one phase:
 `--output_dir` keeps the experts-only folder of the run (for `benchmarks/gpu_sampling.py --base DIR --experts DIR`).
 `--fp8_check` also measures one teacher forward with the base stored in fp8 (`--base_fp8`) against bf16.
 
+`--cap_gib C` caps the process's GPU memory at C GiB (`torch.cuda.set_per_process_memory_fraction`): the script's
+default `--memory auto` plans its flags for that budget from the base's config files (the Wan bases go to the script
+as config-only folders, `gpu_common.write_config_base`, while the loader hook builds the weights), and the result
+keeps the plan's line, the flags it left, and a before-load `MemoryPlanError` or an out-of-memory error as a row.
+`--profile` records the second update of each phase with `torch.profiler` (`gpu_profile.py`: where the kernel time
+goes). `--memory_table FILE ...` renders the family x cap table from such results.
+
     python benchmarks/gpu_train.py --model qwen --base_dir /tmp/qwen-base --output_dir /tmp/qwen-experts \\
         --max_train_steps 2 --fake_updates_per_step 5 --out train_qwen.json
     python benchmarks/gpu_train.py --model wan-a14b --output_dir /tmp/wan-experts --max_train_steps 1 \\
         --extra "--base_fp8 --offload_idle_transformers" --fp8_check --out train_wan.json
+    python benchmarks/gpu_train.py --model wan-a14b --output_dir /tmp/w79 --fake_updates_per_step 1 --phases 0 \
+        --cap_gib 79 --out train_wan_cap79_p0.json
     python benchmarks/gpu_train.py --model qwen --tiny   # CPU logic check, under a minute
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import shlex
@@ -49,6 +60,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # GPU machines have no network; nothing here is downloaded
 
 import gpu_common as gc_  # noqa: E402
+import gpu_profile  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -56,9 +68,16 @@ NAME = "gpu_train"
 SCRIPTS = {
     "qwen": "train_phased_dmd_qwen_image",
     "wan-a14b": "train_phased_dmd_wan22",
+    "wan-i2v-a14b": "train_phased_dmd_wan22",
     "wan-ti2v-5b": "train_phased_dmd_wan22",
 }
-DEVICE_NAMES = {"qwen": "Qwen-Image", "wan-a14b": "Wan2.2 T2V-A14B", "wan-ti2v-5b": "Wan2.2 TI2V-5B"}
+DEVICE_NAMES = {
+    "qwen": "Qwen-Image",
+    "wan-a14b": "Wan2.2 T2V-A14B",
+    "wan-i2v-a14b": "Wan2.2 I2V-A14B",
+    "wan-ti2v-5b": "Wan2.2 TI2V-5B",
+}
+PLAN_FLAGS = ("gradient_checkpointing", "offload_idle_transformers", "offload_activations", "base_fp8")
 # Prompts of a realistic length (Qwen-Image: ~40-60 tokens after its template; Wan pads every prompt to 512).
 PROMPTS = [
     "A red fox sitting in a snowy pine forest at dawn, soft golden light through the trees, breath visible in the "
@@ -187,9 +206,53 @@ def script_argv(args, base: str, phase: int, prompts_file: pathlib.Path) -> list
         "1",
     ]
     argv += ["--resolution", str(h)] if f is None else ["--height", str(h), "--width", str(w), "--num_frames", str(f)]
+    if args.model == "wan-i2v-a14b":
+        argv += ["--image", str(prompts_file.parent / f"{prompts_file.stem}-first-frame.png")]
     if args.tiny:
         argv += ["--lora_rank", "4", "--max_sequence_length", "16"]
     return argv + shlex.split(args.extra)
+
+
+class PlanLog(logging.Handler):
+    """Keeps the script's one `Memory plan` log line."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("Memory plan"):
+            self.lines.append(record.getMessage())
+
+
+def run_script(args, script, loader, argv, meter: Meter) -> dict:
+    """Run the script once; `{"error": ...}` (with `before_load`) where it stopped with an error, else `{}`; the
+    memory plan's log line and the flags it left, and the profile of the second update with `--profile`."""
+    from diffusers_pdmd.training.memory import MemoryPlanError
+
+    handler, out, loaded = PlanLog(), {}, {}
+
+    def load(script_args, dtype):
+        loaded["flags"] = [f"--{n}" for n in PLAN_FLAGS if getattr(script_args, n, False)]
+        return loader(script_args, dtype)
+
+    logging.getLogger("diffusers_pdmd.train").addHandler(handler)
+    rank = int(argv[len(argv) - 1 - argv[::-1].index("--lora_rank") + 1]) if "--lora_rank" in argv else 64
+    profiler = gpu_profile.UpdateProfiler(rank) if args.profile else None
+    try:
+        with profiler.around() if profiler else contextlib.nullcontext():
+            script.main(argv, load_pipeline=load)
+    except (MemoryPlanError, torch.OutOfMemoryError) as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+        out["before_load"] = "flags" not in loaded
+        print("error", out["error"], flush=True)
+    finally:
+        logging.getLogger("diffusers_pdmd.train").removeHandler(handler)
+    out["memory_plan"] = handler.lines[-1] if handler.lines else None
+    out["flags_after_plan"] = loaded.get("flags")
+    if profiler is not None and profiler.result is not None:
+        out["profile"] = profiler.result
+    return out
 
 
 def run_phase(args, script, loader, base: str, phase: int, prompts_file, meter: Meter) -> dict:
@@ -201,8 +264,13 @@ def run_phase(args, script, loader, base: str, phase: int, prompts_file, meter: 
     t0 = time.perf_counter()
     with DevicePeak() as dev_peak:
         meter.device_peak = dev_peak
-        script.main(argv, load_pipeline=loader)
+        outcome = run_script(args, script, loader, argv, meter)
     wall = time.perf_counter() - t0
+    if "error" in outcome:
+        outcome.update(argv=argv, run_wall_s=round(wall, 1), peak_allocated_gib=gc_.mem()["peak_gib"])
+        outcome["peak_device_gib"] = gc_.gib(dev_peak.peak)
+        gc_.free()
+        return outcome
     for ckpt in pathlib.Path(args.output_dir).glob("checkpoint-*"):  # ~10 GB each at full size; the experts stay
         shutil.rmtree(ckpt)
     history = json.loads((pathlib.Path(args.output_dir) / "logs" / "history.json").read_text())
@@ -228,6 +296,7 @@ def run_phase(args, script, loader, base: str, phase: int, prompts_file, meter: 
     }
     rate = args.matmul_tflops
     out["mfu"] = flops / per_update / (rate * 1e12) if rate == rate else float("nan")
+    out.update(outcome)
     print(f"phase {phase}", json.dumps({k: v for k, v in out.items() if k != "argv"}), flush=True)
     return out
 
@@ -318,6 +387,12 @@ def run(args) -> dict:
     script = load_script(SCRIPTS[args.model])
     meter = Meter()
     family = gc_.TRAIN_FAMILIES[args.model]
+    if args.model == "wan-i2v-a14b":  # the first frame of every sample (`--image`)
+        from PIL import Image
+
+        h, w, _ = (gc_.TRAIN_SIZES_TINY if args.tiny else gc_.TRAIN_SIZES)[args.model]
+        pixels = torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(prompts_file.parent / f"{prompts_file.stem}-first-frame.png")
 
     if args.model == "qwen":
         base = pathlib.Path(args.base_dir)
@@ -351,8 +426,20 @@ def run(args) -> dict:
             meter.device_peak.peak = 0
             return meter.attach(state["pipe"])
 
-        base_name = f"random-weights/{family}"
+        # the script reads the base's config files before loading (the memory plan): a folder of them, no weights
+        config_base = out.parent / f"{out.name}-config-base"
+        if args.tiny:
+            from diffusers_pdmd import tiny
 
+            tiny.save_pipeline(family, config_base)
+        else:
+            gc_.write_config_base(family, config_base)
+        base_name = str(config_base)
+
+    if args.cap_gib is not None and torch.cuda.is_available():  # a smaller card: cap this process's allocator
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
+    res["cap_gib"] = args.cap_gib
     res["phases"] = {}
     for phase in args.phases:
         res["phases"][str(phase)] = run_phase(args, script, loader, base_name, phase, prompts_file, meter)
@@ -362,32 +449,59 @@ def run(args) -> dict:
     gc_.free()
     if args.fp8_check:
         res["fp8_check"] = fp8_check(args)
-    config = json.loads((out / "phased_dmd_config.json").read_text())
-    res["experts"] = {"output_dir": str(out.resolve()), "phases": [e["phase"] for e in config["experts"]]}
+    if (out / "phased_dmd_config.json").is_file():
+        config = json.loads((out / "phased_dmd_config.json").read_text())
+        res["experts"] = {"output_dir": str(out.resolve()), "phases": [e["phase"] for e in config["experts"]]}
     return res
+
+
+def _phase_row(phase: str, r: dict) -> list:
+    if "error" in r:
+        where = "before loading" if r.get("before_load") else f"after {r['run_wall_s']:.0f} s"
+        return [phase, 0, f"stopped {where}", "-", "-", "-", f"{r['peak_allocated_gib']}", f"{r['peak_device_gib']}"]
+    fw = r["forwards_per_update"]
+    return [
+        phase,
+        r["updates"],
+        f"{r['seconds_per_update']:.2f}",
+        f"{fw['forward_no_grad']:.0f} + {fw['forward_grad']:.0f} / {fw['backward']:.0f}",
+        f"{r['model_tflop_per_update']:.0f}",
+        f"{100 * r['mfu']:.1f}%",
+        f"{r['peak_allocated_gib']}",
+        f"{r['peak_device_gib']}",
+    ]
+
+
+def _plan_lines(res: dict) -> list[str]:
+    """The memory plan of each phase (flags it left on, its log line) and the errors, as the script printed them."""
+    lines = []
+    for phase, r in res["phases"].items():
+        if r.get("memory_plan"):
+            lines.append(f"- phase {phase}: {r['memory_plan']}")
+        if r.get("flags_after_plan") is not None:
+            lines.append(f"  flags when the base loaded: `{' '.join(r['flags_after_plan']) or '(none)'}`")
+        if "error" in r:
+            lines.append(f"- phase {phase} stopped: `{r['error'][:600]}`")
+    return ["", "Memory plan (`--memory auto`) and errors:", "", *lines] if lines else []
+
+
+def _profile_lines(res: dict) -> list[str]:
+    out = []
+    for phase, r in res["phases"].items():
+        if "profile" in r:
+            out += ["", f"Profile of one update (the second) of phase {phase}, `torch.profiler`, kernel time:", ""]
+            out.append(gpu_profile.render(r["profile"]))
+    return out
 
 
 def render(res: dict) -> str:
     env, model = res["env"], res["model"]
-    rows = []
-    for phase, r in res["phases"].items():
-        fw = r["forwards_per_update"]
-        rows.append(
-            [
-                phase,
-                r["updates"],
-                f"{r['seconds_per_update']:.2f}",
-                f"{fw['forward_no_grad']:.0f} + {fw['forward_grad']:.0f} / {fw['backward']:.0f}",
-                f"{r['model_tflop_per_update']:.0f}",
-                f"{100 * r['mfu']:.1f}%",
-                f"{r['peak_allocated_gib']}",
-                f"{r['peak_device_gib']}",
-            ]
-        )
+    rows = [_phase_row(phase, r) for phase, r in res["phases"].items()]
     size = "x".join(str(v) for v in gc_.TRAIN_SIZES[model] if v)
     first = next(iter(res["phases"].values()))
+    cap = f", capped at {res['cap_gib']:g} GiB" if res.get("cap_gib") is not None else ""
     lines = [
-        f"## Training: {DEVICE_NAMES[model]} {size}, the example script, one GPU"
+        f"## Training: {DEVICE_NAMES[model]} {size}, the example script, one GPU{cap}"
         + (f", `{res['extra']}`" if res.get("extra") else ""),
         "",
         f"Device: **{env['device']}** ({gc_.env_line(env)}). Command: `{env['command']}`.",
@@ -413,8 +527,14 @@ def render(res: dict) -> str:
         f"Seconds per update: median of the script's `step_seconds` after the first update (warm-up). MFU: model "
         f"FLOPs (analytic, forward + backward through the frozen base, checkpoint recompute not counted) against "
         f"the bf16 matmul rate measured in the same run ({res['ceilings']['matmul_tflops']:.0f} TFLOP/s). Peak "
-        "device: `total - free` of `torch.cuda.mem_get_info`, polled (what nvidia-smi shows).",
+        "device: `total - free` of `torch.cuda.mem_get_info`, polled (what nvidia-smi shows)"
+        + (
+            "; under the cap (`torch.cuda.set_per_process_memory_fraction`) the allocator may hold at most the cap."
+            if cap
+            else "."
+        ),
     ]
+    lines += _plan_lines(res) + _profile_lines(res)
     if res.get("note"):
         lines += ["", res["note"]]
     if "fp8_check" in res:
@@ -427,6 +547,54 @@ def render(res: dict) -> str:
             f"{c['allocated_gib_fp8']} GiB vs {c['allocated_gib_bf16']} GiB (random weights).",
         ]
     return "\n".join(lines)
+
+
+def render_memory_table(results: list[dict]) -> str:
+    """One row per family x cap x phase from `--cap_gib` runs (and uncapped ones): the flags the plan chose, time
+    per update and peak memory, or where it stopped."""
+    rows = []
+    for res in results:
+        cap = f"{res['cap_gib']:g} GiB" if res.get("cap_gib") is not None else "none"
+        for phase, r in res["phases"].items():
+            flags = " ".join(r.get("flags_after_plan") or []) or "-"
+            if "error" in r:
+                what = "stops before loading" if r.get("before_load") else "out of memory while training"
+                rows.append([DEVICE_NAMES[res["model"]], cap, phase, flags, what, "-", "-", "-"])
+                continue
+            rows.append(
+                [
+                    DEVICE_NAMES[res["model"]],
+                    cap,
+                    phase,
+                    flags,
+                    "trains",
+                    f"{r['seconds_per_update']:.1f}",
+                    f"{r['peak_allocated_gib']}",
+                    f"{r['peak_device_gib']}",
+                ]
+            )
+    devices = sorted({res["env"]["device"] for res in results})
+    header = [
+        "family",
+        "cap",
+        "phase",
+        "flags after `--memory auto`",
+        "result",
+        "s / update",
+        "alloc GiB",
+        "device GiB",
+    ]
+    return "\n".join(
+        [
+            "## Training with default flags under a memory cap (`--memory auto`)",
+            "",
+            f"Device(s): {', '.join(devices)}. Each row: `benchmarks/gpu_train.py --model M --cap_gib C` (the sections"
+            " `gpu_train_<model>_cap<C>` below hold each command); the cap is `torch.cuda.set_per_process_memory_"
+            "fraction`, standing in for an 80 GB (79 GiB) and a 48 GB (44 GiB) card.",
+            "",
+            gc_.md_table(header, rows),
+        ]
+    )
 
 
 def main(argv=None):
@@ -446,6 +614,22 @@ def main(argv=None):
     )
     parser.add_argument("--keep_output", dest="fresh_output", action="store_false", help="keep --output_dir")
     parser.add_argument("--section", default=None, help="doc section name (default gpu_train_<model>)")
+    parser.add_argument(
+        "--cap_gib",
+        type=float,
+        default=None,
+        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction) to stand in for a smaller "
+        "card; the Wan base is then handed over in CPU memory",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="torch.profiler on the second update of each phase: where the time goes"
+    )
+    parser.add_argument(
+        "--memory_table",
+        nargs="+",
+        default=None,
+        help="only render the family x cap table (section gpu_train_memory) from these result JSON files",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, a in enumerate(argv[:-1]):  # `--extra "--compile"`: the value starts with dashes, argparse needs `=`
         if a == "--extra":
@@ -457,10 +641,20 @@ def main(argv=None):
         gc_.write_section(args.doc, res.get("section", f"{NAME}_{res['model']}"), render(res))
         print(render(res))
         return res
+    if args.memory_table:
+        markdown = render_memory_table([gc_.load_json(f) for f in args.memory_table])
+        gc_.write_section(args.doc, f"{NAME}_memory", markdown)
+        print(markdown)
+        return markdown
+    if args.profile and args.max_train_steps < 2:
+        raise ValueError("`--profile` records the second update of a phase: pass `--max_train_steps 2` or more.")
+    if args.cap_gib is not None:
+        args.base_in_cpu_memory = True  # a user's from_pretrained leaves the base in CPU memory
     if args.tiny:
         args.base_dir = str(pathlib.Path(args.output_dir).parent / (pathlib.Path(args.output_dir).name + "-base"))
     res = run(args)
-    res["section"] = args.section or f"{NAME}_{args.model}"
+    cap = f"_cap{args.cap_gib:g}" if args.cap_gib is not None else ""
+    res["section"] = args.section or f"{NAME}_{args.model}{cap}"
     gc_.finish(args, res["section"], res, render)
     return res
 

@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+from .memory import add_memory_args
 from .options import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, METHODS, T_SAMPLINGS
 
 
@@ -74,7 +75,7 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     add_speed_args(p)
     add_output_args(p)
     # add_recipe_args(p)  -- issue 21: --recipe and its parts (diversity loss, IDA, ...)
-    # add_memory_args(p)  -- issue 22: the memory planner
+    add_memory_args(p)  # issue 22: --memory auto|off, --memory_budget_gib
     return p
 
 

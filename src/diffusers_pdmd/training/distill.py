@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import parallel, runs
+from . import memory, parallel, runs
 from .cli import PAPER_DEFAULTS, build_parser, check_args, check_sizes, check_speed_args, is_main_process, sizes
 from .data import Batch, Batches, TextConditions, cat_cond, load_prompts, select_cond, trim_padding
 from .outputs import save_experts, summary, validate, write_outputs
@@ -107,7 +107,10 @@ def _train(args, expected_families: tuple[str, ...], state: TrainState, load_pip
             return state.output_dir
     to_delete = runs.check_output_dir(settings, state.output_dir)
 
-    accelerator = _accelerator(settings, to_delete)
+    accelerator = _accelerator(settings)
+    if memory.apply_memory_plan(args, family, plan, settings.sizes, len(prompts), accelerator) is not None:
+        settings = resolve(args)  # the plan turned on speed and memory flags (before loading, before deleting)
+    _clear_output_dir(accelerator, to_delete)
     d, run = _load(settings, accelerator, load_pipeline, expected_families, (plan, run), (resume, resume_state))
     text = TextConditions(d, prompts, settings)
     batches = Batches(d, text, settings, torch.Generator().manual_seed(settings.seed))
@@ -149,8 +152,8 @@ def _checks_needing_the_family(settings: Settings, family, expected_families) ->
     return plan, runs.run_config(settings, plan, family.name)
 
 
-def _accelerator(settings: Settings, to_delete: list[Path]):
-    """The run's `Accelerator`, once the folder is cleared for `--overwrite_output_dir`; seeds every RNG."""
+def _accelerator(settings: Settings):
+    """The run's `Accelerator`; seeds every RNG."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
@@ -164,13 +167,17 @@ def _accelerator(settings: Settings, to_delete: list[Path]):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     parallel.check_degree(settings.context_parallel_degree, accelerator.num_processes)  # before the weights load
+    set_seed(settings.seed)
+    return accelerator
+
+
+def _clear_output_dir(accelerator, to_delete: list[Path]) -> None:
+    """Delete what `--overwrite_output_dir` replaces, once every check before loading has passed."""
     if accelerator.is_main_process and to_delete:
         logger.info("--overwrite_output_dir: deleting %s", ", ".join(p.name for p in to_delete))
         for p in to_delete:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     accelerator.wait_for_everyone()
-    set_seed(settings.seed)
-    return accelerator
 
 
 def _load(settings: Settings, accelerator, load_pipeline, expected_families, checked, resume):

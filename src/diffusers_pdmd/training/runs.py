@@ -49,10 +49,10 @@ def probe_family(args):
             name = "qwen-image"
         elif cls.startswith("Wan") and index.get("expand_timesteps"):
             name = "wan2.2-ti2v-5b"
-        elif cls == "WanPipeline" and (
+        elif cls in ("WanPipeline", "WanImageToVideoPipeline") and (
             index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0]
         ):
-            name = "wan2.2-t2v-a14b"
+            name = "wan2.2-i2v-a14b" if cls == "WanImageToVideoPipeline" else "wan2.2-t2v-a14b"
         else:
             return None
         vae = {"scale_factor_spatial": 8, "scale_factor_temporal": 4, **(read("vae/config.json") or {})}
