@@ -311,6 +311,9 @@ def load_lora_expert(
         raise ValueError(f"No LoRA weights at {folder / weight_name}.")
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already an adapter of the transformer.")
+    from .released import check_readable
+
+    check_readable(folder / weight_name)
     with multiple_adapters():
         transformer.load_lora_adapter(
             str(folder), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name, use_safetensors=True
