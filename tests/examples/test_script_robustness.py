@@ -152,6 +152,45 @@ def test_bad_video_sizes_fail_before_any_model_loads(bases, tmp_path, no_model_l
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "family, extra, match",
+    [
+        ("wan2.2-i2v-a14b", [], "`--image`.*required"),
+        ("wan2.2-i2v-a14b", ["--image", "missing.png"], "`--image` 'missing.png' is not a file"),
+        ("wan2.2-ti2v-5b", ["--image", "missing.png"], "`--image` 'missing.png' is not a file"),
+        ("wan2.2-i2v-a14b", ["--image", "IMAGE", "--height", "20"], "--height"),
+        ("wan2.2-i2v-a14b", ["--image", "NOT_AN_IMAGE"], "`--image` .* is not an image"),
+    ],
+)
+def test_image_to_video_inputs_fail_before_any_model_loads(
+    bases,  # noqa: F811
+    tmp_path,
+    no_model_load,
+    family,
+    extra,
+    match,
+):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "frame.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    paths = {"IMAGE": str(tmp_path / "frame.png"), "NOT_AN_IMAGE": str(tmp_path / "notes.png")}
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=match):
+        _main(bases, out, *[paths.get(a, a) for a in extra], family=family)
+    assert not out.exists()
+
+
+def test_i2v_a14b_family_is_read_from_the_config_files(bases):  # noqa: F811
+    from types import SimpleNamespace
+
+    from diffusers_pdmd.training import runs
+
+    args = SimpleNamespace(pretrained_model_name_or_path=str(bases["wan2.2-i2v-a14b"]), revision=None)
+    family = runs.probe_family(args)
+    assert family.name == "wan2.2-i2v-a14b" and family.image_concat and family.boundary_ratio == 0.9
+
+
 def test_failed_run_leaves_no_empty_output_dir(bases, tmp_path, monkeypatch):  # noqa: F811
     def boom(*a, **k):
         raise RuntimeError("out of memory")

@@ -944,6 +944,7 @@ def _train(args, expected_families: tuple[str, ...], progress_info: _Progress, l
     # -- every flag check before any model loads -----------------------------------------------------------------
     check_args(args)
     check_speed_args(args)
+    runs.check_image(args)
     output_dir = Path(args.output_dir)
     prompts = load_prompts(args.prompts, args.prompt_column)
     family = runs.probe_family(args)

@@ -49,11 +49,11 @@ def probe_family(args):
             name = "qwen-image"
         elif cls.startswith("Wan") and index.get("expand_timesteps"):
             name = "wan2.2-ti2v-5b"
-        elif cls == "WanPipeline" and (
+        elif cls in ("WanPipeline", "WanImageToVideoPipeline") and (
             index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0]
         ):
-            name = "wan2.2-t2v-a14b"
-        else:
+            name = "wan2.2-t2v-a14b" if cls == "WanPipeline" else "wan2.2-i2v-a14b"
+        else:  # Wan2.1 I2V (one transformer and a CLIP image encoder) and other pipelines this code does not train
             return None
         vae = {"scale_factor_spatial": 8, "scale_factor_temporal": 4, **(read("vae/config.json") or {})}
         transformer = {"patch_size": (1, 2, 2), **(read("transformer/config.json") or {})}
@@ -66,6 +66,26 @@ def probe_family(args):
         return get_family(components)
     except Exception:
         return None
+
+
+def check_image(args) -> None:
+    """`--image` (the first frame of image-to-video runs) names a readable image file or an http(s) URL.
+
+    Checked before any model loads: diffusers' `load_image` would fail only after it, with "Incorrect path or URL"
+    and no word of the flag.
+    """
+    image = getattr(args, "image", None)
+    if image is None or str(image).startswith(("http://", "https://")):
+        return
+    if not os.path.isfile(image):
+        raise ValueError(f"`--image` {image!r} is not a file (the first frame of every sample: a PNG, JPEG, ...).")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"`--image` {image!r} is not an image PIL can read ({err}).") from err
 
 
 # Flags that define a run: a checkpoint resumes only under the same values. Others (learning rates and the like) may
