@@ -164,3 +164,34 @@ def test_export_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path):
     assert export_main([str(experts_dir), str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["phase_0.safetensors", "phase_1.safetensors", "scheduler"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "experts", "out"]
+
+
+@pytest.mark.parametrize("family", ["wan2.2-t2v-a14b", "qwen-image"])
+def test_save_pretrained_writes_the_comfyui_export_beside_the_experts(family, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffusers_pdmd import hub
+
+    _, experts_dir, _ = _experts(family, tmp_path)
+    assert export_main([str(experts_dir), str(tmp_path / "export")]) == 0
+    written = sorted(p.name for p in (experts_dir / "comfyui").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "export").iterdir())
+    for name in written:
+        if name.endswith(".safetensors"):
+            a, b = load_file(str(experts_dir / "comfyui" / name)), load_file(str(tmp_path / "export" / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The folder still loads as the experts it is (comfyui/ is beside phase_k/, not instead of it).
+    assert PhasedMoEPipeline.from_pretrained(experts_dir).config.experts[1]["adapter_name"] == "phase_1"
+    # The model card gives the ComfyUI settings: one LoRA and one sampler per phase, the switch step, CFG 1.
+    text = str(hub.write_model_card(experts_dir, hub.ExpertsConfig.load(experts_dir)))
+    steps = EXPERTS[family][1]
+    rows = (
+        [
+            "| 0 | `comfyui/high_noise_model.safetensors` on the high-noise model | 0 | 1 |",
+            "| 1 | `comfyui/low_noise_model.safetensors` on the low-noise model | 1 | 3 |",
+        ]
+        if family.endswith("a14b")
+        else [f"| {k} | `comfyui/phase_{k}.safetensors` on the model | {k} | {k + 1} |" for k in range(2)]
+    )
+    assert "## ComfyUI" in text and f"`steps` {sum(steps)}, `cfg` 1.0" in text
+    assert all(row in text for row in rows), text

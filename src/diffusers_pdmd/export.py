@@ -43,6 +43,7 @@ from .released import WAN_MOE_FILES, _pipeline_class, check_readable
 
 
 FORMATS = ("diffusers", "comfyui")
+COMFYUI_DIR = "comfyui"  # the folder beside `phase_k/` that `write_comfyui` fills
 # diffusers' WanTransformer3DModel module name (inside `blocks.N.`) -> the original Wan2.2 name, the inverse of
 # diffusers' `_convert_non_diffusers_wan_lora_to_diffusers` for the layers a LoRA expert trains.
 WAN_NATIVE_NAMES = {
@@ -201,6 +202,26 @@ def export(experts_dir, out_dir, format: str = "comfyui", overwrite: bool = Fals
         if staging.exists():
             shutil.rmtree(staging)
     return [out_dir / name for name in files]
+
+
+def write_comfyui(experts_dir) -> list[pathlib.Path]:
+    """Write `experts_dir/comfyui/`, the `comfyui` export of the folder's experts, beside its `phase_k/` folders.
+
+    The training scripts and `PhasedMoEPipeline.save_pretrained` call this, so that the files a ComfyUI user takes
+    load at the trained strength: `phase_k/pytorch_lora_weights.safetensors` is diffusers' layout, whose scale
+    alpha / rank only the metadata holds (ComfyUI reads no metadata) and whose Wan keys ComfyUI does not map.
+    Folders with full or base experts, which the export does not write, get no `comfyui/` (returns `[]`).
+    """
+    experts_dir = pathlib.Path(experts_dir)
+    config = ExpertsConfig.load(experts_dir)
+    target = experts_dir / COMFYUI_DIR
+    try:
+        _files(experts_dir, config)
+    except ValueError:
+        if target.is_dir():  # a stale export of other experts must not stay beside these
+            shutil.rmtree(target)
+        return []
+    return export(experts_dir, target, "comfyui", overwrite=True)
 
 
 def main(argv=None) -> int:

@@ -730,7 +730,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
         Args:
             save_directory (`str` or `os.PathLike`): Destination folder.
             experts_only (`bool`, defaults to `False`): Write only `phased_dmd_config.json`, `scheduler/` and the
-                experts (`phase_k/`); loading resolves the base from `base_model`. Otherwise also write
+                experts (`phase_k/`, and LoRA experts also as ComfyUI files in `comfyui/`); loading resolves the base
+                from `base_model`. Otherwise also write
                 `model_index.json` and every component (transformers without their LoRA layers).
             base_model (`str`, *optional*), base_revision (`str`, *optional*), method (`str`, *optional*): Override
                 the provenance kept in the config; an experts-only folder needs a `base_model`.
@@ -786,6 +787,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
             )
             (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         config.save(out)
+        if variant is None:  # LoRA experts also in ComfyUI's layout, `comfyui/` (see `export.write_comfyui`)
+            from ..export import write_comfyui
+
+            write_comfyui(out)
 
     # ------------------------------------------------------------------ sampling
 

@@ -182,7 +182,7 @@ def check_resume(path: Path, state: dict, run: dict, recipe: dict) -> None:
 
 # What a run writes into --output_dir (the rest of a folder is left alone).
 _RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", "training_summary.json", "validation", "validation_grid.png")
-_EXPERT_OUTPUTS = ("phase_*", "phased_dmd_config.json", "scheduler", "README.md")
+_EXPERT_OUTPUTS = ("phase_*", "comfyui", "phased_dmd_config.json", "scheduler", "README.md")
 
 
 def check_output_dir(args, output_dir: Path) -> list[Path]:
