@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import re
@@ -210,18 +211,22 @@ def write_comfyui(experts_dir) -> list[pathlib.Path]:
     The training scripts and `PhasedMoEPipeline.save_pretrained` call this, so that the files a ComfyUI user takes
     load at the trained strength: `phase_k/pytorch_lora_weights.safetensors` is diffusers' layout, whose scale
     alpha / rank only the metadata holds (ComfyUI reads no metadata) and whose Wan keys ComfyUI does not map.
-    Folders with full or base experts, which the export does not write, get no `comfyui/` (returns `[]`).
+    Experts the export cannot write (full or base experts, LoRA biases, modules without a ComfyUI name) get no
+    `comfyui/`, with a warning (returns `[]`).
     """
     experts_dir = pathlib.Path(experts_dir)
     config = ExpertsConfig.load(experts_dir)
     target = experts_dir / COMFYUI_DIR
     try:
         _files(experts_dir, config)
-    except ValueError:
+        return export(experts_dir, target, "comfyui", overwrite=True)
+    except ValueError as err:  # full experts, LoRA biases (released extracted LoRAs), modules ComfyUI cannot name
+        logging.getLogger(__name__).warning(
+            "No %s/ written beside the experts in %s: %s", COMFYUI_DIR, experts_dir, err
+        )
         if target.is_dir():  # a stale export of other experts must not stay beside these
             shutil.rmtree(target)
         return []
-    return export(experts_dir, target, "comfyui", overwrite=True)
 
 
 def main(argv=None) -> int:
