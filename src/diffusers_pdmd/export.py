@@ -211,22 +211,20 @@ def write_comfyui(experts_dir) -> list[pathlib.Path]:
     The training scripts and `PhasedMoEPipeline.save_pretrained` call this, so that the files a ComfyUI user takes
     load at the trained strength: `phase_k/pytorch_lora_weights.safetensors` is diffusers' layout, whose scale
     alpha / rank only the metadata holds (ComfyUI reads no metadata) and whose Wan keys ComfyUI does not map.
-    Experts the export cannot write (full or base experts, LoRA biases, modules without a ComfyUI name) get no
-    `comfyui/`, with a warning (returns `[]`).
+    Folders with full or base experts get no `comfyui/`; LoRA experts the export cannot write (LoRA biases, modules
+    without a ComfyUI name) get none either, with a warning. Returns the written files (`[]` for none).
     """
     experts_dir = pathlib.Path(experts_dir)
     config = ExpertsConfig.load(experts_dir)
     target = experts_dir / COMFYUI_DIR
-    try:
-        _files(experts_dir, config)
-        return export(experts_dir, target, "comfyui", overwrite=True)
-    except ValueError as err:  # full experts, LoRA biases (released extracted LoRAs), modules ComfyUI cannot name
-        logging.getLogger(__name__).warning(
-            "No %s/ written beside the experts in %s: %s", COMFYUI_DIR, experts_dir, err
-        )
-        if target.is_dir():  # a stale export of other experts must not stay beside these
-            shutil.rmtree(target)
-        return []
+    if {e["type"] for e in config.experts} == {"lora"}:
+        try:
+            return export(experts_dir, target, "comfyui", overwrite=True)
+        except ValueError as err:  # LoRA biases (released extracted LoRAs), modules ComfyUI cannot name, ...
+            logging.getLogger(__name__).warning("No %s/ beside the experts in %s: %s", COMFYUI_DIR, experts_dir, err)
+    if target.is_dir():  # a stale export of other experts must not stay beside these
+        shutil.rmtree(target)
+    return []
 
 
 def main(argv=None) -> int:
