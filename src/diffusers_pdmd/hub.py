@@ -538,6 +538,23 @@ def comfyui_section(config: ExpertsConfig, scheduler, files: list[str]) -> str:
     )
 
 
+def _comfyui_card_section(out_dir: pathlib.Path, config: ExpertsConfig) -> str | None:
+    """The card's ComfyUI section, for a folder with `comfyui/` and a scheduler."""
+    comfyui = out_dir / "comfyui"
+    if not comfyui.is_dir() or not (out_dir / "scheduler" / "scheduler_config.json").is_file():
+        return None
+    from .schedulers import PhasedDMDScheduler
+
+    if (comfyui / "phase_0.safetensors").is_file():
+        files = [f"phase_{k}.safetensors" for k in range(config.num_phases)]
+    else:  # Wan2.2 A14B's pair
+        files = [
+            f"{'high' if e['base_transformer'] == 'transformer' else 'low'}_noise_model.safetensors"
+            for e in config.experts
+        ]
+    return comfyui_section(config, PhasedDMDScheduler.from_pretrained(out_dir / "scheduler"), files)
+
+
 def _is_hub_id(value: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -548,6 +565,16 @@ def _is_hub_id(value: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def _where_the_base_is(config: ExpertsConfig) -> str:
+    if config.base_model is None or _is_hub_id(config.base_model):
+        return "The base model is downloaded from its own repository; this one holds only the experts."
+    return (
+        f"The base model is the local folder `{config.base_model}` named in `phased_dmd_config.json` (read from disk, "
+        "not from the Hub); where that folder does not exist, pass the base as the first argument and these experts "
+        "as `experts=`."
+    )
 
 
 def write_model_card(
@@ -605,14 +632,6 @@ def write_model_card(
     )
     revision = f" (revision `{config.base_revision}`)" if config.base_revision else ""
     usage = _usage(family, json.dumps(repo_id or str(out_dir.resolve())), prompt or "a red fox in snow", sample_size)
-    if config.base_model is None or _is_hub_id(config.base_model):
-        where = "The base model is downloaded from its own repository; this one holds only the experts."
-    else:
-        where = (
-            f"The base model is the local folder `{config.base_model}` named in `phased_dmd_config.json` (read from disk, "
-            "not from the Hub); where that folder does not exist, pass the base as the first argument and these experts "
-            "as `experts=`."
-        )
     sections = [
         f"# {(repo_id or out_dir.resolve().name).split('/')[-1]}",
         f"{config.num_phases} few-step experts for `{config.base_model}`{revision}, distilled with "
@@ -620,20 +639,11 @@ def write_model_card(
         "(SNR subintervals) and trains one expert per phase; at sampling time the expert of the phase the "
         "current noise level lies in makes the step.",
         "| phase | sigma interval | steps | expert | on |\n|---|---|---|---|---|\n" + rows,
-        f"## Usage\n\n{where}\n\n" + usage,
+        f"## Usage\n\n{_where_the_base_is(config)}\n\n" + usage,
     ]
-    comfyui = out_dir / "comfyui"
-    if comfyui.is_dir() and (out_dir / "scheduler" / "scheduler_config.json").is_file():
-        from .schedulers import PhasedDMDScheduler
-
-        if (comfyui / "phase_0.safetensors").is_file():
-            files = [f"phase_{k}.safetensors" for k in range(config.num_phases)]
-        else:  # Wan2.2 A14B's pair
-            files = [
-                f"{'high' if e['base_transformer'] == 'transformer' else 'low'}_noise_model.safetensors"
-                for e in config.experts
-            ]
-        sections.append(comfyui_section(config, PhasedDMDScheduler.from_pretrained(out_dir / "scheduler"), files))
+    comfyui = _comfyui_card_section(out_dir, config)
+    if comfyui:
+        sections.append(comfyui)
     if training_figures:
         table = "\n".join(f"| {k} | {v} |" for k, v in training_figures.items())
         sections.append("## Training\n\n| | |\n|---|---|\n" + table)
