@@ -148,14 +148,13 @@ def _released_scheduler(family: str, base_config, folder, layout, files, schedul
         scheduler = PhasedDMDScheduler.from_pretrained(own.parent)
         if layout == "lora" and scheduler.num_phases > 1:
             hint = (
-                f"pass the folder {folder} as `experts=` to load every phase's file"
+                f"it is one phase's file of an export: pass the folder {folder} as `experts=` to load every phase's"
                 if phase_file_sibling(files[0])
-                else "pass the experts of every phase"
+                else "pass a folder with one LoRA file per phase (phase_0.safetensors, phase_1.safetensors, ...)"
             )
             raise ValueError(
                 f"{files[0]} is one LoRA file, but {own} samples {scheduler.num_phases} phases: the file would make "
-                f"every phase's steps. It is one phase's expert of an export; {hint} (or `scheduler=` to use this "
-                "one file for every step on purpose)."
+                f"every phase's steps; {hint} (or `scheduler=` to use this one file for every step on purpose)."
             )
         return scheduler, None
     preset = find_preset(family, layout, files)
@@ -730,9 +729,9 @@ class PhasedMoEPipeline(DiffusionPipeline):
         Args:
             save_directory (`str` or `os.PathLike`): Destination folder.
             experts_only (`bool`, defaults to `False`): Write only `phased_dmd_config.json`, `scheduler/` and the
-                experts (`phase_k/`, and LoRA experts also as ComfyUI files in `comfyui/`); loading resolves the base
-                from `base_model`. Otherwise also write
-                `model_index.json` and every component (transformers without their LoRA layers).
+                experts (`phase_k/`); loading resolves the base from `base_model`. Otherwise also write
+                `model_index.json` and every component (transformers without their LoRA layers). Either form gets
+                `comfyui/`, the LoRA experts in ComfyUI's layout (not with a `variant`).
             base_model (`str`, *optional*), base_revision (`str`, *optional*), method (`str`, *optional*): Override
                 the provenance kept in the config; an experts-only folder needs a `base_model`.
             safe_serialization (`bool`): Must be True (safetensors only).
