@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from safetensors import safe_open
 
-from diffusers_pdmd import PhasedDMDScheduler, PhasedMoEPipeline, tiny
+from diffusers_pdmd import PhasedDMDScheduler, PhasedMoEPipeline, hub, tiny
 from diffusers_pdmd.export import main as export_main
 from diffusers_pdmd.hub import multiple_adapters
 
@@ -145,6 +145,8 @@ def test_damaged_expert_file_is_named_and_the_export_writes_nothing(damage, tmp_
     file.write_bytes(data[: len(data) - 100] if damage == "truncated" else b"\x00" * 8 + data[8:])
     with pytest.raises(ValueError, match=f"{file}.*truncated or corrupt"):
         PhasedMoEPipeline.from_pretrained(base_dir, experts=experts_dir)
+    with pytest.raises(ValueError, match=f"{file}.*truncated or corrupt"):
+        hub.load_lora_expert(tiny.build_components("qwen-image")["transformer"], file, "x")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=f"{file}.*truncated or corrupt"):
         export_main([str(experts_dir), str(out)])
@@ -169,8 +171,6 @@ def test_export_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path):
 @pytest.mark.parametrize("family", ["wan2.2-t2v-a14b", "qwen-image"])
 def test_save_pretrained_writes_the_comfyui_export_beside_the_experts(family, tmp_path):
     from safetensors.torch import load_file
-
-    from diffusers_pdmd import hub
 
     _, experts_dir, _ = _experts(family, tmp_path)
     assert export_main([str(experts_dir), str(tmp_path / "export")]) == 0
