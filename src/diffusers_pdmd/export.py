@@ -39,8 +39,8 @@ import tempfile
 import torch
 
 from .families import get_family
-from .hub import LORA_PREFIX, LORA_WEIGHT_NAME, ExpertsConfig
-from .released import WAN_MOE_FILES, _pipeline_class, check_readable
+from .hub import LORA_PREFIX, LORA_WEIGHT_NAME, ExpertsConfig, check_readable
+from .released import WAN_MOE_FILES, _pipeline_class
 
 
 FORMATS = ("diffusers", "comfyui")

@@ -240,6 +240,20 @@ def base_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def check_readable(file: pathlib.Path) -> list[str]:
+    """The tensor names of safetensors `file`; `ValueError` naming the file if it is truncated or corrupt."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as err:  # safetensors' SafetensorError for a bad header or a truncated file
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); it may be truncated or "
+            "corrupt (an interrupted download or copy): fetch or write it again."
+        ) from err
+
+
 def lora_weight_name(variant: str | None = None) -> str:
     """File name of a LoRA expert: `pytorch_lora_weights.safetensors`, or with a variant inserted before the
     extension as diffusers names variants (`"fp16"` -> `pytorch_lora_weights.fp16.safetensors`)."""
@@ -311,8 +325,6 @@ def load_lora_expert(
         raise ValueError(f"No LoRA weights at {folder / weight_name}.")
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already an adapter of the transformer.")
-    from .released import check_readable
-
     check_readable(folder / weight_name)
     with multiple_adapters():
         transformer.load_lora_adapter(

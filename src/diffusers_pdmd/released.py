@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hub import CONFIG_NAME, multiple_adapters
+from .hub import CONFIG_NAME, check_readable, multiple_adapters
 
 
 LAYOUTS = ("phased_dmd", "wan_moe_lora", "phase_loras", "lora", "full")
@@ -159,20 +159,6 @@ def phase_file_sibling(file: pathlib.Path) -> bool:
     """`file` is one `phase_k.safetensors` of a folder holding one such file per phase (an export)."""
     files = phase_files(file.parent) if _PHASE_FILE.match(file.name) else None
     return files is not None and len(files) > 1
-
-
-def check_readable(file: pathlib.Path) -> list[str]:
-    """The tensor names of safetensors `file`; `ValueError` naming the file if it is truncated or corrupt."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return list(handle.keys())
-    except Exception as err:  # safetensors' SafetensorError for a bad header or a truncated file
-        raise ValueError(
-            f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); it may be truncated or "
-            "corrupt (an interrupted download or copy): fetch or write it again."
-        ) from err
 
 
 def detect_layout(path: str | pathlib.Path, layout: str | None = None) -> tuple[str, pathlib.Path, list[pathlib.Path]]:
@@ -362,7 +348,6 @@ __all__ = [
     "PRESETS",
     "Preset",
     "WAN_MOE_FILES",
-    "check_readable",
     "detect_layout",
     "find_preset",
     "load_lora",
