@@ -181,6 +181,25 @@ def test_image_to_video_inputs_fail_before_any_model_loads(
     assert not out.exists()
 
 
+def test_finished_i2v_a14b_run_resumed_exits_before_loading(bases, tmp_path, monkeypatch, caplog):  # noqa: F811
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 40, 90)).save(tmp_path / "frame.png")
+    out, extra = tmp_path / "done", ["--image", str(tmp_path / "frame.png"), "--fake_updates_per_step", "1"]
+    _main(bases, out, *extra, "--max_train_steps", "1", "--checkpointing_steps", "1", family="wan2.2-i2v-a14b")
+    experts = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    from diffusers import DiffusionPipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("the base model was loaded to resume a finished run")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
+    caplog.set_level(logging.INFO)
+    _main(bases, out, *extra, "--max_train_steps", "1", "--resume_from_checkpoint", "latest", family="wan2.2-i2v-a14b")
+    assert "is finished" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == experts  # the experts not rewritten
+
+
 def test_i2v_a14b_family_is_read_from_the_config_files(bases):  # noqa: F811
     from types import SimpleNamespace
 
