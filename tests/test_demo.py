@@ -1,6 +1,7 @@
 """`make demo` in miniature: one generator update per phase, a few samples; the full run is `make demo`."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -13,8 +14,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_demo_writes_grid_and_table(tmp_path):
-    result = demo.run(tmp_path, steps=1, per_prompt=2, grid_seeds=2)
+def test_demo_writes_grid_and_table(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="diffusers_pdmd.hub"):
+        result = demo.run(tmp_path, steps=1, per_prompt=2, grid_seeds=2)
+    # Three students of one local teacher: its local path is warned about once, not once per student.
+    local = [r for r in caplog.records if "by the local path" in r.getMessage()]
+    assert len(local) == 1 and str((tmp_path / "teacher").resolve()) in local[0].getMessage()
     rows = json.loads((tmp_path / "metrics.json").read_text())
     assert list(rows) == ["teacher", "phased_dmd", "sgts", "dmd"]
     assert [rows[m]["nfe"] for m in rows] == [60, 4, 4, 1]

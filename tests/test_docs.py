@@ -1,4 +1,4 @@
-"""The CPU recipes of docs/pipeline.md run as written (paths under /tmp moved into the test's folder)."""
+"""The CPU recipes of docs/pipeline.md run as written (their `tempfile` folders made inside the test's folder)."""
 
 import importlib.util
 import pathlib
@@ -6,6 +6,7 @@ import re
 import runpy
 import shlex
 import sys
+import tempfile
 
 import pytest
 
@@ -28,8 +29,14 @@ RECIPES = _recipes()
 
 
 def test_there_is_a_recipe_per_family():
-    assert list(RECIPES) == ["Qwen-Image", "Wan2.2 T2V-A14B", "Wan2.2 TI2V-5B"]
-    assert all([lang for lang, _ in blocks] == ["bash", "python"] for blocks in RECIPES.values())
+    assert list(RECIPES) == ["Qwen-Image", "Wan2.2 T2V-A14B", "Wan2.2 I2V-A14B", "Wan2.2 TI2V-5B"]
+    assert all([lang for lang, _ in blocks] == ["python"] for blocks in RECIPES.values())
+
+
+@pytest.mark.parametrize("title", list(RECIPES))
+def test_cpu_recipe_writes_into_a_folder_of_its_own(title):
+    code = RECIPES[title][0][1]
+    assert "/tmp" not in code and "tempfile.mkdtemp(" in code  # not a fixed name in the shared temp folder
 
 
 @pytest.mark.parametrize("title", list(RECIPES))
@@ -38,8 +45,8 @@ def test_cpu_recipe_runs(title, tmp_path, monkeypatch):
     if any("export_to_video" in code for _, code in blocks) and importlib.util.find_spec("imageio") is None:
         pytest.skip('export_to_video needs imageio: pip install -e ".[video]" (part of the dev extra)')
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the recipe's mkdtemp folder inside the test's
     for lang, code in blocks:
-        code = code.replace("/tmp/", f"{tmp_path}/")
         if lang == "bash":
             for line in code.strip().splitlines():
                 argv = shlex.split(line)
@@ -51,5 +58,5 @@ def test_cpu_recipe_runs(title, tmp_path, monkeypatch):
                 assert done.value.code == 0, line
         else:
             exec(compile(code, f"{DOC.name}: {title}", "exec"), {})
-    written = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".mp4"))
+    written = sorted(p.name for p in tmp_path.rglob("*") if p.suffix in (".png", ".mp4"))
     assert written, "the recipe saves its sample"

@@ -3,22 +3,33 @@
 
 import json
 
+import PIL.Image
 import pytest
 import torch
 from peft import LoraConfig
 from safetensors import safe_open
 
-from diffusers_pdmd import PhasedDMDScheduler, PhasedMoEPipeline, tiny
+from diffusers_pdmd import PhasedDMDScheduler, PhasedMoEPipeline, hub, tiny
 from diffusers_pdmd.export import main as export_main
+from diffusers_pdmd.hub import multiple_adapters
 
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-# (slot, rank, alpha) per phase: two different scales, neither 1.
+# (boundaries, steps per phase, (slot, rank, alpha) per phase): two different scales, neither 1. Every family with
+# two phases: A14B with one expert per transformer, Qwen-Image (the digits demo's layout) and TI2V-5B with both on
+# their one transformer.
 EXPERTS = {
     "wan2.2-t2v-a14b": ([0.87], [1, 2], [("transformer", 4, 2.0), ("transformer_2", 4, 8.0)]),
-    "qwen-image": ([], [2], [("transformer", 4, 2.0)]),
+    "wan2.2-i2v-a14b": ([0.87], [1, 1], [("transformer", 4, 2.0), ("transformer_2", 4, 8.0)]),
+    "qwen-image": ([0.6], [1, 1], [("transformer", 4, 2.0), ("transformer", 4, 8.0)]),
+    "wan2.2-ti2v-5b": ([0.7], [1, 1], [("transformer", 4, 2.0), ("transformer", 4, 8.0)]),
 }
-SIZES = {"wan2.2-t2v-a14b": {"height": 16, "width": 16, "num_frames": 5}, "qwen-image": {"height": 32, "width": 32}}
+SIZES = {
+    "wan2.2-t2v-a14b": {"height": 16, "width": 16, "num_frames": 5},
+    "wan2.2-i2v-a14b": {"height": 16, "width": 16, "num_frames": 5},
+    "wan2.2-ti2v-5b": {"height": 32, "width": 32, "num_frames": 5},
+    "qwen-image": {"height": 32, "width": 32},
+}
 
 
 def _experts(family, tmp_path):
@@ -29,12 +40,14 @@ def _experts(family, tmp_path):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(k)
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False)
-            components[slot].add_adapter(config, adapter_name=f"phase_{k}")
+            with multiple_adapters():
+                components[slot].add_adapter(config, adapter_name=f"phase_{k}")
     scheduler = PhasedDMDScheduler.from_config(
         components["scheduler"].config, phase_boundaries=boundaries, steps_per_phase=steps
     )
     pipe = PhasedMoEPipeline(
-        **{**components, "scheduler": scheduler},
+        **{k: v for k, v in components.items() if k not in ("image_encoder", "image_processor", "scheduler")},
+        scheduler=scheduler,
         experts=[(slot, f"phase_{k}") for k, (slot, _, _) in enumerate(experts)],
         base_model=str(base_dir),
     )
@@ -52,12 +65,12 @@ def _deltas(module, adapter):
 
 
 def _sample(pipe, family):
-    g = torch.Generator().manual_seed(3)
-    if family == "qwen-image":
-        x, embeds = torch.randn(1, 16, 16, generator=g), torch.randn(1, 5, 16, generator=g)
-        return pipe(prompt_embeds=embeds, latents=x, output_type="latent", **SIZES[family]).images
-    x, embeds = torch.randn(1, 16, 2, 2, 2, generator=g), torch.randn(1, 6, 32, generator=g)
-    return pipe(prompt_embeds=embeds, latents=x, output_type="latent", **SIZES[family]).frames
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"generator": torch.Generator().manual_seed(3), "output_type": "latent", "max_sequence_length": 16}
+    if family == "wan2.2-i2v-a14b":
+        kwargs["image"] = PIL.Image.new("RGB", (16, 16), (200, 40, 90))
+    out = pipe("a cat", **kwargs, **SIZES[family])
+    return out.images if family == "qwen-image" else out.frames
 
 
 @pytest.mark.parametrize("family", list(EXPERTS))
@@ -68,8 +81,12 @@ def test_export_round_trip(family, fmt, tmp_path):
     base_dir, experts_dir, ours = _experts(family, tmp_path)
     out = tmp_path / fmt
     assert export_main([str(experts_dir), str(out), "--format", fmt]) == 0
-    two_files = family == "wan2.2-t2v-a14b"
-    names = ["high_noise_model.safetensors", "low_noise_model.safetensors"] if two_files else ["phase_0.safetensors"]
+    two_files = family.endswith("a14b")
+    names = (
+        ["high_noise_model.safetensors", "low_noise_model.safetensors"]
+        if two_files
+        else ["phase_0.safetensors", "phase_1.safetensors"]
+    )
     assert sorted(p.name for p in out.glob("*.safetensors")) == names
 
     if fmt == "comfyui":
@@ -90,21 +107,91 @@ def test_export_round_trip(family, fmt, tmp_path):
     base = diffusers.DiffusionPipeline.from_pretrained(base_dir)
     for k, (slot, _, _) in enumerate(EXPERTS[family][2]):
         kwargs = {"load_into_transformer_2": True} if slot == "transformer_2" else {}
-        base.load_lora_weights(str(out), weight_name=names[k], adapter_name="x", **kwargs)
-        theirs, mine = _deltas(getattr(base, slot), "x"), _deltas(getattr(ours, slot), f"phase_{k}")
+        base.load_lora_weights(str(out), weight_name=names[k], adapter_name=f"x{k}", **kwargs)
+        theirs, mine = _deltas(getattr(base, slot), f"x{k}"), _deltas(getattr(ours, slot), f"phase_{k}")
         assert theirs.keys() == mine.keys() and mine
         for name in mine:
             assert torch.equal(theirs[name], mine[name]), name
 
-    # And PhasedMoEPipeline loads the exported folder with the experts' own sampler: the same samples.
+    # And PhasedMoEPipeline loads the exported folder with the experts' own sampler: the same samples, every phase
+    # with its own expert (phase 0's alone differs).
     exported = PhasedMoEPipeline.from_pretrained(base_dir, experts=out)
     original = PhasedMoEPipeline.from_pretrained(base_dir, experts=experts_dir)
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["phase_boundaries"] == list(
         EXPERTS[family][0]
     )
-    torch.testing.assert_close(_sample(exported, family), _sample(original, family), atol=1e-5, rtol=1e-5)
+    assert [e["base_transformer"] for e in exported.config.experts] == [e[0] for e in EXPERTS[family][2]]
+    reference = _sample(original, family)
+    torch.testing.assert_close(_sample(exported, family), reference, atol=1e-5, rtol=1e-5)
+    if not two_files:  # one phase's file of a two-phase export: refused, naming the way that works ...
+        with pytest.raises(ValueError, match="pass the folder"):
+            PhasedMoEPipeline.from_pretrained(base_dir, experts=out / "phase_0.safetensors")
+        # ... as it would sample every phase with phase 0's expert (asked for explicitly, it does).
+        scheduler = PhasedDMDScheduler.from_pretrained(out / "scheduler")
+        one = PhasedMoEPipeline.from_pretrained(base_dir, experts=out / "phase_0.safetensors", scheduler=scheduler)
+        assert not torch.allclose(_sample(one, family), reference, atol=1e-3)
 
 
 def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="phased_dmd_config.json"):
         export_main([str(tmp_path), str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_expert_file_is_named_and_the_export_writes_nothing(damage, tmp_path):
+    base_dir, experts_dir, _ = _experts("qwen-image", tmp_path)
+    file = experts_dir / "phase_1" / "pytorch_lora_weights.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 100] if damage == "truncated" else b"\x00" * 8 + data[8:])
+    with pytest.raises(ValueError, match=f"{file}.*truncated or corrupt"):
+        PhasedMoEPipeline.from_pretrained(base_dir, experts=experts_dir)
+    with pytest.raises(ValueError, match=f"{file}.*truncated or corrupt"):
+        hub.load_lora_expert(tiny.build_components("qwen-image")["transformer"], file, "x")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"{file}.*truncated or corrupt"):
+        export_main([str(experts_dir), str(out)])
+    # phase_0 was converted before phase_1 failed: nothing of it is left, under any name.
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "experts"]
+
+
+def test_export_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path):
+    _, experts_dir, _ = _experts("qwen-image", tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="`out_dir` .* exists and is not empty"):
+        export_main([str(experts_dir), str(out)])
+    assert (out / "mine.txt").read_text() == "keep"
+    assert export_main([str(experts_dir), str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["phase_0.safetensors", "phase_1.safetensors", "scheduler"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "experts", "out"]
+
+
+@pytest.mark.parametrize("family", ["wan2.2-t2v-a14b", "qwen-image"])
+def test_save_pretrained_writes_the_comfyui_export_beside_the_experts(family, tmp_path):
+    from safetensors.torch import load_file
+
+    _, experts_dir, _ = _experts(family, tmp_path)
+    assert export_main([str(experts_dir), str(tmp_path / "export")]) == 0
+    written = sorted(p.name for p in (experts_dir / "comfyui").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "export").iterdir())
+    for name in written:
+        if name.endswith(".safetensors"):
+            a, b = load_file(str(experts_dir / "comfyui" / name)), load_file(str(tmp_path / "export" / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The folder still loads as the experts it is (comfyui/ is beside phase_k/, not instead of it).
+    assert PhasedMoEPipeline.from_pretrained(experts_dir).config.experts[1]["adapter_name"] == "phase_1"
+    # The model card gives the ComfyUI settings: one LoRA and one sampler per phase, the switch step, CFG 1.
+    text = str(hub.write_model_card(experts_dir, hub.ExpertsConfig.load(experts_dir)))
+    steps = EXPERTS[family][1]
+    rows = (
+        [
+            "| 0 | `comfyui/high_noise_model.safetensors` on the high-noise model | 0 | 1 |",
+            "| 1 | `comfyui/low_noise_model.safetensors` on the low-noise model | 1 | 3 |",
+        ]
+        if family.endswith("a14b")
+        else [f"| {k} | `comfyui/phase_{k}.safetensors` on the model | {k} | {k + 1} |" for k in range(2)]
+    )
+    assert "## ComfyUI" in text and f"`steps` {sum(steps)}, `cfg` 1.0" in text
+    assert all(row in text for row in rows), text

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,36 @@ def test_uniform_t_is_uniform_on_s_1():
     assert (t >= 0.875).double().mean().item() == pytest.approx(0.25, abs=0.004)
     with pytest.raises(ValueError, match="sampling"):
         sample_t(0.5, 4, sampling="beta")
+
+
+def _target_floor(s: float, data_std: float, t_max: float, n: int = 20000) -> float:
+    """Closed form, Gaussian data: the weighted mean over t ~ U(s, t_max) of Var(v* | x_t), the part of the fake-score
+    loss no network can remove (v* = c eps - x_s / alpha_s, jointly Gaussian with x_t)."""
+    t = np.linspace(s, t_max, n + 2)[1:-1]
+    a_s, a_t = 1 - s, 1 - t
+    a_ts = a_t / a_s
+    sig_ts = np.sqrt(t**2 - a_ts**2 * s**2)
+    c = (a_s**2 * t + a_t * s**2) / (a_s**2 * sig_ts)
+    var_xs = a_s**2 * data_std**2 + s**2
+    var_v, var_xt = c**2 + var_xs / a_s**2, a_ts**2 * var_xs + sig_ts**2
+    cov = c * sig_ts - a_ts * var_xs / a_s
+    return float((np.minimum(1, 10 * sig_ts**2) * (var_v - cov**2 / var_xt)).mean())
+
+
+@pytest.mark.parametrize("s, t_max, expected", [(0.875, 1.0, 124.2), (0.0, 0.875, 1.33)])
+def test_fake_loss_floor_is_far_higher_in_a_noisy_phase(s, t_max, expected):
+    """docs/training.md: phase 0's fake loss sits on a floor ~100x phase 1's (unit-variance Gaussian data)."""
+    g = torch.Generator().manual_seed(0)
+    n, bins = 400_000, 40
+    t = s + (t_max - s) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    x0, eps_s, eps = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(3))
+    x_s = (1 - s) * x0 + s * eps_s
+    x_t = flow.add_noise_from(x_s, torch.full_like(t, s), t, eps)
+    v = flow.subinterval_target(x_s, eps, torch.full_like(t, s), t)
+    weight = flow.subinterval_weight(torch.full_like(t, s), t)
+    floor = 0.0
+    for x_b, v_b, w_b in zip(x_t.chunk(bins), v.chunk(bins), weight.chunk(bins)):  # best linear predictor per t bin
+        beta = (x_b * v_b).mean() / (x_b * x_b).mean()
+        floor += float((w_b * (v_b - beta * x_b) ** 2).sum()) / n
+    assert floor == pytest.approx(_target_floor(s, 1.0, t_max), rel=0.05)
+    assert floor == pytest.approx(expected, rel=0.05)

@@ -324,13 +324,17 @@ def test_model_card_snippet_runs_on_the_folder_it_describes(tmp_path, monkeypatc
     base_dir = tiny.save_pipeline("qwen-image", tmp_path / "base")
     _qwen_experts_pipeline(str(base_dir)).save_pretrained(tmp_path / "experts", experts_only=True)
     config = hub.ExpertsConfig.load(tmp_path / "experts")
-    hub.write_model_card(tmp_path / "experts", config, prompt='a "quoted" digit seven')
-    snippet = _python_block((tmp_path / "experts" / "README.md").read_text())
-    # Not pushed: the folder's absolute path, never its basename posing as a repo id; the run's prompt.
+    hub.write_model_card(tmp_path / "experts", config, prompt='a "quoted" digit seven', sample_size=(32, 32, None))
+    text = (tmp_path / "experts" / "README.md").read_text()
+    snippet = _python_block(text)
+    # Not pushed: the folder's absolute path, never its basename posing as a repo id; the run's prompt and size.
     assert f'from_pretrained("{(tmp_path / "experts").resolve()}"' in snippet
-    assert 'pipe("a \\"quoted\\" digit seven"' in snippet and "dtype=torch.bfloat16" in snippet
+    assert 'pipe("a \\"quoted\\" digit seven", height=32, width=32,' in snippet
+    # A local base is not "downloaded"; the snippet picks the GPU only where there is one.
+    assert "is downloaded" not in text and f"the local folder `{base_dir}`" in text
+    assert 'if torch.cuda.is_available() else ("cpu", torch.float32)' in snippet
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet.replace('"cuda"', '"cpu"'), "README.md", "exec"), {})  # the GPU lines on the CPU
+    exec(compile(snippet, "README.md", "exec"), {})  # as written: on this machine, the CPU
     assert (tmp_path / "sample.png").is_file()
 
 

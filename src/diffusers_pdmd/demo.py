@@ -45,6 +45,20 @@ GRID_LABELS = {"teacher": "teacher", "phased_dmd": "Phased DMD", "sgts": "SGTS",
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "examples" / "phased_dmd" / "train_phased_dmd_qwen_image.py"
 
 
+class _FirstOnly(logging.Filter):
+    """Let the first record starting with `prefix` through and drop the repeats."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
 def train_args(
     teacher: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, method: str, steps: int, seed: int, extra=()
 ) -> list[str]:
@@ -224,9 +238,14 @@ def run(
     teacher = digits.load_or_build_teacher(out / "teacher")
     prompts = out / "prompts.txt"
     prompts.write_text("\n".join(digits.PROMPTS) + "\n")
-    for method in methods:
-        log.info("Distilling with %s (%d generator updates per phase)", method, steps)
-        distill(teacher, prompts, out / method, method, steps, seed, extra)
+    local_base = _FirstOnly("The experts name their base by the local path")  # one warning, not one per student
+    logging.getLogger("diffusers_pdmd.hub").addFilter(local_base)
+    try:
+        for method in methods:
+            log.info("Distilling with %s (%d generator updates per phase)", method, steps)
+            distill(teacher, prompts, out / method, method, steps, seed, extra)
+    finally:
+        logging.getLogger("diffusers_pdmd.hub").removeFilter(local_base)
 
     labels = torch.arange(10).repeat_interleave(per_prompt)
     models = {}

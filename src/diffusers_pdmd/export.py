@@ -7,8 +7,8 @@
 expert becomes one `.safetensors` file in `OUT_DIR`:
 
 - Wan2.2 A14B experts with one expert per transformer: `high_noise_model.safetensors` (the expert on `transformer`)
-  and `low_noise_model.safetensors` (on `transformer_2`), the layout of Wan2.2-Lightning; otherwise
-  `phase_<k>.safetensors`.
+  and `low_noise_model.safetensors` (on `transformer_2`), the layout of Wan2.2-Lightning; otherwise one
+  `phase_<k>.safetensors` per phase (`released`'s `"phase_loras"` layout).
 - `--format diffusers`: keys `transformer.<module>.lora_A/lora_B.weight` and the adapter's `LoraConfig` in the
   safetensors metadata, as diffusers' `save_lora_weights` writes them (`pipe.load_lora_weights(OUT_DIR,
   weight_name=..., load_into_transformer_2=...)`).
@@ -20,25 +20,31 @@ expert becomes one `.safetensors` file in `OUT_DIR`:
   back with diffusers' own `lora_state_dict`, which must give exactly the keys it came from.
 
 `OUT_DIR/scheduler/scheduler_config.json` (a copy) keeps the experts' sampler, which
-`PhasedMoEPipeline.from_pretrained(base, experts=OUT_DIR)` uses. Full and base experts are not exported.
+`PhasedMoEPipeline.from_pretrained(base, experts=OUT_DIR)` uses: it loads the export back with the same samples.
+Full and base experts are not exported. `OUT_DIR` is written in a temporary folder beside it and renamed at the
+end, so a failure (a truncated expert file, say) leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import pathlib
 import re
 import shutil
+import tempfile
 
 import torch
 
 from .families import get_family
-from .hub import LORA_PREFIX, LORA_WEIGHT_NAME, ExpertsConfig
+from .hub import LORA_PREFIX, LORA_WEIGHT_NAME, ExpertsConfig, check_readable
 from .released import WAN_MOE_FILES, _pipeline_class
 
 
 FORMATS = ("diffusers", "comfyui")
+COMFYUI_DIR = "comfyui"  # the folder beside `phase_k/` that `write_comfyui` fills
 # diffusers' WanTransformer3DModel module name (inside `blocks.N.`) -> the original Wan2.2 name, the inverse of
 # diffusers' `_convert_non_diffusers_wan_lora_to_diffusers` for the layers a LoRA expert trains.
 WAN_NATIVE_NAMES = {
@@ -116,48 +122,109 @@ def _check_round_trip(family: str, original: dict, exported: dict, file: pathlib
         )
 
 
-def export(experts_dir, out_dir, format: str = "comfyui") -> list[pathlib.Path]:
-    """Export the LoRA experts of `experts_dir` to `out_dir` in `format` (one of `FORMATS`); returns the files."""
+def _files(experts_dir: pathlib.Path, config: ExpertsConfig) -> dict[str, dict]:
+    """Output file name -> expert entry: Wan2.2 A14B's two files, else one `phase_<k>.safetensors` per phase."""
+    family = get_family(config.family)
+    kinds = {e["type"] for e in config.experts}
+    if kinds != {"lora"}:
+        raise ValueError(
+            f"{experts_dir}: the export writes LoRA experts only; phases "
+            f"{[e['phase'] for e in config.experts if e['type'] != 'lora']} are {sorted(kinds - {'lora'})} experts."
+        )
+    by_path = {}
+    for e in config.experts:
+        by_path.setdefault(e["path"], e)
+    if len(family.transformer_names) == 2 and sorted(e["base_transformer"] for e in by_path.values()) == [
+        "transformer",
+        "transformer_2",
+    ]:
+        return {WAN_MOE_FILES[e["base_transformer"]]: e for e in by_path.values()}
+    # `phase_loras`: the loader puts phase k's file on the teacher transformer owning the phase's midpoint sigma.
+    edges = [1.0, *config.phase_boundaries, 0.0]
+    for k, e in enumerate(config.experts):
+        slot = family.teacher_transformer_for_sigma((edges[k] + edges[k + 1]) / 2)
+        if e["base_transformer"] != slot:
+            raise ValueError(
+                f"{experts_dir}: the expert of phase {k} is on `{e['base_transformer']}`, not on the teacher "
+                f"transformer of its noise levels (`{slot}`), which one-file-per-phase exports cannot record."
+            )
+    return {f"phase_{e['phase']}.safetensors": e for e in config.experts}
+
+
+def _write(config: ExpertsConfig, experts_dir: pathlib.Path, files: dict, format: str, folder: pathlib.Path):
     from safetensors.torch import save_file
 
+    for name, e in files.items():
+        source = experts_dir / e["path"]
+        source = source / LORA_WEIGHT_NAME if source.is_dir() else source
+        if not source.is_file():
+            raise ValueError(f"{experts_dir}: no LoRA weights at {source} (the expert of phase {e['phase']}).")
+        check_readable(source)
+        state_dict, lora_config = _read_lora(source)
+        if format == "diffusers":
+            shutil.copyfile(source, folder / name)
+        else:
+            tensors = to_comfyui(config.family, state_dict, lora_config)
+            _check_round_trip(config.family, state_dict, tensors, source)
+            save_file(tensors, str(folder / name), metadata={"format": "pt"})
+    if (experts_dir / "scheduler" / "scheduler_config.json").is_file():
+        (folder / "scheduler").mkdir()
+        shutil.copyfile(
+            experts_dir / "scheduler" / "scheduler_config.json", folder / "scheduler/scheduler_config.json"
+        )
+
+
+def export(experts_dir, out_dir, format: str = "comfyui", overwrite: bool = False) -> list[pathlib.Path]:
+    """Export the LoRA experts of `experts_dir` to `out_dir` in `format` (one of `FORMATS`); returns the files.
+
+    Everything is written into a temporary folder beside `out_dir`, which is renamed to `out_dir` at the end: a
+    failure leaves no half-written export. An `out_dir` that exists and is not empty is refused unless `overwrite`
+    (then it is replaced as a whole).
+    """
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
     experts_dir, out_dir = pathlib.Path(experts_dir), pathlib.Path(out_dir)
     config = ExpertsConfig.load(experts_dir)
-    family = get_family(config.family)
-    loras = [e for e in config.experts if e["type"] == "lora"]
-    if not loras:
-        raise ValueError(
-            f"{experts_dir} has no LoRA experts to export (types: {[e['type'] for e in config.experts]})."
-        )
-    skipped = [e["phase"] for e in config.experts if e["type"] == "full"]
-    if skipped:
-        raise ValueError(f"{experts_dir}: phases {skipped} are full transformers, which the export does not write.")
-    by_path = {}
-    for e in loras:
-        by_path.setdefault(e["path"], e)
-    slots = [e["base_transformer"] for e in by_path.values()]
-    two_files = len(family.transformer_names) == 2 and sorted(slots) == ["transformer", "transformer_2"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path, e in by_path.items():
-        source = experts_dir / path / LORA_WEIGHT_NAME if (experts_dir / path).is_dir() else experts_dir / path
-        name = WAN_MOE_FILES[e["base_transformer"]] if two_files else f"phase_{e['phase']}.safetensors"
-        target = out_dir / name
-        state_dict, lora_config = _read_lora(source)
-        if format == "diffusers":
-            shutil.copyfile(source, target)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ValueError(f"`out_dir` {out_dir} exists and is not empty; choose a new folder (or remove it).")
+    files = _files(experts_dir, config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write(config, experts_dir, files, format, staging)
+        if out_dir.exists():
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old)
         else:
-            tensors = to_comfyui(config.family, state_dict, lora_config)
-            _check_round_trip(config.family, state_dict, tensors, target)
-            save_file(tensors, str(target), metadata={"format": "pt"})
-        written.append(target)
-    if (experts_dir / "scheduler" / "scheduler_config.json").is_file():
-        (out_dir / "scheduler").mkdir(exist_ok=True)
-        shutil.copyfile(
-            experts_dir / "scheduler" / "scheduler_config.json", out_dir / "scheduler/scheduler_config.json"
-        )
-    return written
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return [out_dir / name for name in files]
+
+
+def write_comfyui(experts_dir) -> list[pathlib.Path]:
+    """Write `experts_dir/comfyui/`, the `comfyui` export of the folder's experts, beside its `phase_k/` folders.
+
+    The training scripts and `PhasedMoEPipeline.save_pretrained` call this, so that the files a ComfyUI user takes
+    load at the trained strength: `phase_k/pytorch_lora_weights.safetensors` is diffusers' layout, whose scale
+    alpha / rank only the metadata holds (ComfyUI reads no metadata) and whose Wan keys ComfyUI does not map.
+    Folders with full or base experts get no `comfyui/`; LoRA experts the export cannot write (LoRA biases, modules
+    without a ComfyUI name) get none either, with a warning. Returns the written files (`[]` for none).
+    """
+    experts_dir = pathlib.Path(experts_dir)
+    config = ExpertsConfig.load(experts_dir)
+    target = experts_dir / COMFYUI_DIR
+    if {e["type"] for e in config.experts} == {"lora"}:
+        try:
+            return export(experts_dir, target, "comfyui", overwrite=True)
+        except ValueError as err:  # LoRA biases (released extracted LoRAs), modules ComfyUI cannot name, ...
+            logging.getLogger(__name__).warning("No %s/ beside the experts in %s: %s", COMFYUI_DIR, experts_dir, err)
+    if target.is_dir():  # a stale export of other experts must not stay beside these
+        shutil.rmtree(target)
+    return []
 
 
 def main(argv=None) -> int:
@@ -167,8 +234,9 @@ def main(argv=None) -> int:
     parser.add_argument("experts_dir", help="experts-only folder (phased_dmd_config.json)")
     parser.add_argument("out_dir", help="destination folder")
     parser.add_argument("--format", choices=FORMATS, default="comfyui", help="key layout (default: comfyui)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty out_dir")
     args = parser.parse_args(argv)
-    for path in export(args.experts_dir, args.out_dir, args.format):
+    for path in export(args.experts_dir, args.out_dir, args.format, overwrite=args.overwrite):
         print(path)
     return 0
 

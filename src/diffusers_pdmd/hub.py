@@ -240,6 +240,20 @@ def base_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def check_readable(file: pathlib.Path) -> list[str]:
+    """The tensor names of safetensors `file`; `ValueError` naming the file if it is truncated or corrupt."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as err:  # safetensors' SafetensorError for a bad header or a truncated file
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); it may be truncated or "
+            "corrupt (an interrupted download or copy): fetch or write it again."
+        ) from err
+
+
 def lora_weight_name(variant: str | None = None) -> str:
     """File name of a LoRA expert: `pytorch_lora_weights.safetensors`, or with a variant inserted before the
     extension as diffusers names variants (`"fp16"` -> `pytorch_lora_weights.fp16.safetensors`)."""
@@ -311,6 +325,7 @@ def load_lora_expert(
         raise ValueError(f"No LoRA weights at {folder / weight_name}.")
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already an adapter of the transformer.")
+    check_readable(folder / weight_name)
     with multiple_adapters():
         transformer.load_lora_adapter(
             str(folder), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name, use_safetensors=True
@@ -447,38 +462,109 @@ def base_model_reference(
     return str(path), revision
 
 
-_USAGE_IMAGE = """```python
-import torch
-from diffusers_pdmd import PhasedMoEPipeline
+_USAGE = """```python
+{install}import torch
+{imports}from diffusers_pdmd import PhasedMoEPipeline
 
-pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=torch.bfloat16).to("cuda")
-image = pipe({prompt}, generator=torch.Generator("cuda").manual_seed(0)).images[0]
-image.save("sample.png")
-```"""
-
-_USAGE_VIDEO = """```python
-# pip install "diffusers-pdmd[video]"  (imageio and imageio-ffmpeg, for export_to_video)
-import torch
-from diffusers.utils import export_to_video
-from diffusers_pdmd import PhasedMoEPipeline
-
-pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=torch.bfloat16).to("cuda")
-frames = pipe({prompt}, generator=torch.Generator("cuda").manual_seed(0)).frames[0]
-export_to_video(frames, "sample.mp4", fps=16)
+device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=dtype).to(device)
+{image}out = pipe({prompt}{size}{image_arg}, generator=torch.Generator(device).manual_seed(0))
+{save}
 ```"""
 
 
-_USAGE_I2V = """```python
-# pip install "diffusers-pdmd[video]"  (imageio and imageio-ffmpeg, for export_to_video)
-import torch
-from diffusers.utils import export_to_video, load_image
-from diffusers_pdmd import PhasedMoEPipeline
+def _usage(family, repo_id: str, prompt: str, size: tuple | None) -> str:
+    """The model card's usage snippet: the run's own prompt and size, on the GPU if there is one."""
+    image_to_video = bool(getattr(family, "image_concat", False))  # Wan2.2 I2V-A14B needs the first frame
+    size_kwargs = ""
+    if size is not None:
+        names = ("height", "width", "num_frames") if family.is_video else ("height", "width")
+        size_kwargs = "".join(f", {n}={v}" for n, v in zip(names, size) if v is not None)
+    video = family.is_video
+    return _USAGE.format(
+        install='# pip install "diffusers-pdmd[video]"  (imageio and imageio-ffmpeg, for export_to_video)\n'
+        if video
+        else "",
+        imports=(
+            "from diffusers.utils import export_to_video, load_image\n"
+            if image_to_video
+            else "from diffusers.utils import export_to_video\n"
+            if video
+            else ""
+        ),
+        repo_id=repo_id,
+        image='image = load_image("first_frame.png")  # the first frame of the video\n' if image_to_video else "",
+        prompt=json.dumps(prompt),
+        size=size_kwargs,
+        image_arg=", image=image" if image_to_video else "",
+        save='export_to_video(out.frames[0], "sample.mp4", fps=16)' if video else 'out.images[0].save("sample.png")',
+    )
 
-pipe = PhasedMoEPipeline.from_pretrained({repo_id}, dtype=torch.bfloat16).to("cuda")
-image = load_image("first_frame.png")  # the first frame of the video
-frames = pipe({prompt}, image=image, generator=torch.Generator("cuda").manual_seed(0)).frames[0]
-export_to_video(frames, "sample.mp4", fps=16)
-```"""
+
+def sampler_settings(scheduler) -> tuple[list[float], float, str]:
+    """`(sigmas without the final 0, shift, where)` of a [`PhasedDMDScheduler`]; a dynamic (Qwen-Image) shift is taken
+    at 1024x1024 (4096 image tokens), `where` says so."""
+    mu, where = None, ""
+    config = scheduler.config
+    if config.use_dynamic_shifting:
+        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+        mu = config.base_shift + slope * (4096 - config.base_image_seq_len)
+        where = " at 1024x1024 (the shift grows with the image size)"
+    scheduler.set_timesteps(mu=mu)
+    return [float(s) for s in scheduler.sigmas[:-1]], scheduler._effective_shift(mu), where
+
+
+def comfyui_section(config: ExpertsConfig, scheduler, files: list[str]) -> str:
+    """Markdown: the ComfyUI nodes and settings that sample these experts (files: the `comfyui/` file names)."""
+    family = get_family(config.family)
+    sigmas, shift, where = sampler_settings(scheduler)
+    total = len(sigmas)
+    simple = [shift * (1 - i / total) / (1 + (shift - 1) * (1 - i / total)) for i in range(total)]
+    gap = max(abs(a - b) for a, b in zip(sigmas, simple))
+    node = "ModelSamplingAuraFlow" if config.family == "qwen-image" else "ModelSamplingSD3"
+    sampler = "lcm" if scheduler.config.stochastic_sampling else "euler"
+    two = len(family.transformer_names) == 2
+    rows, start = [], 0
+    for k, n in enumerate(config.steps_per_phase):
+        model = ("high" if config.experts[k]["base_transformer"] == "transformer" else "low") + "-noise model"
+        on = f"the {model}" if two else "the model"
+        rows.append(f"| {k} | `comfyui/{files[k]}` on {on} | {start} | {start + n} |")
+        start += n
+    schedule = (
+        "ComfyUI's `simple` scheduler at this shift gives these sigmas"
+        if gap < 1e-3
+        else f"ComfyUI's `simple` scheduler differs from them by up to {gap:.3f}; to sample the experts' sigmas feed "
+        "this list to `SamplerCustomAdvanced` through a custom-sigmas node"
+    )
+    return (
+        "## ComfyUI\n\n`comfyui/` holds the experts in ComfyUI's LoRA layout; load those files, not "
+        "`phase_k/pytorch_lora_weights.safetensors` (diffusers' layout: ComfyUI would apply Qwen-Image's at the wrong "
+        "strength, and maps none of Wan's keys). One `LoraLoaderModelOnly` (strength 1.0) per phase, on "
+        + ("the high- or low-noise model" if two else "the base model")
+        + f", then one `KSamplerAdvanced` per phase: `steps` {total}, `cfg` 1.0 (no guidance: distilled), "
+        f"`sampler_name` {sampler}, `scheduler` simple, after a `{node}` node with `shift` {shift:.4g}{where}. The "
+        "first sampler alone has `add_noise` enable, every sampler but the last has `return_with_leftover_noise` "
+        "enable, and each passes its latent to the next.\n\n"
+        "| phase | LoRA | `start_at_step` | `end_at_step` |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        f"The experts' sigmas: {', '.join(f'{s:.4f}' for s in sigmas)}, 0 ({schedule})."
+    )
+
+
+def _comfyui_card_section(out_dir: pathlib.Path, config: ExpertsConfig) -> str | None:
+    """The card's ComfyUI section, for a folder with `comfyui/` and a scheduler."""
+    comfyui = out_dir / "comfyui"
+    if not comfyui.is_dir() or not (out_dir / "scheduler" / "scheduler_config.json").is_file():
+        return None
+    from .schedulers import PhasedDMDScheduler
+
+    if (comfyui / "phase_0.safetensors").is_file():
+        files = [f"phase_{k}.safetensors" for k in range(config.num_phases)]
+    else:  # Wan2.2 A14B's pair
+        files = [
+            f"{'high' if e['base_transformer'] == 'transformer' else 'low'}_noise_model.safetensors"
+            for e in config.experts
+        ]
+    return comfyui_section(config, PhasedDMDScheduler.from_pretrained(out_dir / "scheduler"), files)
 
 
 def _is_hub_id(value: str) -> bool:
@@ -493,6 +579,16 @@ def _is_hub_id(value: str) -> bool:
     return True
 
 
+def _where_the_base_is(config: ExpertsConfig) -> str:
+    if config.base_model is None or _is_hub_id(config.base_model):
+        return "The base model is downloaded from its own repository; this one holds only the experts."
+    return (
+        f"The base model is the local folder `{config.base_model}` named in `phased_dmd_config.json` (read from disk, "
+        "not from the Hub); where that folder does not exist, pass the base as the first argument and these experts "
+        "as `experts=`."
+    )
+
+
 def write_model_card(
     out_dir: str | os.PathLike,
     config: ExpertsConfig,
@@ -502,6 +598,7 @@ def write_model_card(
     training_figures: dict | None = None,
     validation_images: list[str] | None = None,
     extra_text: str = "",
+    sample_size: tuple | None = None,
 ):
     """Write `README.md` (a Hub model card) for an experts folder.
 
@@ -511,11 +608,13 @@ def write_model_card(
         repo_id (`str`, *optional*): The Hub repo the card will live in, used in the usage snippet and the title.
             Without it the snippet loads the folder by its absolute path (it is not on the Hub yet;
             [`push_experts_to_hub`] puts the repo id in).
-        prompt (`str`, *optional*): The prompt of the usage snippet, e.g. the run's first validation prompt (a
-            generic one otherwise).
+        prompt (`str`, *optional*): The prompt of the usage snippet, e.g. the run's first validation or training
+            prompt (a generic one otherwise).
         training_figures (`dict`, *optional*): Name -> value pairs shown as a table (e.g. steps, batch size, lr).
         validation_images (`list[str]`, *optional*): Paths, relative to `out_dir`, of sample images to show.
         extra_text (`str`): Markdown appended at the end.
+        sample_size (`tuple`, *optional*): `(height, width)` or `(height, width, num_frames)` of the usage snippet,
+            e.g. the run's training size (the pipeline's default size otherwise).
 
     Returns:
         `huggingface_hub.ModelCard`: The card that was written.
@@ -524,14 +623,14 @@ def write_model_card(
 
     out_dir = pathlib.Path(out_dir)
     family = get_family(config.family)
-    image_to_video = bool(getattr(family, "image_concat", False))  # Wan2.2 I2V-A14B needs the first frame
+    image_to_video = bool(getattr(family, "image_concat", False))
     task = "image-to-video" if image_to_video else "text-to-video" if family.is_video else "text-to-image"
     kinds = {e["type"] for e in config.experts}
     tags = ["diffusers", "phased-dmd", "few-step", "distillation", task]
     if "lora" in kinds:
         tags.append("lora")
     card_data = ModelCardData(
-        base_model=config.base_model if _is_hub_id(config.base_model) else None,
+        base_model=config.base_model if config.base_model and _is_hub_id(config.base_model) else None,
         library_name="diffusers",
         pipeline_tag=task,
         tags=tags,
@@ -544,9 +643,7 @@ def write_model_card(
         for k, e in enumerate(config.experts)
     )
     revision = f" (revision `{config.base_revision}`)" if config.base_revision else ""
-    usage = (_USAGE_I2V if image_to_video else _USAGE_VIDEO if family.is_video else _USAGE_IMAGE).format(
-        repo_id=json.dumps(repo_id or str(out_dir.resolve())), prompt=json.dumps(prompt or "a red fox in snow")
-    )
+    usage = _usage(family, json.dumps(repo_id or str(out_dir.resolve())), prompt or "a red fox in snow", sample_size)
     sections = [
         f"# {(repo_id or out_dir.resolve().name).split('/')[-1]}",
         f"{config.num_phases} few-step experts for `{config.base_model}`{revision}, distilled with "
@@ -554,9 +651,11 @@ def write_model_card(
         "(SNR subintervals) and trains one expert per phase; at sampling time the expert of the phase the "
         "current noise level lies in makes the step.",
         "| phase | sigma interval | steps | expert | on |\n|---|---|---|---|---|\n" + rows,
-        "## Usage\n\nThe base model is downloaded from its own repository; this one holds only the experts.\n\n"
-        + usage,
+        f"## Usage\n\n{_where_the_base_is(config)}\n\n" + usage,
     ]
+    comfyui = _comfyui_card_section(out_dir, config)
+    if comfyui:
+        sections.append(comfyui)
     if training_figures:
         table = "\n".join(f"| {k} | {v} |" for k, v in training_figures.items())
         sections.append("## Training\n\n| | |\n|---|---|\n" + table)

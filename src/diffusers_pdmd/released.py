@@ -1,11 +1,13 @@
 # Copyright 2026 The diffusers-pdmd authors. Licensed under the Apache License, Version 2.0.
 """Released few-step experts made elsewhere: how their files are laid out, and how their authors sample them.
 
-`PhasedMoEPipeline.from_pretrained(base, experts=FOLDER_OR_REPO)` reads four layouts (`LAYOUTS`):
+`PhasedMoEPipeline.from_pretrained(base, experts=FOLDER_OR_REPO)` reads five layouts (`LAYOUTS`):
 
 - `"phased_dmd"`: an experts folder written here (`phased_dmd_config.json`, see `docs/format.md`).
 - `"wan_moe_lora"`: Wan2.2 A14B's two-file layout, `high_noise_model.safetensors` (applied to `transformer`) and
   `low_noise_model.safetensors` (applied to `transformer_2`), as Wan2.2-Lightning publishes it.
+- `"phase_loras"`: one LoRA file per phase, `phase_0.safetensors`, `phase_1.safetensors`, ..., as
+  `python -m diffusers_pdmd.export` writes experts that are not Wan2.2 A14B's one-per-transformer pair.
 - `"lora"`: one LoRA file for every phase, as Qwen-Image-Lightning publishes it.
 - `"full"`: a fully fine-tuned transformer folder (FastWan style), which takes the `transformer` slot.
 
@@ -22,16 +24,18 @@ from __future__ import annotations
 
 import fnmatch
 import pathlib
+import re
 from dataclasses import dataclass
 
 import torch
 
-from .hub import CONFIG_NAME, multiple_adapters
+from .hub import CONFIG_NAME, check_readable, multiple_adapters
 
 
-LAYOUTS = ("phased_dmd", "wan_moe_lora", "lora", "full")
+LAYOUTS = ("phased_dmd", "wan_moe_lora", "phase_loras", "lora", "full")
 WAN_MOE_FILES = {"transformer": "high_noise_model.safetensors", "transformer_2": "low_noise_model.safetensors"}
 LORA_PREFIX = "transformer"
+_PHASE_FILE = re.compile(r"^phase_(\d+)\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,25 @@ def _safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".safetensors")
 
 
+def phase_files(folder: pathlib.Path) -> list[pathlib.Path] | None:
+    """`[phase_0.safetensors, ..., phase_{K-1}.safetensors]` when those are the folder's only safetensors files (the
+    export's one-file-per-phase layout), else `None`."""
+    files = _safetensors_files(folder)
+    indices = [_PHASE_FILE.match(f.name) for f in files]
+    if not files or not all(indices):
+        return None
+    by_index = {int(m.group(1)): f for m, f in zip(indices, files)}
+    if sorted(by_index) != list(range(len(files))):
+        return None
+    return [by_index[k] for k in range(len(files))]
+
+
+def phase_file_sibling(file: pathlib.Path) -> bool:
+    """`file` is one `phase_k.safetensors` of a folder holding one such file per phase (an export)."""
+    files = phase_files(file.parent) if _PHASE_FILE.match(file.name) else None
+    return files is not None and len(files) > 1
+
+
 def detect_layout(path: str | pathlib.Path, layout: str | None = None) -> tuple[str, pathlib.Path, list[pathlib.Path]]:
     """The layout of an experts folder or file.
 
@@ -147,7 +170,8 @@ def detect_layout(path: str | pathlib.Path, layout: str | None = None) -> tuple[
 
     Returns:
         `(layout, folder, files)`: one of `LAYOUTS`, the folder, and the weight files (for `"wan_moe_lora"` in
-        slot order `transformer`, `transformer_2`; for `"lora"` the one file; empty otherwise).
+        slot order `transformer`, `transformer_2`; for `"phase_loras"` in phase order; for `"lora"` the one file;
+        empty otherwise).
 
     Raises:
         `ValueError` naming the path: nothing recognisable, only one of Wan's two files, several candidate LoRA
@@ -181,15 +205,25 @@ def detect_layout(path: str | pathlib.Path, layout: str | None = None) -> tuple[
             f"{path} holds {present or 'neither file'} but not {missing}: the Wan2.2 A14B layout needs both "
             f"{list(WAN_MOE_FILES.values())} (high noise on `transformer`, low noise on `transformer_2`)."
         )
+    explicit = layout is not None
     if layout is None:
         layout = next((name for name, ok in found.items() if ok), "lora")
-    elif layout != "lora" and not found[layout]:
+    elif layout not in ("lora", "phase_loras") and not found[layout]:
         raise ValueError(
             f"{path} is not in the {layout!r} layout (it needs "
             f"{ {'phased_dmd': CONFIG_NAME, 'full': 'config.json'}[layout] })."
         )
     if layout == "wan_moe_lora":
         return layout, path, [path / name for name in WAN_MOE_FILES.values()]
+    if layout == "phase_loras" or (layout == "lora" and not explicit):
+        per_phase = phase_files(path)
+        if per_phase is not None and (len(per_phase) > 1 or layout == "phase_loras"):
+            return "phase_loras", path, per_phase
+        if layout == "phase_loras":
+            raise ValueError(
+                f"{path} is not in the 'phase_loras' layout: it needs phase_0.safetensors, phase_1.safetensors, ... "
+                "and no other .safetensors files."
+            )
     if layout != "lora":
         return layout, path, []
     files = _safetensors_files(path)
@@ -236,8 +270,7 @@ def lora_state_dict(family: str, file: pathlib.Path, transformer: torch.nn.Modul
     """
     from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as handle:
-        raw_keys = list(handle.keys())
+    raw_keys = check_readable(file)
     native = [k.removeprefix("diffusion_model.") for k in raw_keys]
     dropped = [k for k in native if k.endswith(".diff") and "norm" not in k and k != "head.head.diff"]
     if dropped:
@@ -310,4 +343,13 @@ def load_lora(family: str, transformer: torch.nn.Module, file: pathlib.Path, ada
         transformer.load_lora_adapter(state_dict, prefix=LORA_PREFIX, adapter_name=adapter_name, metadata=metadata)
 
 
-__all__ = ["LAYOUTS", "PRESETS", "Preset", "WAN_MOE_FILES", "detect_layout", "find_preset", "load_lora"]
+__all__ = [
+    "LAYOUTS",
+    "PRESETS",
+    "Preset",
+    "WAN_MOE_FILES",
+    "detect_layout",
+    "find_preset",
+    "load_lora",
+    "phase_files",
+]

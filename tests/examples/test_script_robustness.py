@@ -152,6 +152,64 @@ def test_bad_video_sizes_fail_before_any_model_loads(bases, tmp_path, no_model_l
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "family, extra, match",
+    [
+        ("wan2.2-i2v-a14b", [], "`--image`.*required"),
+        ("wan2.2-i2v-a14b", ["--image", "missing.png"], "`--image` 'missing.png' is not a file"),
+        ("wan2.2-ti2v-5b", ["--image", "missing.png"], "`--image` 'missing.png' is not a file"),
+        ("wan2.2-i2v-a14b", ["--image", "IMAGE", "--height", "20"], "--height"),
+        ("wan2.2-i2v-a14b", ["--image", "NOT_AN_IMAGE"], "`--image` .* is not an image"),
+    ],
+)
+def test_image_to_video_inputs_fail_before_any_model_loads(
+    bases,  # noqa: F811
+    tmp_path,
+    no_model_load,
+    family,
+    extra,
+    match,
+):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "frame.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    paths = {"IMAGE": str(tmp_path / "frame.png"), "NOT_AN_IMAGE": str(tmp_path / "notes.png")}
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=match):
+        _main(bases, out, *[paths.get(a, a) for a in extra], family=family)
+    assert not out.exists()
+
+
+def test_finished_i2v_a14b_run_resumed_exits_before_loading(bases, tmp_path, monkeypatch, caplog):  # noqa: F811
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 40, 90)).save(tmp_path / "frame.png")
+    out, extra = tmp_path / "done", ["--image", str(tmp_path / "frame.png"), "--fake_updates_per_step", "1"]
+    _main(bases, out, *extra, "--max_train_steps", "1", "--checkpointing_steps", "1", family="wan2.2-i2v-a14b")
+    experts = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    from diffusers import DiffusionPipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("the base model was loaded to resume a finished run")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
+    caplog.set_level(logging.INFO)
+    _main(bases, out, *extra, "--max_train_steps", "1", "--resume_from_checkpoint", "latest", family="wan2.2-i2v-a14b")
+    assert "is finished" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == experts  # the experts not rewritten
+
+
+def test_i2v_a14b_family_is_read_from_the_config_files(bases):  # noqa: F811
+    from types import SimpleNamespace
+
+    from diffusers_pdmd.training import runs
+
+    args = SimpleNamespace(pretrained_model_name_or_path=str(bases["wan2.2-i2v-a14b"]), revision=None)
+    family = runs.probe_family(args)
+    assert family.name == "wan2.2-i2v-a14b" and family.image_concat and family.boundary_ratio == 0.9
+
+
 def test_failed_run_leaves_no_empty_output_dir(bases, tmp_path, monkeypatch):  # noqa: F811
     def boom(*a, **k):
         raise RuntimeError("out of memory")

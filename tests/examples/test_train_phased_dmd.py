@@ -126,7 +126,16 @@ def test_each_method_trains_loads_and_samples(bases, tmp_path, family, method):
         assert [e["base_transformer"] for e in config["experts"]] == ["transformer", "transformer_2"]
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["generator_updates"] == 2 * len(steps)
-    assert (out / "README.md").is_file()
+    history = json.loads((out / "logs" / "history.json").read_text())
+    for k in range(len(steps)):  # named for what they are: the mean of the phase's last (here: 2) updates
+        dmd = [h["dmd_loss"] for h in history if h["phase"] == k]
+        assert summary[f"phase_{k}_dmd_loss_mean_last_2"] == pytest.approx(sum(dmd) / 2)
+    assert not any("final" in key for key in summary)
+    # The experts also in ComfyUI's layout, named as the export names them.
+    two_files = family == "wan2.2-t2v-a14b" and method == "phased_dmd"
+    names = ["high_noise_model", "low_noise_model"] if two_files else [f"phase_{k}" for k in range(len(steps))]
+    assert sorted(p.name for p in (out / "comfyui").glob("*.safetensors")) == [f"{n}.safetensors" for n in names]
+    assert (out / "README.md").is_file() and "## ComfyUI" in (out / "README.md").read_text()
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.rglob("*"))
     _sample(out, family)
 
@@ -157,8 +166,12 @@ def test_acceptance_command_and_validation_grid(bases, tmp_path):
         "--validation_steps",
         "1",
     ]
-    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+    done = subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert (out / "validation_grid.png").is_file() and (out / "validation" / "step-2.png").is_file()
+    for path in (out / "validation" / "step-2.png", out / "validation_grid.png"):  # the log says where they are
+        assert f"Validation samples (one row per seed [0, 1], one column per prompt): {path}" in done.stderr
+    card = (out / "README.md").read_text()  # the run's prompt and size in the card's snippet
+    assert 'pipe("a red cat", height=32, width=32,' in card
     images = _sample(out, "qwen-image")
     assert np.isfinite(images).all()
 

@@ -37,7 +37,7 @@ from ..hub import (
     save_full_expert,
     save_lora_expert,
 )
-from ..released import LAYOUTS, PRESETS, WAN_MOE_FILES, detect_layout, find_preset
+from ..released import LAYOUTS, PRESETS, WAN_MOE_FILES, detect_layout, find_preset, phase_file_sibling
 from ..released import load_lora as load_released_lora
 from ..schedulers import PhasedDMDScheduler
 from .expert_swap import ExpertSwitcher
@@ -145,7 +145,18 @@ def _released_scheduler(family: str, base_config, folder, layout, files, schedul
         return scheduler, None
     own = folder / "scheduler" / "scheduler_config.json"
     if own.is_file():
-        return PhasedDMDScheduler.from_pretrained(own.parent), None
+        scheduler = PhasedDMDScheduler.from_pretrained(own.parent)
+        if layout == "lora" and scheduler.num_phases > 1:
+            hint = (
+                f"it is one phase's file of an export: pass the folder {folder} as `experts=` to load every phase's"
+                if phase_file_sibling(files[0])
+                else "pass a folder with one LoRA file per phase (phase_0.safetensors, phase_1.safetensors, ...)"
+            )
+            raise ValueError(
+                f"{files[0]} is one LoRA file, but {own} samples {scheduler.num_phases} phases: the file would make "
+                f"every phase's steps; {hint} (or `scheduler=` to use this one file for every step on purpose)."
+            )
+        return scheduler, None
     preset = find_preset(family, layout, files)
     if preset is None:
         raise ValueError(
@@ -601,7 +612,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
         `"wan_moe_lora"`: the high-noise file becomes adapter `phase_0` on `transformer`, the low-noise one `phase_1`
         on `transformer_2`, and each phase uses the one of its teacher transformer (the slot owning the phase's
         midpoint sigma). `"lora"`: one adapter `phase_0` on `transformer` for every phase. `"full"`: the folder's
-        transformer takes the `transformer` slot for every phase.
+        transformer takes the `transformer` slot for every phase. `"phase_loras"`: file `phase_k.safetensors` becomes
+        adapter `phase_k` on the teacher transformer of phase k (Qwen-Image and TI2V-5B: `transformer`).
         """
         family = self.family
         num_phases = self.scheduler.num_phases
@@ -618,6 +630,18 @@ class PhasedMoEPipeline(DiffusionPipeline):
                 adapters[slot] = f"phase_{index}"
                 load_released_lora(family.name, getattr(self, slot), file, adapters[slot])
             experts = [{"base_transformer": s, "adapter_name": adapters[s], "type": "lora"} for s in slots]
+        elif layout == "phase_loras":
+            if len(files) != num_phases:
+                raise ValueError(
+                    f"{folder} holds {len(files)} per-phase LoRA files ({', '.join(f.name for f in files)}), but the "
+                    f"sampler has {num_phases} phases (`steps_per_phase` {list(self.scheduler.config.steps_per_phase)})"
+                    "; pass the `scheduler=` the experts were made for."
+                )
+            experts = []
+            for k, file in enumerate(files):
+                slot = family.teacher_transformer_for_sigma((edges[k] + edges[k + 1]) / 2)
+                load_released_lora(family.name, getattr(self, slot), file, f"phase_{k}")
+                experts.append({"base_transformer": slot, "adapter_name": f"phase_{k}", "type": "lora"})
         elif layout == "lora":
             if len(family.transformer_names) > 1:
                 raise ValueError(
@@ -706,7 +730,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
             save_directory (`str` or `os.PathLike`): Destination folder.
             experts_only (`bool`, defaults to `False`): Write only `phased_dmd_config.json`, `scheduler/` and the
                 experts (`phase_k/`); loading resolves the base from `base_model`. Otherwise also write
-                `model_index.json` and every component (transformers without their LoRA layers).
+                `model_index.json` and every component (transformers without their LoRA layers). Either form gets
+                `comfyui/`, the LoRA experts in ComfyUI's layout (not with a `variant`).
             base_model (`str`, *optional*), base_revision (`str`, *optional*), method (`str`, *optional*): Override
                 the provenance kept in the config; an experts-only folder needs a `base_model`.
             safe_serialization (`bool`): Must be True (safetensors only).
@@ -761,6 +786,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
             )
             (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         config.save(out)
+        if variant is None:  # LoRA experts also in ComfyUI's layout, `comfyui/` (see `export.write_comfyui`)
+            from ..export import write_comfyui
+
+            write_comfyui(out)
 
     # ------------------------------------------------------------------ sampling
 

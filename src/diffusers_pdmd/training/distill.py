@@ -87,6 +87,7 @@ def _train(args, expected_families: tuple[str, ...], state: TrainState, load_pip
     """Every check that needs no weights, then the base and the roles on it, then the phase loop, then the outputs."""
     check_args(args)  # every flag check before any model loads
     check_speed_args(args)
+    runs.check_image(args)
     settings = resolve(args)
     prompts = load_prompts(settings.prompts, settings.prompt_column)
     family = runs.probe_family(settings)

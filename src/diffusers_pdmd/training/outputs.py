@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .. import hub
+from .. import export, hub
 from .data import to_device
 from .phases import TrainState
 from .plan import Plan
@@ -20,7 +20,8 @@ logger = logging.getLogger("diffusers_pdmd.train")
 
 
 def save_experts(d: Distiller, output_dir: Path, history) -> None:
-    """Write the experts-only repo: config, scheduler, one LoRA file per phase."""
+    """Write the experts-only repo: config, scheduler, one LoRA file per phase (and `comfyui/`, the same in ComfyUI's
+    LoRA layout)."""
     args = d.settings
     experts = []
     for j in range(d.plan.num_phases):
@@ -38,6 +39,7 @@ def save_experts(d: Distiller, output_dir: Path, history) -> None:
     )
     config.save(output_dir)
     d.scheduler().save_pretrained(output_dir / "scheduler")
+    export.write_comfyui(output_dir)  # the same experts in ComfyUI's LoRA layout, `comfyui/`
 
 
 @torch.no_grad()
@@ -72,6 +74,7 @@ def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds
     if d.accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
+        logger.info("Validation samples (one row per seed %s, one column per prompt): %s", list(seeds), path)
     return path
 
 
@@ -85,10 +88,11 @@ def summary(history: list[dict], plan: Plan) -> dict:
     }
     for phase in sorted({int(h["phase"]) for h in history}):
         rows = [h for h in history if int(h["phase"]) == phase][-10:]
-        out[f"phase_{phase}_final_dmd_loss"] = sum(r["dmd_loss"] for r in rows) / len(rows)
+        # Means over the phase's last (up to) 10 generator updates, named with their count.
+        out[f"phase_{phase}_dmd_loss_mean_last_{len(rows)}"] = sum(r["dmd_loss"] for r in rows) / len(rows)
         if any("fake_loss" in r for r in rows):
             vals = [r["fake_loss"] for r in rows if "fake_loss" in r]
-            out[f"phase_{phase}_final_fake_loss"] = sum(vals) / len(vals)
+            out[f"phase_{phase}_fake_loss_mean_last_{len(vals)}"] = sum(vals) / len(vals)
     return out
 
 
@@ -116,7 +120,8 @@ def write_outputs(d, state: TrainState, text) -> None:
         output_dir,
         config,
         repo_id=s.hub_model_id,  # None: the folder's path, replaced by the real repo id when pushing
-        prompt=val_prompts[0] if val_prompts else None,
+        prompt=(val_prompts or text.prompts)[0],
+        sample_size=d.size(),
         training_figures=figures,
         validation_images=[grid.name] if grid else None,
     )

@@ -52,8 +52,8 @@ def probe_family(args):
         elif cls in ("WanPipeline", "WanImageToVideoPipeline") and (
             index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0]
         ):
-            name = "wan2.2-i2v-a14b" if cls == "WanImageToVideoPipeline" else "wan2.2-t2v-a14b"
-        else:
+            name = "wan2.2-t2v-a14b" if cls == "WanPipeline" else "wan2.2-i2v-a14b"
+        else:  # Wan2.1 I2V (one transformer and a CLIP image encoder) and other pipelines this code does not train
             return None
         vae = {"scale_factor_spatial": 8, "scale_factor_temporal": 4, **(read("vae/config.json") or {})}
         transformer = {"patch_size": (1, 2, 2), **(read("transformer/config.json") or {})}
@@ -66,6 +66,26 @@ def probe_family(args):
         return get_family(components)
     except Exception:
         return None
+
+
+def check_image(args) -> None:
+    """`--image` (the first frame of image-to-video runs) names a readable image file or an http(s) URL.
+
+    Checked before any model loads: diffusers' `load_image` would fail only after it, with "Incorrect path or URL"
+    and no word of the flag.
+    """
+    image = getattr(args, "image", None)
+    if image is None or str(image).startswith(("http://", "https://")):
+        return
+    if not os.path.isfile(image):
+        raise ValueError(f"`--image` {image!r} is not a file (the first frame of every sample: a PNG, JPEG, ...).")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"`--image` {image!r} is not an image PIL can read ({err}).") from err
 
 
 # Flags that define a run: a checkpoint resumes only under the same values. Others (learning rates and the like) may
@@ -130,9 +150,8 @@ def run_config(args, plan, family_name: str) -> dict:
     }
 
 
-def recipe_config(flags: dict) -> dict:
-    """The other flags ([`RECIPE_FLAGS`]) as given, as a checkpoint records them (a resume logs their changes)."""
-    return {k: flags[k] for k in RECIPE_FLAGS if k in flags}
+def recipe_config(args) -> dict:
+    return {k: getattr(args, k) for k in RECIPE_FLAGS if hasattr(args, k)}
 
 
 def check_resume(path: Path, state: dict, run: dict, recipe: dict) -> None:
@@ -163,7 +182,7 @@ def check_resume(path: Path, state: dict, run: dict, recipe: dict) -> None:
 
 # What a run writes into --output_dir (the rest of a folder is left alone).
 _RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", "training_summary.json", "validation", "validation_grid.png")
-_EXPERT_OUTPUTS = ("phase_*", "phased_dmd_config.json", "scheduler", "README.md")
+_EXPERT_OUTPUTS = ("phase_*", "comfyui", "phased_dmd_config.json", "scheduler", "README.md")
 
 
 def check_output_dir(args, output_dir: Path) -> list[Path]:
