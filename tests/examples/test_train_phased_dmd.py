@@ -156,9 +156,12 @@ def test_acceptance_command_and_validation_grid(bases, tmp_path):
         "a blue house",
         "--validation_steps",
         "1",
+        "--validation_seeds",
+        "3",
     ]
-    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+    proc = subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
     assert (out / "validation_grid.png").is_file() and (out / "validation" / "step-2.png").is_file()
+    assert b"validation over 3 seeds: val/pixel_diversity" in proc.stdout + proc.stderr
     images = _sample(out, "qwen-image")
     assert np.isfinite(images).all()
 

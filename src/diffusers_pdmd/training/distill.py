@@ -173,6 +173,7 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     )
     a("--validation_prompts", nargs="*", default=None)
     a("--validation_steps", type=int, default=200)
+    a("--validation_seeds", type=int, default=2, help="Seeds per validation prompt (>= 2 logs val/pixel_diversity).")
     a("--report_to", default="none", help="Tracker for accelerate (tensorboard, wandb, ...), or 'none'.")
     a("--logging_dir", default="logs")
     a("--push_to_hub", action="store_true")
@@ -1407,10 +1408,12 @@ def save_experts(d: Distiller, output_dir: Path, history) -> None:
 
 
 @torch.no_grad()
-def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds=(0, 1)):
-    """Sample each validation prompt with the current experts (one row per seed) and save a PNG grid."""
+def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds=None):
+    """Sample each validation prompt with the current experts (one row per seed), save a PNG grid and log the
+    diversity across seeds (`diffusers_pdmd.evaluate.validation_diversity`)."""
     from PIL import Image
 
+    seeds = range(getattr(d.args, "validation_seeds", 2)) if seeds is None else seeds
     family, (h, w, f) = d.family, d.size()
     cond_all = cached if cached is not None else encode(prompts)
     images = []
@@ -1438,6 +1441,12 @@ def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds
     if d.accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
+    if len(seeds) > 1:
+        from ..evaluate import validation_diversity
+
+        diversity = validation_diversity([images[p::cols] for p in range(cols)])
+        d.accelerator.log({f"val/{k}": v for k, v in diversity.items()})
+        logger.info("validation over %d seeds: val/pixel_diversity %.4g", len(seeds), diversity["pixel_diversity"])
     return path
 
 
