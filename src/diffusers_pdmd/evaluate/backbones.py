@@ -71,11 +71,12 @@ def _pooled(output) -> torch.Tensor:
 class FeatureModel:
     """DINO features of images (N, 3, H, W) in [0, 1]: the pooled (CLS) output, a (N, D) float64 array."""
 
-    def __init__(self, model_id: str, device="cpu", dtype=torch.float32, image_size: int = 224):
+    def __init__(self, model_id: str, device="cpu", dtype=torch.float32, image_size: int = 224, model=None):
         from transformers import AutoModel
 
         self.name = model_id
-        self.model = AutoModel.from_pretrained(model_id, dtype=dtype).to(device).eval().requires_grad_(False)
+        model = model if model is not None else AutoModel.from_pretrained(model_id, dtype=dtype)
+        self.model = model.to(device, dtype).eval().requires_grad_(False)
         patch = getattr(self.model.config, "patch_size", 16)
         self.image_size = max(patch, image_size // patch * patch)
         self.device, self.dtype = device, dtype
@@ -105,12 +106,13 @@ def load_feature_model(model_id: str | None, device="cpu", dtype=torch.float32):
 class ClipModel:
     """Projected CLIP embeddings of images (N, 3, H, W) in [0, 1] and of prompts."""
 
-    def __init__(self, model_id: str, device="cpu", dtype=torch.float32):
+    def __init__(self, model_id: str, device="cpu", dtype=torch.float32, model=None, tokenizer=None):
         from transformers import AutoTokenizer, CLIPModel
 
         self.name = model_id
-        self.model = CLIPModel.from_pretrained(model_id, dtype=dtype).to(device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = model if model is not None else CLIPModel.from_pretrained(model_id, dtype=dtype)
+        self.model = model.to(device, dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_id)
         self.device, self.dtype = device, dtype
 
     @torch.no_grad()

@@ -265,11 +265,21 @@ def _check_settings(folder: pathlib.Path, settings: dict) -> None:
 
 
 def generate(
-    spec, prompts, seeds, out_dir, height, width, num_frames=None, dtype=torch.float32, device="cpu", image=None
+    spec,
+    prompts,
+    seeds,
+    out_dir,
+    height,
+    width,
+    num_frames=None,
+    dtype=torch.float32,
+    device="cpu",
+    image=None,
+    pipe=None,
 ):
     """Sample what is missing of ``prompts x seeds`` for one sampler (resumable); returns the number sampled.
 
-    The pipeline is loaded only if a sample is missing. Each sample gets its own ``torch.Generator(seed)``; its
+    The pipeline is loaded only if a sample is missing (``pipe``: one already in memory, e.g. a benchmark's). Each sample gets its own ``torch.Generator(seed)``; its
     seconds (wall clock of the pipeline call, synchronised on CUDA) and transformer forwards are recorded.
     """
     from tqdm.auto import tqdm
@@ -280,7 +290,7 @@ def generate(
     todo = [(p, s) for p in range(len(prompts)) for s in seeds if not sample_path(out_dir, spec.name, p, s).is_file()]
     if not todo:
         return 0
-    pipe = load_pipeline(spec, dtype, device)
+    pipe = pipe if pipe is not None else load_pipeline(spec, dtype, device)
     kwargs = call_kwargs(spec, pipe, height, width, num_frames)
     if image is not None:
         kwargs["image"] = image
