@@ -246,6 +246,10 @@ def test_cli_errors_before_any_model_loads(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             _run(common + extra)
         assert match in capsys.readouterr().err
+    if __import__("importlib").util.find_spec("lpips") is None:
+        with pytest.raises(SystemExit):
+            _run(common + ["--sampler", f"t={base}", "--height", 32, "--width", 32, "--metrics", "lpips"])
+        assert "pip install lpips" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SystemExit):
         _run(["--sampler", f"t={base}", "--prompts", tmp_path / "empty.txt", "--output_dir", tmp_path / "o"])
@@ -274,6 +278,8 @@ def test_cli_on_tiny_qwen_image_is_resumable(models, tmp_path, monkeypatch):
     result = _assert_outputs(tmp_path / "out", ["teacher", "ours"], 2)
     teacher, ours = result["samplers"]["teacher"], result["samplers"]["ours"]
     assert teacher["forwards_per_sample"] == 6 and ours["forwards_per_sample"] == 2  # true CFG: 2 per step
+    assert teacher["steps"] == 3 and ours["steps"] == 2
+    assert "steps 3, cfg 4.0" in (tmp_path / "out" / "report.md").read_text()
     assert teacher["fd_to_reference"] == 0.0 and result["fd"]["ours"]["teacher"] >= 0.0
     assert 0 <= teacher["clip"] <= 100 and "flow" not in teacher  # images: no motion
     assert set(teacher["dino_similarity_per_prompt"]) == {"0", "1"}
@@ -337,3 +343,46 @@ def test_cli_on_the_digits_demo_output(tmp_path):
     )
     expected = metrics.mean_pairwise_cosine_similarity(metrics.features(images), [0, 0, 0, 1, 1, 1])
     assert result["samplers"]["teacher"]["dino_similarity"] == pytest.approx(expected)
+
+
+def test_cli_on_released_qwen_image_lightning(models, tmp_path):
+    """Released experts with their preset sampler: Qwen-Image-Lightning's 4 steps without CFG (a LoRA file in its
+    published layout, fabricated at tiny shapes as in test_released.py)."""
+    from safetensors.torch import save_file
+    from test_released import QWEN_MODULES, fabricate_lora
+
+    from diffusers_pdmd import tiny
+
+    base = tiny.save_pipeline("qwen-image", tmp_path / "base")
+    tensors, _ = fabricate_lora(
+        tiny.build_pipeline("qwen-image").transformer, {m: m for m in QWEN_MODULES}, "transformer_blocks", "", 0
+    )
+    lora = tmp_path / "Qwen-Image-Lightning-4steps-V1.0.safetensors"
+    save_file(tensors, lora)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    args = [
+        "--sampler",
+        f"lightning={lora}:base={base}",
+        "--prompts",
+        prompts,
+        "--seeds",
+        2,
+        "--output_dir",
+        tmp_path / "o",
+    ]
+    args += ["--height", 32, "--width", 32, "--metrics", "diversity,cost", "--feature_model", models["dino"]]
+    assert _run(args) == 0
+    row = json.loads((tmp_path / "o" / "metrics.json").read_text())["samplers"]["lightning"]
+    assert row["steps"] == 4 and row["forwards_per_sample"] == 4
+
+
+def test_prompts_from_a_saved_dataset(tmp_path):
+    import datasets
+
+    from diffusers_pdmd.evaluate import load_prompts
+
+    datasets.Dataset.from_dict({"caption": ["a cat", " ", "a dog"]}).save_to_disk(str(tmp_path / "d"))
+    assert load_prompts(str(tmp_path / "d"), column="caption") == ["a cat", "a dog"]
+    with pytest.raises(ValueError, match="prompt_column"):
+        load_prompts(str(tmp_path / "d"))

@@ -15,6 +15,7 @@ written. `validation_diversity` is the small entry point for training scripts.
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -68,14 +69,26 @@ def _resolve_size(specs: list[SamplerSpec], height, width, num_frames):
     return height, width, num_frames
 
 
-def check_arguments(samplers, prompts, seeds, metrics, reference, height, width, num_frames, real_images=None):
-    """Every check that needs no model; raises `ValueError` naming the argument. Returns the parsed samplers."""
+def prepare(samplers, prompts, seeds, metrics, reference=None, height=None, width=None, num_frames=None, **checks):
+    """Parse the samplers, resolve the seeds and the size, and run `check_arguments`: everything that needs no
+    model. Returns ``(specs, seeds, height, width, num_frames)``."""
     if not samplers:
         raise ValueError("give at least one `--sampler NAME=SOURCE`.")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    specs = [s if isinstance(s, SamplerSpec) else parse_sampler(s) for s in samplers]
+    height, width, num_frames = _resolve_size(specs, height, width, num_frames)
+    check_arguments(specs, prompts, seeds, metrics, reference, height, width, num_frames, **checks)
+    return specs, seeds, height, width, num_frames
+
+
+def check_arguments(
+    specs, prompts, seeds, metrics, reference, height, width, num_frames, real_images=None, lpips_model=None
+):
+    """Every check that needs no model; raises `ValueError` naming the argument."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"`--metrics` must be a subset of {METRICS}, got unknown {unknown}.")
-    specs = [s if isinstance(s, SamplerSpec) else parse_sampler(s) for s in samplers]
+    check_samplers(specs, height, width, num_frames)
     if not prompts:
         raise ValueError("`--prompts`: no prompts.")
     if len(seeds) < 2 and {"diversity", "lpips", "fd"} & set(metrics):
@@ -88,10 +101,13 @@ def check_arguments(samplers, prompts, seeds, metrics, reference, height, width,
     for metric, module in needs.items():
         if metric in metrics and importlib.util.find_spec(module) is None:
             raise ValueError(f"`--metrics {metric}` needs {module}: pip install 'diffusers-pdmd[eval]'.")
+    if "lpips" in metrics and lpips_model in ("alex", "vgg") and importlib.util.find_spec("lpips") is None:
+        raise ValueError(
+            f"`--lpips_model {lpips_model}` converts the `lpips` package's weights: pip install lpips, or pass a "
+            "folder with config.json + model.safetensors (`evaluate.backbones.save_lpips_folder`)."
+        )
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError("the diversity-vs-cost plot needs matplotlib: pip install 'diffusers-pdmd[eval]'.")
-    check_samplers(specs, height, width, num_frames)
-    return specs
 
 
 def load_samples(out_dir, name: str, n_prompts: int, seeds) -> tuple[list[torch.Tensor], np.ndarray, list[dict]]:
@@ -196,11 +212,11 @@ def evaluate(
             ="digits"`` uses the digits classifier.
         real_images: A folder of real images for ``fd_to_real``.
     """
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     metrics = tuple(metrics)
-    specs = [s if isinstance(s, SamplerSpec) else parse_sampler(s) for s in samplers]
-    height, width, num_frames = _resolve_size(specs, height, width, num_frames)
-    specs = check_arguments(specs, prompts, seeds, metrics, reference, height, width, num_frames, real_images)
+    specs, seeds, height, width, num_frames = prepare(
+        samplers, prompts, seeds, metrics, reference, height, width, num_frames, real_images=real_images,
+        lpips_model=lpips_model,
+    )  # fmt: skip
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
@@ -219,6 +235,7 @@ def evaluate(
     size = f"{num_frames}x{height}x{width}" if is_video else f"{height}x{width}"
     feature_name = getattr(models.get("features"), "name", feature_model)
     result.update(prompts=prompts, seeds=seeds, size=size, reference=reference, feature_model=feature_name)
+    result["settings"] = {s.name: json.loads((out / "samples" / s.name / "sampler.json").read_text()) for s in specs}
     write_outputs(out, result, data, command)
     return result
 
@@ -258,5 +275,5 @@ def validation_diversity(images_by_prompt, feature_model=None) -> dict[str, floa
     return out
 
 
-__all__ = ["METRICS", "SamplerSpec", "check_arguments", "evaluate", "load_prompts", "parse_sampler"]
+__all__ = ["METRICS", "SamplerSpec", "check_arguments", "evaluate", "load_prompts", "parse_sampler", "prepare"]
 __all__ += ["validation_diversity", "write_outputs"]

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import METRICS, evaluate, load_prompts
+from . import METRICS, evaluate, load_prompts, prepare
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,21 +53,26 @@ def main(argv=None) -> int:
     if args.num_prompts is not None and args.num_prompts < 1:
         parser.error("--num_prompts must be >= 1")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    try:
+    sizes = (args.height, args.width, args.num_frames)
+    try:  # every check that needs no model, before any model loads
         prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.num_prompts)
-        image = None
-        if args.image:
-            from diffusers.utils import load_image
-
-            image = load_image(args.image)
-        command = "python -m diffusers_pdmd.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
-        result = evaluate(
-            args.sampler, prompts, args.output_dir, args.seeds, args.height, args.width, args.num_frames, metrics,
-            args.feature_model, args.clip_model, args.lpips_model, args.flow_model, args.reference,
-            args.real_images, DTYPES[args.dtype], args.device, image, command,
+        specs, seeds, height, width, num_frames = prepare(
+            args.sampler, prompts, args.seeds, metrics, args.reference, *sizes, real_images=args.real_images,
+            lpips_model=args.lpips_model,
         )  # fmt: skip
     except ValueError as err:
         parser.error(str(err))
+    image = None
+    if args.image:
+        from diffusers.utils import load_image
+
+        image = load_image(args.image)
+    command = "python -m diffusers_pdmd.evaluate " + shlex.join(sys.argv[1:] if argv is None else map(str, argv))
+    result = evaluate(
+        specs, prompts, args.output_dir, seeds, height, width, num_frames, metrics, args.feature_model,
+        args.clip_model, args.lpips_model, args.flow_model, args.reference, args.real_images, DTYPES[args.dtype],
+        args.device, image, command,
+    )  # fmt: skip
     from .report import markdown_table
 
     print(markdown_table(result["samplers"]))

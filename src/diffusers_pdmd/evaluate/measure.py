@@ -99,9 +99,12 @@ def diversity(features: np.ndarray, groups) -> dict:
 
 
 def cost(records: list[dict]) -> dict:
-    """Mean seconds (without the warm-up sample when there are others) and transformer forwards per sample."""
+    """Sampling steps (the scheduler's, most common), mean seconds (without the warm-up sample when there are
+    others) and mean transformer forwards per sample."""
     seconds = [r["seconds"] for r in records if not r.get("warmup")] or [r["seconds"] for r in records]
+    steps = [r["steps"] for r in records if r.get("steps")]
     return {
+        "steps": int(np.bincount(steps).argmax()) if steps else None,
         "seconds_per_sample": float(np.mean(seconds)),
         "forwards_per_sample": float(np.mean([r["forwards"] for r in records])),
     }

@@ -12,6 +12,7 @@ import torch
 
 
 COLUMNS = (  # key in a sampler's metrics -> header (arrow: which way is better)
+    ("steps", "steps"),
     ("forwards_per_sample", "transformer forwards / sample"),
     ("seconds_per_sample", "s / sample"),
     ("dino_similarity", "DINO similarity ↓"),
@@ -28,6 +29,15 @@ def _cell(value) -> str:
     if value is None:
         return "–"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def describe(settings: dict) -> str:
+    """A sampler's settings (``samples/NAME/sampler.json``) in words."""
+    parts = [settings.get("source", "?")]
+    parts += [f"{k} {settings[k]}" for k in ("base", "preset", "steps", "cfg") if settings.get(k) is not None]
+    if settings.get("negative") is not None:
+        parts.append(f"negative prompt {settings['negative']!r}")
+    return ", ".join(str(p) for p in parts)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -55,6 +65,7 @@ def write_report(out_dir: pathlib.Path, result: dict, command: str) -> pathlib.P
         f"{len(prompts)} prompts x {len(result['seeds'])} seeds, {result['size']}; reference: "
         f"{result['reference']}; feature model: {result['feature_model']}.",
         markdown_table(rows),
+        "Samplers: " + "; ".join(f"`{n}`: {describe(st)}" for n, st in result.get("settings", {}).items()) + ".",
         "DINO similarity: mean pairwise cosine similarity of the features of one prompt's seeds (lower = more "
         "diverse); LPIPS: mean pairwise distance (higher = more diverse); optical flow: mean RAFT flow magnitude "
         "between consecutive frames (pixels); dynamic degree: share of videos VBench calls dynamic; FD: Fréchet "

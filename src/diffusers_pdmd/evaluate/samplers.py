@@ -305,7 +305,9 @@ def generate(
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         array = out.frames[0] if hasattr(out, "frames") else out.images[0]
+        timesteps = getattr(pipe.scheduler, "timesteps", None)
         record = {"prompt": prompts[p], "seed": seed, "seconds": seconds, "forwards": forwards[0], "warmup": i == 0}
+        record["steps"] = 0 if timesteps is None else len(timesteps)
         save_sample(sample_path(out_dir, spec.name, p, seed), array, record)
     del pipe
     return len(todo)
