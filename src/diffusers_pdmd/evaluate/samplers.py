@@ -148,9 +148,16 @@ def check_samplers(specs: list[SamplerSpec], height: int, width: int, num_frames
 
 
 def _hub_kind(spec: SamplerSpec) -> str:
-    from huggingface_hub import file_exists
+    """A Hub repo with ``model_index.json`` is a base pipeline (the teacher); any other is read as experts (from
+    the cache too, offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-    return "teacher" if file_exists(spec.source, "model_index.json") else "experts"
+    try:
+        hf_hub_download(spec.source, "model_index.json")
+    except EntryNotFoundError:
+        return "experts"
+    return "teacher"
 
 
 def load_pipeline(spec: SamplerSpec, dtype=torch.float32, device="cpu"):
@@ -300,7 +307,7 @@ def generate(
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            out = pipe(prompts[p], generator=generator, **kwargs)
+            out = pipe(prompt=prompts[p], generator=generator, **kwargs)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
