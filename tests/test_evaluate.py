@@ -242,6 +242,10 @@ def test_cli_errors_before_any_model_loads(tmp_path, monkeypatch, capsys):
         (["--sampler", f"t={base}", "--height", 32, "--width", 32, "--metrics", "fid"], "--metrics"),
         (["--sampler", f"t={base}", "--sampler", f"t={base}", "--height", 32, "--width", 32], "unique"),
     ]
+    wan = tiny.save_pipeline("wan2.2-t2v-a14b", tmp_path / "wan")
+    cases.append(
+        (["--sampler", f"q={base}", "--sampler", f"w={wan}", "--height", 32, "--width", 32], "cannot be compared")
+    )
     for extra, match in cases:
         with pytest.raises(SystemExit):
             _run(common + extra)

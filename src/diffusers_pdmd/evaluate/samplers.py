@@ -128,12 +128,18 @@ def parse_sampler(text: str) -> SamplerSpec:
 
 
 def check_samplers(specs: list[SamplerSpec], height: int, width: int, num_frames: int | None) -> None:
-    """Unique names, and sizes each known family can take (`Family.check_size`), before any model loads."""
+    """Unique names, one modality (images or videos), and sizes each known family can take (`Family.check_size`),
+    before any model loads."""
     from ..families import get_family
 
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"`--sampler` names must be unique, got {names}.")
+    kinds = {spec.family == "qwen-image" for spec in specs if spec.family is not None}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"`--sampler`: images (qwen-image) and videos (Wan2.2) cannot be compared: {[(s.name, s.family) for s in specs]}."
+        )
     for spec in specs:
         if spec.family is None:
             continue
