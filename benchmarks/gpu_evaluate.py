@@ -11,8 +11,11 @@ each metric, and the peak GPU memory, in `docs/benchmarks/gpu.md` (section `eval
     python benchmarks/gpu_evaluate.py --model wan --prompts 2 --seeds 4 --out eval_wan.json       # ~258 s a teacher video
     python benchmarks/gpu_evaluate.py --model qwen --tiny                                         # CPU logic check
 
-A device call lasts at most 10 minutes: `--prompts 1 --seeds 2` (Wan: `--teacher_steps 10`) fits one call; samples
-are kept under `--workdir`, so a second call with the same flags only samples what is missing.
+A device call lasts at most 10 minutes. Samples are kept under `--workdir` (default `outputs/gpu_evaluate`, ignored
+by git, kept on a warm device machine), so a call cut off by the limit is continued by the same command: it samples
+only what is missing (the random weights are seeded, the same in every call). Reduced runs that fit one call:
+`--model qwen --prompts 1 --seeds 8` (about 8 x 19 s of teacher), `--model wan --prompts 1 --seeds 2 --teacher_steps
+10`. Per-sample seconds are measured on each sample; a stage's wall time counts the samples made in that call.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def run(args) -> dict:
     h, w, f = size["height"], size["width"], size.get("num_frames")
     seeds, res = list(range(args.seeds)), {"env": gc_.environment(), "args": vars(args), "sampling": {}, "metrics": {}}
     for s, pipe in ((teacher, base), (ours, student)):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         gc_.sync()
         start = time.perf_counter()
         n = samplers.generate(s, prompts, seeds, out, h, w, f, device=gc_.device(), pipe=pipe)
@@ -144,7 +149,9 @@ def main():
     parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: 8 for qwen, 4 for wan)")
     parser.add_argument("--teacher_steps", type=int, default=None, help="default: 50 (qwen) / 40 (wan)")
     parser.add_argument("--base", default=None, help="saved family pipeline folder (default: built in memory)")
-    parser.add_argument("--workdir", default="/tmp/gpu_evaluate")
+    parser.add_argument(
+        "--workdir", default=str(gc_.REPO / "outputs" / "gpu_evaluate"), help="samples and report (kept: resumable)"
+    )
     args = parser.parse_args()
     args.prompts = args.prompts or (4 if args.model == "qwen" else 2)
     args.seeds = args.seeds or (8 if args.model == "qwen" else 4)
