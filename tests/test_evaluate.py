@@ -390,3 +390,13 @@ def test_prompts_from_a_saved_dataset(tmp_path):
     assert load_prompts(str(tmp_path / "d"), column="caption") == ["a cat", "a dog"]
     with pytest.raises(ValueError, match="prompt_column"):
         load_prompts(str(tmp_path / "d"))
+
+
+def test_lpips_matches_the_lpips_package():
+    """Our LPIPS equals the `lpips` package's (its shipped heads, a random trunk: no download), where installed."""
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    reference = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    ours = backbones.lpips_from_state_dict("alex", reference.state_dict())
+    x, y = _images(2, 64, seed=1), _images(2, 64, seed=2)
+    torch.testing.assert_close(ours(x, y), reference(x, y, normalize=True).flatten().detach(), rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import torch
@@ -192,20 +193,25 @@ def save_lpips_folder(model: LPIPSModel, folder) -> pathlib.Path:
     return folder
 
 
-def lpips_from_package(net: str = "alex") -> LPIPSModel:
-    """Convert the `lpips` package's model (its shipped linear heads, torchvision's ImageNet trunk) to `LPIPSModel`."""
-    import lpips  # noqa: F401  (only on the user's machine)
-
-    source = lpips.LPIPS(net=net, verbose=False).state_dict()
+def lpips_from_state_dict(net: str, source: dict) -> LPIPSModel:
+    """An `LPIPSModel` from the state dict of the `lpips` package's ``LPIPS(net=net)``: its trunk keys
+    ``net.slice{k}.{i}.*`` keep torchvision's index i in ``.features``; its heads ``lin{l}.model.1.weight``."""
     model = LPIPSModel(net)
     state = {}
     for key, value in source.items():
-        if key.startswith("net.slice"):  # net.slice{k}.{index}.weight keeps torchvision's index in `.features`
+        if key.startswith("net.slice"):
             state["features." + key.split(".", 2)[2]] = value
-        elif key.startswith("lin") and key.endswith("model.1.weight"):
+        elif re.fullmatch(r"lin\d\.model\.1\.weight", key):
             state[f"lin.{int(key[3])}"] = value.flatten()
     model.load_state_dict(state)
     return model
+
+
+def lpips_from_package(net: str = "alex") -> LPIPSModel:
+    """Convert the `lpips` package's model (its shipped linear heads, torchvision's ImageNet trunk) to `LPIPSModel`."""
+    import lpips  # only on the user's machine: it fetches torchvision's trunk weights
+
+    return lpips_from_state_dict(net, lpips.LPIPS(net=net, verbose=False).state_dict())
 
 
 def load_lpips_model(source: str, device="cpu") -> LPIPSModel:
