@@ -313,6 +313,8 @@ def test_cli_on_tiny_wan_measures_motion(models, tmp_path):
 def test_cli_on_the_digits_demo_output(tmp_path):
     """The digits demo's folders (teacher pipeline, experts-only student) measured with the digits classifier as the
     backbone: the same functions the demo's own table uses."""
+    from PIL import Image
+
     from diffusers_pdmd import PhasedDMDScheduler, PhasedMoEPipeline, digits
 
     if not (digits.ASSET_DIR / "model_index.json").is_file():
@@ -333,10 +335,25 @@ def test_cli_on_the_digits_demo_output(tmp_path):
         f"phased_dmd={student}",
     ]
     args += ["--prompts", prompts, "--seeds", 3, "--output_dir", tmp_path / "eval", "--height", 16, "--width", 16]
-    args += ["--metrics", "diversity,fd,cost", "--feature_model", "digits"]
+    args += ["--metrics", "diversity,fd,cost", "--feature_model", "digits", "--real_images", tmp_path / "real"]
+    real = metrics.real_digits("test")[0][:12]
+    (tmp_path / "real").mkdir()
+    for i, image in enumerate(real):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            tmp_path / "real" / f"{i}.png"
+        )
     assert _run(args) == 0
     result = _assert_outputs(tmp_path / "eval", ["teacher", "phased_dmd"], 2)
     assert result["feature_model"] == "digits"
+    # FD to real data: the real digits' features, read back from the PNGs, against the teacher's
+    real_back = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(tmp_path / "real" / f"{i}.png"), dtype=np.float32) / 255).permute(
+                2, 0, 1
+            )
+            for i in range(12)
+        ]
+    )
     # the same numbers as the digits metrics compute from the same samples
     images = torch.stack(
         [
@@ -347,6 +364,8 @@ def test_cli_on_the_digits_demo_output(tmp_path):
     )
     expected = metrics.mean_pairwise_cosine_similarity(metrics.features(images), [0, 0, 0, 1, 1, 1])
     assert result["samplers"]["teacher"]["dino_similarity"] == pytest.approx(expected)
+    expected = metrics.frechet_distance(metrics.features(images), metrics.features(real_back))
+    assert result["samplers"]["teacher"]["fd_to_real"] == pytest.approx(max(0.0, expected), rel=1e-6)
 
 
 def test_cli_on_released_qwen_image_lightning(models, tmp_path):
