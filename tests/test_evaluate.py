@@ -253,7 +253,7 @@ def test_cli_errors_before_any_model_loads(tmp_path, monkeypatch, capsys):
     if __import__("importlib").util.find_spec("lpips") is None:
         with pytest.raises(SystemExit):
             _run(common + ["--sampler", f"t={base}", "--height", 32, "--width", 32, "--metrics", "lpips"])
-        assert "pip install lpips" in capsys.readouterr().err
+        assert "pip install" in capsys.readouterr().err  # lpips (or, without torchvision, the eval extra)
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SystemExit):
         _run(["--sampler", f"t={base}", "--prompts", tmp_path / "empty.txt", "--output_dir", tmp_path / "o"])
