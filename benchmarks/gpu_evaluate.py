@@ -41,11 +41,11 @@ def build_backbones(tiny: bool, device) -> dict:
     from diffusers_pdmd.evaluate import backbones
 
     small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
-    if hasattr(transformers, "DINOv3ViTModel"):
-        config = transformers.DINOv3ViTConfig(**(small if tiny else {}))
-        dino = transformers.DINOv3ViTModel(config)
+    vit_b = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+    if hasattr(transformers, "DINOv3ViTModel"):  # ViT-B/16 (the config's default is ViT-S)
+        dino = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**(small if tiny else vit_b)))
     else:
-        dino = transformers.Dinov2Model(transformers.Dinov2Config(**(small if tiny else {})))
+        dino = transformers.Dinov2Model(transformers.Dinov2Config(**(small if tiny else vit_b)))
     tokenizer = tiny_models.build_tokenizer("wan2.2-t2v-a14b")
     text = dict(small if tiny else {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12})
     vision = dict(small) if tiny else {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16}
@@ -92,7 +92,7 @@ def run(args) -> dict:
         n = samplers.generate(s, prompts, seeds, out, h, w, f, device=gc_.device(), pipe=pipe)
         gc_.sync()
         res["sampling"][s.name] = {"samples": n, "seconds": time.perf_counter() - start, "peak_gib": _peak_gib()}
-    del student, base
+    del student, base, pipe
     gc_.free()
     data = {s.name: evaluate.load_samples(out, s.name, len(prompts), seeds) for s in (teacher, ours)}
     models = build_backbones(args.tiny, gc_.device())

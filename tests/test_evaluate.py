@@ -169,6 +169,7 @@ def test_flow_of_a_translated_video_is_k_pixels(k):
     video = _translated_video(k)
     flow = backbones.video_flow(TranslationFlow(), video)
     assert flow.shape == (4, 2, 32, 32)
+    torch.testing.assert_close(backbones.video_flow(TranslationFlow(), video, batch_size=3), flow)  # pairs in chunks
     magnitudes, flags = measure.motion([video], TranslationFlow())
     assert magnitudes[0] == pytest.approx(k, abs=1e-5)
     assert flags == [k > 6 * 32 / 256]

@@ -274,13 +274,17 @@ def load_flow_model(source: str, device="cpu") -> nn.Module:
 
 
 @torch.no_grad()
-def video_flow(flow_model, frames: torch.Tensor, size: int | None = None, num_flow_updates: int = 12) -> torch.Tensor:
+def video_flow(
+    flow_model, frames: torch.Tensor, size: int | None = None, num_flow_updates: int = 12, batch_size: int = 8
+) -> torch.Tensor:
     """Optical flow between consecutive frames of one video (F, 3, H, W) in [0, 1], through RAFT's interface
     (``model(image1, image2, num_flow_updates=...)`` returns a list of (N, 2, h, w) flows, the last the finest; inputs
     in [-1, 1], sides multiples of 8).
 
     The frames are resized so that the shorter side is ``size`` (default: the shorter side rounded up to a multiple
-    of 8, at least `MIN_RAFT_SIZE`) and both sides are multiples of 8; the flow is scaled back to pixels of the input frames.
+    of 8, at least `MIN_RAFT_SIZE`) and both sides are multiples of 8; the flow is scaled back to pixels of the input
+    frames. Frame pairs go through RAFT ``batch_size`` at a time (its correlation volume grows with the square of the
+    frame area).
 
     Returns:
         (F - 1, 2, H, W) flows in pixels of the input frames.
@@ -292,7 +296,13 @@ def video_flow(flow_model, frames: torch.Tensor, size: int | None = None, num_fl
     x = 2.0 * x.clamp(0, 1) - 1.0
     device = next(iter(flow_model.parameters()), torch.empty(0)).device
     x = x.to(device)
-    flow = flow_model(x[:-1], x[1:], num_flow_updates=num_flow_updates)[-1].float()
+    first, second = x[:-1], x[1:]
+    flow = torch.cat(
+        [
+            flow_model(first[i : i + batch_size], second[i : i + batch_size], num_flow_updates=num_flow_updates)[-1]
+            for i in range(0, f - 1, batch_size)
+        ]
+    ).float()
     flow = nn.functional.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
     return flow * torch.tensor([w / new_w, h / new_h], device=flow.device).view(1, 2, 1, 1)
 
