@@ -83,7 +83,10 @@ def run(args) -> dict:
     ours = samplers.SamplerSpec("phased_dmd", str(experts), kind="experts")
     out = workdir / "eval"
     h, w, f = size["height"], size["width"], size.get("num_frames")
-    seeds, res = list(range(args.seeds)), {"env": gc_.environment(), "args": vars(args), "sampling": {}, "metrics": {}}
+    seeds, res = (
+        list(range(args.seeds)),
+        {"env": {**gc_.environment(), "tiny": args.tiny}, "args": vars(args), "sampling": {}, "metrics": {}},
+    )
     for s, pipe in ((teacher, base), (ours, student)):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -128,7 +131,8 @@ def render(res: dict) -> str:
     )
     return "\n".join(
         [
-            f"### `python -m diffusers_pdmd.evaluate` at full size ({model})",
+            f"### `python -m diffusers_pdmd.evaluate` at full size ({model})"
+            + (" (tiny configs, CPU logic check: not a measurement)" if res["env"].get("tiny") else ""),
             "",
             f"{res['prompts']} prompts x {res['seeds']} seeds at {res['size']}, teacher {res['teacher_steps']} steps "
             f"with CFG 4 vs random LoRA experts (2 + 2 steps); random-weight backbones. {gc_.env_line(res['env'])}",
