@@ -13,8 +13,8 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	@echo "==> [2/4] upgrading pip"
 	$(BIN)/python -m pip install --progress-bar on --upgrade pip
-	@echo "==> [3/4] installing torch 2.13.0 (the largest download)"
-	$(BIN)/python -m pip install --progress-bar on torch==2.13.0
+	@echo "==> [3/4] installing torch 2.14.1 and torchvision 0.29.1 (the largest download)"
+	$(BIN)/python -m pip install --progress-bar on torch==2.14.1 torchvision==0.29.1
 	@echo "==> [4/4] installing diffusers-pdmd with its [dev] extra (diffusers, transformers, peft, accelerate, ...)"
 	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
 	touch $(STAMP)

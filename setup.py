@@ -29,6 +29,9 @@ setup(
         "demo": ["scikit-learn>=1.3", "matplotlib"],  # the digits teacher, its metrics and plots
         # diffusers' `export_to_video` (Wan2.2 samples as .mp4): imageio with its ffmpeg binary
         "video": ["imageio>=2.27", "imageio-ffmpeg>=0.4.9"],
+        # `python -m diffusers_pdmd.evaluate`: RAFT optical flow and the LPIPS trunk (torchvision), the plot
+        # (matplotlib); `--lpips_model alex` also needs `pip install lpips` (it ships LPIPS' calibrated heads)
+        "eval": ["torchvision", "matplotlib"],
         "dev": [
             "pytest>=8",
             "pytest-xdist",
@@ -38,6 +41,7 @@ setup(
             "imageio>=2.27",  # the docs' Wan recipes are tested, `export_to_video` included
             "imageio-ffmpeg>=0.4.9",
             "tensorboard",
+            "torchvision",  # the evaluation tests build tiny RAFT / LPIPS trunks
         ],
     },
 )

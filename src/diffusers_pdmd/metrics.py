@@ -1,4 +1,15 @@
-"""Metrics on generated digit images: the small-scale analogues of the paper's measurements.
+"""The metrics of the paper, as small functions of features, activations and flows; and the digits backbone.
+
+One metrics path: `python -m diffusers_pdmd.evaluate` (any sampler, any backbone: DINO, CLIP, LPIPS, RAFT, see
+`diffusers_pdmd.evaluate.backbones`), the digits demo and `benchmarks/quality_digits.py` all compute diversity and
+Fréchet distances with `pairwise_diversity`, `mean_pairwise_cosine_similarity` and `frechet_distance` below; only
+the feature network differs (the digits use the small classifier of this module as their backbone).
+
+Model-free formulas: `mean_pairwise_cosine_similarity` (DINO diversity), `lpips_distance` (LPIPS from a backbone's
+activations and its calibrated linear heads), `flow_magnitude` / `top_fraction_mean` / `is_dynamic` /
+`dynamic_degree` (motion, VBench style), `clip_score` (prompt alignment), `frechet_distance` (FID / FD-DINO).
+
+Digits: the small-scale analogues of the paper's measurements.
 
 Phased DMD (arXiv 2510.27684) compares generators by prompt following, by the diversity of the samples of one
 prompt (DINOv3 mean pairwise cosine similarity and LPIPS mean pairwise distance over 8 seeds per prompt), and by a
@@ -298,6 +309,113 @@ def frechet_distance(feats_a, feats_b) -> float:
     )
 
 
+def mean_pairwise_cosine_similarity(features, groups) -> float:
+    """The paper's DINO diversity measure (lower = more diverse).
+
+    ``S = mean_g [ 2 / (n_g (n_g - 1)) * sum_{i<j in g} cos(f_i, f_j) ]``, ``cos(a, b) = a.b / (|a| |b|)``: the mean
+    cosine similarity of the features of the samples of one prompt (group g, n_g seeds), averaged over prompts.
+    Identical samples give 1. It is ``1 - pairwise_diversity(features, groups, metric="cosine")``.
+    """
+    return 1.0 - pairwise_diversity(features, groups, metric="cosine")
+
+
+def lpips_distance(activations_a, activations_b, weights, eps: float = 1e-10) -> torch.Tensor:
+    """LPIPS (Zhang et al. 2018) between two batches, from a backbone's activations and the linear heads.
+
+    ``d(x, y) = sum_l 1 / (H_l W_l) sum_{h,w} || w_l * (yhat^l_{hw}(x) - yhat^l_{hw}(y)) ||_2^2``, where
+    ``yhat^l = y^l / ||y^l||_channels`` is layer l's activation normalised to unit length over channels at each
+    position and ``w_l >= 0`` (C_l,) is the calibrated per-channel weight (the "lin" layer, a 1x1 convolution
+    without bias). Identical inputs give 0.
+
+    Args:
+        activations_a, activations_b: Lists of (N, C_l, H_l, W_l) tensors, layer by layer.
+        weights: List of (C_l,) tensors (a 1x1 conv weight of shape (1, C_l, 1, 1) is flattened).
+        eps: Added to the channel norm.
+
+    Returns:
+        (N,) distances.
+    """
+    if not (len(activations_a) == len(activations_b) == len(weights)):
+        raise ValueError("`activations_a`, `activations_b` and `weights` must have one entry per layer.")
+    total = 0.0
+    for a, b, w in zip(activations_a, activations_b, weights):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + eps)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + eps)
+        w = w.reshape(1, -1, 1, 1).to(a)
+        total = total + ((a - b).pow(2) * w).sum(1).mean(dim=(1, 2))
+    return total
+
+
+def pair_indices(groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All unordered pairs i < j of samples in the same group: ``(i, j, group of the pair)``, groups sorted."""
+    groups = np.asarray(groups).reshape(-1)
+    first, second, owner = [], [], []
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        upper = np.triu_indices(len(members), k=1)
+        first.append(members[upper[0]])
+        second.append(members[upper[1]])
+        owner.append(np.full(len(upper[0]), group))
+    return np.concatenate(first), np.concatenate(second), np.concatenate(owner)
+
+
+def group_means(values, groups) -> dict:
+    """``{group: mean of values of that group}`` for a per-item (or per-pair) array and its group ids."""
+    values, groups = np.asarray(values, np.float64).reshape(-1), np.asarray(groups).reshape(-1)
+    return {g.item() if hasattr(g, "item") else g: float(values[groups == g].mean()) for g in np.unique(groups)}
+
+
+def flow_magnitude(flow: torch.Tensor) -> torch.Tensor:
+    """Per-pixel optical-flow magnitude ``|f|_{hw} = sqrt(u_{hw}^2 + v_{hw}^2)`` of flows (N, 2, H, W): (N, H, W)."""
+    if flow.ndim != 4 or flow.shape[1] != 2:
+        raise ValueError(f"`flow` must have shape (N, 2, H, W), got {tuple(flow.shape)}.")
+    return flow.float().pow(2).sum(1).sqrt()
+
+
+def top_fraction_mean(magnitude: torch.Tensor, fraction: float = 0.05) -> torch.Tensor:
+    """Mean of the largest ``ceil(fraction * H * W)`` values of each (H, W) map of (N, H, W): VBench's per-frame-pair
+    motion score (the top 5% of flow magnitudes)."""
+    flat = magnitude.reshape(len(magnitude), -1)
+    k = max(1, int(np.ceil(fraction * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+def is_dynamic(pair_scores, height: int, width: int, num_frames: int | None = None) -> bool:
+    """VBench's dynamic-degree test of one video from its per-frame-pair scores (`top_fraction_mean`).
+
+    With ``tau = 6 * min(H, W) / 256`` (pixels, scaled with the frame size) and ``c = round(4 * F / 16)`` (F frames,
+    default ``len(pair_scores) + 1``), the video is dynamic when at least ``max(c, 1)`` pair scores exceed ``tau``.
+    """
+    scores = np.asarray(pair_scores, np.float64).reshape(-1)
+    frames = len(scores) + 1 if num_frames is None else num_frames
+    threshold = 6.0 * min(height, width) / 256.0
+    return int((scores > threshold).sum()) >= max(1, round(4 * frames / 16))
+
+
+def dynamic_degree(flags) -> float:
+    """The share of dynamic videos ``(1 / N) sum_n 1[video n is dynamic]`` (`is_dynamic` flags)."""
+    flags = np.asarray(flags, dtype=bool).reshape(-1)
+    if not len(flags):
+        raise ValueError("`dynamic_degree` needs at least one video.")
+    return float(flags.mean())
+
+
+def clip_score(image_embeds, text_embeds) -> np.ndarray:
+    """CLIP score of each (image, prompt) pair: ``100 * max(cos(E_I(x), E_T(c)), 0)`` (as torchmetrics computes it).
+
+    Args:
+        image_embeds, text_embeds: (N, D) projected CLIP embeddings of the images and of their own prompts.
+
+    Returns:
+        (N,) scores in [0, 100].
+    """
+    a, b = _as_rows(image_embeds), _as_rows(text_embeds)
+    if a.shape != b.shape:
+        raise ValueError(f"`image_embeds` {a.shape} and `text_embeds` {b.shape} must have the same shape.")
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return 100.0 * np.clip(cos, 0.0, None)
+
+
 def digit_metrics(images, labels, reference_images=None) -> dict[str, float]:
     """All digit metrics of a set of samples at once.
 
@@ -317,7 +435,7 @@ def digit_metrics(images, labels, reference_images=None) -> dict[str, float]:
     out = {
         "accuracy": prompt_accuracy(images, labels),
         "feature_diversity": pairwise_diversity(feats, labels),
-        "feature_cosine_similarity": 1.0 - pairwise_diversity(feats, labels, metric="cosine"),
+        "feature_cosine_similarity": mean_pairwise_cosine_similarity(feats, labels),
         "pixel_diversity": pairwise_diversity(to_grey(images), labels),
     }
     if reference_images is not None:

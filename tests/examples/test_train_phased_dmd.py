@@ -165,13 +165,16 @@ def test_acceptance_command_and_validation_grid(bases, tmp_path):
         "a blue house",
         "--validation_steps",
         "1",
+        "--validation_seeds",
+        "3",
     ]
     done = subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert (out / "validation_grid.png").is_file() and (out / "validation" / "step-2.png").is_file()
     for path in (out / "validation" / "step-2.png", out / "validation_grid.png"):  # the log says where they are
-        assert f"Validation samples (one row per seed [0, 1], one column per prompt): {path}" in done.stderr
+        assert f"Validation samples (one row per seed [0, 1, 2], one column per prompt): {path}" in done.stderr
     card = (out / "README.md").read_text()  # the run's prompt and size in the card's snippet
     assert 'pipe("a red cat", height=32, width=32,' in card
+    assert "validation over 3 seeds: val/pixel_diversity" in done.stdout + done.stderr
     images = _sample(out, "qwen-image")
     assert np.isfinite(images).all()
 

@@ -332,6 +332,12 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
         "--validation_prompts", nargs="*", default=None, help="Prompts of the validation grids (none: no grids)."
     )
     g.add_argument("--validation_steps", type=int, default=200, help="Generator updates between validation grids.")
+    g.add_argument(
+        "--validation_seeds",
+        type=int,
+        default=2,
+        help="Seeds per validation prompt (rows of the grid); with 2 or more, val/pixel_diversity is logged.",
+    )
     g.add_argument("--report_to", default="none", help="Tracker for accelerate (tensorboard, wandb, ...), or 'none'.")
     g.add_argument("--logging_dir", default="logs", help="Tracker logs and history.json, inside --output_dir.")
     g.add_argument("--push_to_hub", action="store_true", help="Push the experts-only repo to the Hub at the end.")
@@ -379,6 +385,7 @@ def check_args(args) -> None:
         "lora_rank",
         "checkpointing_steps",
         "validation_steps",
+        "validation_seeds",
         "max_sequence_length",
     ]
     for name in positive:

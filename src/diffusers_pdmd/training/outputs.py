@@ -43,10 +43,12 @@ def save_experts(d: Distiller, output_dir: Path, history) -> None:
 
 
 @torch.no_grad()
-def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds=(0, 1)):
-    """Sample each validation prompt with the current experts (one row per seed) and save a PNG grid."""
+def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds=None):
+    """Sample each validation prompt with the current experts (one row per seed: `--validation_seeds`), save a PNG
+    grid and log the diversity across seeds (`diffusers_pdmd.evaluate.validation_diversity`)."""
     from PIL import Image
 
+    seeds = range(d.settings.validation_seeds) if seeds is None else seeds
     family, (h, w, f) = d.family, d.size()
     cond_all = cached if cached is not None else encode(prompts)
     images = []
@@ -75,6 +77,12 @@ def validate(d: Distiller, prompts: list[str], cached, encode, path: Path, seeds
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         logger.info("Validation samples (one row per seed %s, one column per prompt): %s", list(seeds), path)
+    if len(seeds) > 1:
+        from ..evaluate import validation_diversity
+
+        diversity = validation_diversity([images[p::cols] for p in range(cols)])
+        d.accelerator.log({f"val/{k}": v for k, v in diversity.items()})
+        logger.info("validation over %d seeds: val/pixel_diversity %.4g", len(seeds), diversity["pixel_diversity"])
     return path
 
 

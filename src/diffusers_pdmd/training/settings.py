@@ -106,6 +106,7 @@ class Settings:
     overwrite_output_dir: bool
     validation_prompts: list[str]
     validation_steps: int
+    validation_seeds: int
     report_to: str
     logging_dir: str
     push_to_hub: bool
