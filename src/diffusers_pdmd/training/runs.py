@@ -150,8 +150,9 @@ def run_config(args, plan, family_name: str) -> dict:
     }
 
 
-def recipe_config(args) -> dict:
-    return {k: getattr(args, k) for k in RECIPE_FLAGS if hasattr(args, k)}
+def recipe_config(flags: dict) -> dict:
+    """The other flags ([`RECIPE_FLAGS`]) as given, as a checkpoint records them (a resume logs their changes)."""
+    return {k: flags[k] for k in RECIPE_FLAGS if k in flags}
 
 
 def check_resume(path: Path, state: dict, run: dict, recipe: dict) -> None:
