@@ -303,3 +303,55 @@ def test_add_recipe_args_explicit_flags_win():
         parser.parse_args(["--phase_order", "sequential", "--recipe", "lightx2v"]), {"phase_order", "recipe"}
     )
     assert settings.phase_order == "sequential"
+
+
+# -- the parts in the toy trainer ----------------------------------------------------------------------------------
+
+
+def _toy_teacher():
+    from diffusers_pdmd.training.toy import MLPDenoiser
+
+    torch.manual_seed(0)
+    return MLPDenoiser(dim=1, hidden=16, depth=2)
+
+
+def test_distill_toy_ida_pulls_the_fake_toward_the_generator():
+    from diffusers_pdmd.training.toy import GaussianMixture
+    from diffusers_pdmd.training.toy_distill import distill_toy
+
+    gm, teacher = GaussianMixture([-1.0, 1.0], stds=0.1), _toy_teacher()
+    kw = dict(boundaries=(), steps_per_phase=(2,), generator_steps=1, fake_updates=0, batch_size=8, dim=1)
+    out = distill_toy("phased_dmd", teacher, gm.velocity, recipe=rc.RecipeSettings(ida_decay=0.25), **kw)
+    for p_t, p_g, p_f in zip(teacher.parameters(), out.experts[0].parameters(), out.fake_scores[0].parameters()):
+        assert torch.allclose(p_f, 0.25 * p_t + 0.75 * p_g, atol=1e-6)  # one generator step, no fake update
+
+
+def test_distill_toy_runs_every_part_and_logs_them():
+    from diffusers_pdmd.training.toy import GaussianMixture, add_lora
+    from diffusers_pdmd.training.toy_distill import distill_toy
+
+    gm = GaussianMixture([-1.0, 1.0], stds=0.1)
+    settings = rc.RecipeSettings(
+        diversity_weight=0.05,
+        diversity_anchor_step=15,
+        ida_decay=0.97,
+        random_exit=True,
+        t_margin=0.02,
+        t_lowest=0.02,
+        t_highest=0.98,
+    )
+    kw = dict(boundaries=(0.5,), steps_per_phase=(2, 2), generator_steps=2, fake_updates=1, batch_size=8, dim=1)
+    out = distill_toy(
+        "phased_dmd",
+        add_lora(_toy_teacher(), 2),
+        gm.velocity,
+        recipe=settings,
+        real_sampler=gm.sample,
+        ida_mode="lora_merged",
+        t_shift=3.0,
+        **kw,
+    )
+    assert "div_loss" in out.logs[0] and "div_loss" not in out.logs[-1]  # phase 0 only
+    assert all("real_dmd" in log for log in out.logs)
+    with pytest.raises(ValueError, match="ida_mode"):
+        distill_toy("phased_dmd", _toy_teacher(), gm.velocity, ida_mode="ema", **kw)

@@ -106,14 +106,22 @@ def ida_update(fake_params: Iterable[torch.Tensor], generator_params: Iterable[t
 
 @torch.no_grad()
 def ida_lora_merged(
-    b_f: torch.Tensor, a_f: torch.Tensor, b_g: torch.Tensor, a_g: torch.Tensor, decay: float = 0.97
+    b_f: torch.Tensor,
+    a_f: torch.Tensor,
+    b_g: torch.Tensor,
+    a_g: torch.Tensor,
+    decay: float = 0.97,
+    scale_f: float = 1.0,
+    scale_g: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IDA on the merged LoRA deltas, refactored to the fake's rank `r`: the best rank-`r` approximation of
+    """IDA on the merged LoRA deltas, refactored to the fake's rank `r`: `scale_f * B A` is the best rank-`r`
+    approximation (Eckart-Young) of
 
-        dW = d * B_f A_f + (1 - d) * B_g A_g = [B_f, B_g] diag(d, 1 - d) [A_f; A_g]
+        dW = d * scale_f * B_f A_f + (1 - d) * scale_g * B_g A_g = [d s_f B_f, (1 - d) s_g B_g] [A_f; A_g]
 
-    computed from the `2r`-column factors (QR of each side, SVD of the small core), split as `B = U S^1/2`,
-    `A = S^1/2 V^T`. Exact when `rank(dW) <= r`. Shapes: `B (out, r)`, `A (r, in)`.
+    computed from the `2r`-column factors (QR of each side, SVD of the small core), split as `B = U S^1/2 / s_f`,
+    `A = S^1/2 V^T`. Exact when `rank(dW) <= r`. Shapes: `B (out, r)`, `A (r, in)`; `scale` is peft's
+    `lora_alpha / r`.
 
     Returns:
         `(B_new, A_new)` with the fake's shapes.
@@ -121,13 +129,25 @@ def ida_lora_merged(
     if not 0.0 < decay <= 1.0:
         raise ValueError(f"`decay` must be in (0, 1], got {decay!r}.")
     r, dtype = b_f.shape[1], b_f.dtype
-    left = torch.cat([decay * b_f.double(), (1.0 - decay) * b_g.double()], dim=1)
+    left = torch.cat([decay * scale_f * b_f.double(), (1.0 - decay) * scale_g * b_g.double()], dim=1)
     right = torch.cat([a_f.double(), a_g.double()], dim=0)
     q_l, r_l = torch.linalg.qr(left)
     q_r, r_r = torch.linalg.qr(right.T)
     u, s, vh = torch.linalg.svd(r_l @ r_r.T)
     root = s[:r].sqrt()
-    return (q_l @ u[:, :r] * root).to(dtype), (root[:, None] * (vh[:r] @ q_r.T)).to(dtype)
+    return (q_l @ u[:, :r] * root / scale_f).to(dtype), (root[:, None] * (vh[:r] @ q_r.T)).to(dtype)
+
+
+@torch.no_grad()
+def ida_lora_update(fake_factors, generator_factors, decay: float = 0.97, scale_f: float = 1.0, scale_g: float = 1.0):
+    """[`ida_lora_merged`] in place over paired `(B, A)` factors of the fake and generator adapters, layer by layer."""
+    fake_factors, generator_factors = list(fake_factors), list(generator_factors)
+    if len(fake_factors) != len(generator_factors):
+        raise ValueError(f"{len(fake_factors)} fake LoRA layers but {len(generator_factors)} generator ones.")
+    for (b_f, a_f), (b_g, a_g) in zip(fake_factors, generator_factors):
+        b, a = ida_lora_merged(b_f, a_f, b_g, a_g, decay, scale_f, scale_g)
+        b_f.copy_(b)
+        a_f.copy_(a)
 
 
 # ----------------------------------------------------------------------------------------------------------------
