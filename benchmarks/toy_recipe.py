@@ -118,7 +118,25 @@ def sample_metrics(x: torch.Tensor) -> tuple[float, float]:
     return w1, float(np.mean(spread))
 
 
-def parts_table(model, seeds, settings: dict, lora_rank: int = 0) -> dict:
+def reference_rows(model) -> dict:
+    """W1 and spread of the teacher MLP (40 shift-3 Euler steps) and of the analytic velocity in 4 shift-3 steps."""
+    from diffusers_pdmd.training.recipe import teacher_grid
+    from diffusers_pdmd.training.toy import euler_sample
+
+    z = torch.randn(20000, 1, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, fn, n in [
+        ("teacher MLP, 40 Euler steps", model, 40),
+        ("analytic velocity, 4 Euler steps", GM.velocity, 4),
+    ]:
+        with torch.no_grad():
+            x = euler_sample(lambda x, t, c, fn=fn: fn(x, t), z, teacher_grid(n, SHIFT))
+        out[name] = (GM.mode_weights(x).tolist(), *sample_metrics(x))
+        print(name, out[name], flush=True)
+    return out
+
+
+def parts_table(model, seeds, settings: dict, lora_rank: int = 0, generator_steps: int = 150) -> dict:
     """One row per setting: mode weights (mean), TV, W1 and spread (mean ± std over the seeds)."""
     if lora_rank:
         torch.manual_seed(0)
@@ -127,7 +145,10 @@ def parts_table(model, seeds, settings: dict, lora_rank: int = 0) -> dict:
     for name, setting in settings.items():
         setting = dict(setting)
         recipe = RecipeSettings(diversity_anchor_step=15, **setting.pop("recipe", {}))
-        out = [distil("phased_dmd", model, seed, samples=True, recipe=recipe, **NEW, **setting) for seed in seeds]
+        out = [
+            distil("phased_dmd", model, seed, generator_steps, samples=True, recipe=recipe, **NEW, **setting)
+            for seed in seeds
+        ]
         w = torch.stack([o[0] for o in out])
         tv = (0.5 * (w - GM.weights).abs().sum(1)).numpy()
         w1, spread = np.array([sample_metrics(o[1]) for o in out]).T
@@ -145,12 +166,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--table", default="defaults", choices=["defaults", "parts", "lora"])
+    parser.add_argument("--generator_steps", type=int, default=150, help="Generator updates per phase.")
+    parser.add_argument("--only", nargs="+", default=None, help="Only these rows of --table parts / lora.")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
     model = teacher()
     if args.table != "defaults":
-        rows = parts_table(model, args.seeds, PARTS if args.table == "parts" else LORA, 4 * (args.table == "lora"))
+        reference_rows(model)
+        settings = PARTS if args.table == "parts" else LORA
+        settings = {k: v for k, v in settings.items() if args.only is None or k in args.only}
+        lora = 4 * (args.table == "lora")
+        rows = parts_table(model, args.seeds, settings, lora, args.generator_steps)
         print(f"\nseeds {args.seeds}, {time.time() - start:.0f} s")
         return rows
     rows = {}

@@ -94,6 +94,18 @@ def test_ida_lora_merged_is_the_best_rank_r_approximation_of_the_merged_ema():
     # exact when the generator's delta shares the fake's column space (rank of the EMA <= r)
     b, a = rc.ida_lora_merged(b_f, a_f, b_f, a_g, 0.97)
     assert torch.allclose(b @ a, b_f @ (0.97 * a_f + 0.03 * a_g), atol=1e-4)
+    # with scales s = alpha / r: s_f B A = d s_f B_f A_f + (1 - d) s_g B_g A_g at full rank
+    b, a = rc.ida_lora_merged(b_f, a_f, b_f, a_g, 0.97, scale_f=2.0, scale_g=0.5)
+    assert torch.allclose(2.0 * b @ a, b_f @ (0.97 * 2.0 * a_f + 0.03 * 0.5 * a_g), atol=1e-4)
+    # when the generator adds nothing outside the fake's row space, the fake's own A is kept
+    b, a = rc.ida_lora_merged(b_f, a_f, b_g, a_f, 0.97)
+    assert torch.allclose(a, a_f, atol=1e-5) and torch.allclose(b, 0.97 * b_f + 0.03 * b_g, atol=1e-5)
+    # a layer narrower than r (one output): the EMA has rank 1 <= r, so it is exact
+    b1, a1 = rc.ida_lora_merged(b_f[:1], a_f, b_g[:1], a_g, 0.97)
+    assert torch.allclose(b1 @ a1, 0.97 * b_f[:1] @ a_f + 0.03 * b_g[:1] @ a_g, atol=1e-4)
+    # a zero delta (both B = 0, as at initialisation) keeps A alive at the fake's scale
+    b, a = rc.ida_lora_merged(torch.zeros_like(b_f), a_f, torch.zeros_like(b_g), a_g, 0.97)
+    assert b.abs().max() == 0 and a.norm().item() == pytest.approx(a_f.norm().item(), rel=1e-5)
 
 
 # -- 3. random exit ------------------------------------------------------------------------------------------------
@@ -320,7 +332,14 @@ def test_distill_toy_ida_pulls_the_fake_toward_the_generator():
     from diffusers_pdmd.training.toy_distill import distill_toy
 
     gm, teacher = GaussianMixture([-1.0, 1.0], stds=0.1), _toy_teacher()
-    kw = dict(boundaries=(), steps_per_phase=(2,), generator_steps=1, fake_updates=0, batch_size=8, dim=1)
+    kw = {
+        "boundaries": (),
+        "steps_per_phase": (2,),
+        "generator_steps": 1,
+        "fake_updates": 0,
+        "batch_size": 8,
+        "dim": 1,
+    }
     out = distill_toy("phased_dmd", teacher, gm.velocity, recipe=rc.RecipeSettings(ida_decay=0.25), **kw)
     for p_t, p_g, p_f in zip(teacher.parameters(), out.experts[0].parameters(), out.fake_scores[0].parameters()):
         assert torch.allclose(p_f, 0.25 * p_t + 0.75 * p_g, atol=1e-6)  # one generator step, no fake update
@@ -340,7 +359,14 @@ def test_distill_toy_runs_every_part_and_logs_them():
         t_lowest=0.02,
         t_highest=0.98,
     )
-    kw = dict(boundaries=(0.5,), steps_per_phase=(2, 2), generator_steps=2, fake_updates=1, batch_size=8, dim=1)
+    kw = {
+        "boundaries": (0.5,),
+        "steps_per_phase": (2, 2),
+        "generator_steps": 2,
+        "fake_updates": 1,
+        "batch_size": 8,
+        "dim": 1,
+    }
     out = distill_toy(
         "phased_dmd",
         add_lora(_toy_teacher(), 2),

@@ -119,8 +119,12 @@ def ida_lora_merged(
 
         dW = d * scale_f * B_f A_f + (1 - d) * scale_g * B_g A_g = [d s_f B_f, (1 - d) s_g B_g] [A_f; A_g]
 
-    computed from the `2r`-column factors (QR of each side, SVD of the small core), split as `B = U S^1/2 / s_f`,
-    `A = S^1/2 V^T`. Exact when `rank(dW) <= r`. Shapes: `B (out, r)`, `A (r, in)`; `scale` is peft's
+    computed from the `2r`-column factors (QR of each side, SVD of the small core, `dW_r = U S V^T`). The split
+    into factors keeps the fake's parametrisation as far as it can, so that its optimizer state stays meaningful:
+    `A = A_f V V^T` (the fake's own `A` projected onto the new row space) and `B = U S V^T A^+ / s_f`; when that
+    projection loses rank (condition number above 1e4) it falls back to `A = c V^T`, `B = U S / (c s_f)`,
+    `c = ||A_f|| / sqrt(r)`, which also keeps `A` alive when the delta is zero (`B = 0`, as at LoRA's
+    initialisation). Exact when `rank(dW) <= r`. Shapes: `B (out, r)`, `A (r, in)`; `scale` is peft's
     `lora_alpha / r`.
 
     Returns:
@@ -133,9 +137,16 @@ def ida_lora_merged(
     right = torch.cat([a_f.double(), a_g.double()], dim=0)
     q_l, r_l = torch.linalg.qr(left)
     q_r, r_r = torch.linalg.qr(right.T)
-    u, s, vh = torch.linalg.svd(r_l @ r_r.T)
-    root = s[:r].sqrt()
-    return (q_l @ u[:, :r] * root / scale_f).to(dtype), (root[:, None] * (vh[:r] @ q_r.T)).to(dtype)
+    u, s, vh = torch.linalg.svd(r_l @ r_r.T)  # full matrices: vh has min(in, 2r) rows
+    k = min(r, s.numel())  # rank(dW) <= min(out, in, 2r); pad to r when a side is narrower than r
+    us = torch.nn.functional.pad(q_l @ u[:, :k] * s[:k], (0, r - k))
+    v_t = vh[:r] @ q_r.T  # dW_r = us @ v_t, v_t with orthonormal rows
+    v_t = torch.nn.functional.pad(v_t, (0, 0, 0, r - v_t.shape[0]))
+    m = a_f.double() @ v_t.T  # A = m @ v_t: the fake's A projected onto the new row space
+    if torch.linalg.cond(m) < 1e4:
+        return (us @ torch.linalg.inv(m) / scale_f).to(dtype), (m @ v_t).to(dtype)
+    c = float(a_f.double().norm()) / r**0.5 or 1.0
+    return (us / (c * scale_f)).to(dtype), (c * v_t).to(dtype)
 
 
 @torch.no_grad()
