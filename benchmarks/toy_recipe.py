@@ -136,11 +136,45 @@ def reference_rows(model) -> dict:
     return out
 
 
-def parts_table(model, seeds, settings: dict, lora_rank: int = 0, generator_steps: int = 150) -> dict:
+def ida_lora_fidelity(model, seeds) -> None:
+    """Per IDA call on the LoRA toy (hidden layers): how far each LoRA variant lands from the exact merged update
+    `T = d F + (1 - d) G` (deltas `F = s B_f A_f`, `G = s B_g A_g`), as `|W - T| / |T - F|`, and which share of the
+    generator's part `(1 - d) G` the merged rank-r refactor keeps. Records the calls by wrapping
+    `toy_distill.ida_lora_update` (the run itself is unchanged)."""
+    import diffusers_pdmd.training.toy_distill as td
+
+    merged, factor, kept = [], [], []
+
+    def recording(fake_factors, generator_factors, decay, scale_f, scale_g):
+        fake_factors, generator_factors = list(fake_factors), list(generator_factors)
+        before = [(b.detach().double().clone(), a.detach().double().clone()) for b, a in fake_factors]
+        td_ida(fake_factors, generator_factors, decay, scale_f, scale_g)
+        for (b_f, a_f), (b, a), (b_g, a_g) in zip(before, fake_factors, generator_factors):
+            if b_f.shape[0] == 1:
+                continue
+            f, g = scale_f * b_f @ a_f, scale_g * b_g.double() @ a_g.double()
+            t, w = decay * f + (1 - decay) * g, scale_f * b.double() @ a.double()
+            fac = scale_f * (decay * b_f + (1 - decay) * b_g.double()) @ (decay * a_f + (1 - decay) * a_g.double())
+            merged.append(((w - t).norm() / (t - f).norm()).item())
+            factor.append(((fac - t).norm() / (t - f).norm()).item())
+            kept.append(((w - decay * f) * g).sum().item() / ((1 - decay) * g.norm().item() ** 2))
+
+    td_ida, td.ida_lora_update = td.ida_lora_update, recording
+    try:
+        for seed in seeds:
+            merged.clear(), factor.clear(), kept.clear()
+            distil("phased_dmd", model, seed, recipe=RecipeSettings(ida_decay=0.97), ida_mode="lora_merged", **NEW)
+            print(
+                f"seed {seed}: |W - T| / |T - F|: merged {np.mean(merged):.3f}, factor by factor {np.mean(factor):.3f}; "
+                f"generator share kept by the merged refactor {np.mean(kept):.3f}",
+                flush=True,
+            )
+    finally:
+        td.ida_lora_update = td_ida
+
+
+def parts_table(model, seeds, settings: dict, generator_steps: int = 150) -> dict:
     """One row per setting: mode weights (mean), TV, W1 and spread (mean ± std over the seeds)."""
-    if lora_rank:
-        torch.manual_seed(0)
-        model = add_lora(model, lora_rank)
     rows = {}
     for name, setting in settings.items():
         setting = dict(setting)
@@ -176,8 +210,12 @@ def main(argv=None):
         reference_rows(model)
         settings = PARTS if args.table == "parts" else LORA
         settings = {k: v for k, v in settings.items() if args.only is None or k in args.only}
-        lora = 4 * (args.table == "lora")
-        rows = parts_table(model, args.seeds, settings, lora, args.generator_steps)
+        if args.table == "lora":
+            torch.manual_seed(0)
+            model = add_lora(model, 4)  # in place: the teacher's layers frozen, LoRA rank 4 on each
+        rows = parts_table(model, args.seeds, settings, args.generator_steps)
+        if args.table == "lora":
+            ida_lora_fidelity(model, args.seeds)
         print(f"\nseeds {args.seeds}, {time.time() - start:.0f} s")
         return rows
     rows = {}

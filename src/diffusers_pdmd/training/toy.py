@@ -114,9 +114,15 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / base.in_features**0.5)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
         self.scale = (alpha if alpha is not None else rank) / rank
+        self.reset_lora_A()
+
+    @torch.no_grad()
+    def reset_lora_A(self):
+        """Draw `A` afresh (from torch's global generator); with `B = 0` the layer's output does not change."""
+        self.lora_A.copy_(torch.randn(self.lora_A.shape) / self.lora_A.shape[1] ** 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scale * (x @ self.lora_A.T) @ self.lora_B.T

@@ -173,6 +173,8 @@ def distill_toy(
     fakes, logs = [], []
     for phase in range(len(sigmas)):
         expert, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
+        for layer in (m for m in fake.modules() if isinstance(m, LoRALinear)):
+            layer.reset_lora_A()  # its own adapter, drawn on its own (as peft does), not the generator's copy
         fake_real = copy.deepcopy(teacher) if real_sampler is not None else None
         run.experts.append(expert)
         opt_g = torch.optim.Adam(_trainable(expert), lr=lr_generator, betas=betas)
