@@ -265,6 +265,12 @@ def test_real_data_folder_and_dataset_are_cached(tmp_path):
     assert captions == ["grey"] and latents[0].tolist() == [9, 9, 9]
     with pytest.raises(ValueError, match="caption"):
         load_items(str(tmp_path / "ds"), "img", "caption")
+    video = tmp_path / "latents"  # ready latents (e.g. encoded videos) are loaded as they are
+    video.mkdir()
+    torch.save(torch.ones(2, 3, 4), video / "clip.pt")
+    (video / "clip.txt").write_text("a clip")
+    latents, captions = cache_latents(load_items(str(video)), encode)
+    assert latents.shape == (1, 2, 3, 4) and captions == ["a clip"] and len(calls) == 4
     (folder / "0.txt").unlink()
     with pytest.raises(ValueError, match="caption file"):
         load_items(str(folder))
