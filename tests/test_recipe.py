@@ -81,6 +81,18 @@ def test_ida_update_is_their_in_place_ema_and_converges_geometrically():
         rc.ida_update([torch.zeros(2)], [torch.zeros(3)])
 
 
+def test_ida_full_fake_from_a_lora_generator_is_the_ema_of_merged_weights():
+    g = torch.Generator().manual_seed(8)
+    w, fake = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    b, a = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+    expected = 0.97 * fake + 0.03 * (w + 0.5 * b @ a)
+    rc.ida_full_from_lora(fake, w, b, a, 0.97, scale_g=0.5)
+    assert torch.allclose(fake, expected, atol=1e-6)
+    bias, fake_bias = torch.randn(6, generator=g), torch.zeros(6)
+    rc.ida_full_from_lora(fake_bias, bias, decay=0.9)  # a tensor without an adapter: pulled toward the base
+    assert torch.allclose(fake_bias, 0.1 * bias)
+
+
 def test_ida_lora_merged_is_the_best_rank_r_approximation_of_the_merged_ema():
     g = torch.Generator().manual_seed(3)
     b_f, a_f = torch.randn(12, 3, generator=g), torch.randn(3, 10, generator=g)

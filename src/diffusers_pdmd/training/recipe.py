@@ -105,6 +105,25 @@ def ida_update(fake_params: Iterable[torch.Tensor], generator_params: Iterable[t
 
 
 @torch.no_grad()
+def ida_full_from_lora(
+    fake_weight: torch.Tensor,
+    base_weight: torch.Tensor,
+    b_g: torch.Tensor | None = None,
+    a_g: torch.Tensor | None = None,
+    decay: float = 0.97,
+    scale_g: float = 1.0,
+):
+    """IDA for a full-parameter fake and a LoRA generator, in place, exact:
+    `W_fake <- d W_fake + (1 - d) (W + s_g B_g A_g)` (`B_g`, `A_g` omitted: a layer without the adapter, `W`)."""
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"`decay` must be in (0, 1], got {decay!r}.")
+    target = base_weight.to(fake_weight.dtype)
+    if b_g is not None:
+        target = target + (scale_g * (b_g.float() @ a_g.float())).to(fake_weight.dtype)
+    fake_weight.mul_(decay).add_(target, alpha=1.0 - decay)
+
+
+@torch.no_grad()
 def ida_lora_merged(
     b_f: torch.Tensor,
     a_f: torch.Tensor,
