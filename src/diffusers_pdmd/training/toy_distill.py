@@ -172,27 +172,36 @@ def distill_toy(
     run.timestep_sampling, run.t_shift = timestep_sampling, t_shift
     fakes, logs = [], []
     for phase in range(len(sigmas)):
-        expert, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
-        for layer in (m for m in fake.modules() if isinstance(m, LoRALinear)):
-            layer.reset_lora_A()  # its own adapter, drawn on its own (as peft does), not the generator's copy
-        fake_real = copy.deepcopy(teacher) if real_sampler is not None else None
-        run.experts.append(expert)
-        opt_g = torch.optim.Adam(_trainable(expert), lr=lr_generator, betas=betas)
-        opt_f = torch.optim.Adam(_trainable(fake), lr=lr_fake, betas=betas)
-        opt_r = torch.optim.Adam(_trainable(fake_real), lr=lr_fake, betas=betas) if fake_real else None
-        fake_loss = torch.zeros(())
-        for _ in range(generator_steps):
-            for _ in range(fake_updates):
-                fake_loss = run.fake_step(phase, fake, opt_f)
-                if fake_real is not None:
-                    run.fake_real_step(phase, fake_real, opt_r)
-            log = run.generator_step(phase, fake, fake_real, opt_g)
-            if recipe.ida_decay < 1.0:
-                _ida(fake, expert, recipe.ida_decay, ida_mode)
-            logs.append({"phase": phase, **log, "fake_loss": fake_loss.item()})
-        expert.requires_grad_(False)
-        fakes.append(fake.requires_grad_(False))
+        fakes.append(
+            _train_phase(
+                run, teacher, phase, generator_steps, fake_updates, (lr_generator, lr_fake), betas, ida_mode, logs
+            )
+        )
     return ToyDistillResult(method, run.experts, fakes, sigmas, logs)
+
+
+def _train_phase(run, teacher, phase, generator_steps, fake_updates, lrs, betas, ida_mode, logs) -> nn.Module:
+    """Phase `phase` of [`distill_toy`]: its expert and fake score start as copies of `teacher`; returns the fake."""
+    expert, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    fake_real = copy.deepcopy(teacher) if run.real_sampler is not None else None
+    for layer in (m for f in (fake, fake_real) if f is not None for m in f.modules() if isinstance(m, LoRALinear)):
+        layer.reset_lora_A()  # its own adapter, drawn on its own (as peft does), not the generator's copy
+    run.experts.append(expert)
+    opt_g = torch.optim.Adam(_trainable(expert), lr=lrs[0], betas=betas)
+    opt_f = torch.optim.Adam(_trainable(fake), lr=lrs[1], betas=betas)
+    opt_r = torch.optim.Adam(_trainable(fake_real), lr=lrs[1], betas=betas) if fake_real else None
+    fake_loss, decay = torch.zeros(()), run.recipe.ida_decay
+    for _ in range(generator_steps):
+        for _ in range(fake_updates):
+            fake_loss = run.fake_step(phase, fake, opt_f)
+            if fake_real is not None:
+                run.fake_real_step(phase, fake_real, opt_r)
+        log = run.generator_step(phase, fake, fake_real, opt_g)
+        if decay < 1.0:
+            _ida(fake, expert, decay, ida_mode)
+        logs.append({"phase": phase, **log, "fake_loss": fake_loss.item()})
+    expert.requires_grad_(False)
+    return fake.requires_grad_(False)
 
 
 def _ida(fake: nn.Module, expert: nn.Module, decay: float, mode: str):
