@@ -33,6 +33,8 @@ def test_teacher_grid_is_their_40_step_shifted_grid():
     assert ours[10].item() == pytest.approx(21 / 22)  # S(0.75) at shift 7: the student's second sigma 0.9545
     with pytest.raises(ValueError, match="num_steps"):
         rc.teacher_grid(0, 7.0)
+    assert rc.anchor_step_for(21 / 22, 40, 7.0) == 10  # their anchor: the student's second sigma
+    assert rc.anchor_step_for(phase_sigmas([0.5], [2, 2], 3.0)[0][1], 40, 3.0) == 15  # the toy's
 
 
 def test_diversity_target_of_a_constant_velocity_teacher_is_that_velocity():
@@ -296,7 +298,7 @@ def test_paper_recipe_is_off_and_lightx2v_is_their_config():
     assert (paper.diversity_weight, paper.ida_decay, paper.random_exit, paper.t_margin) == (0.0, 1.0, False, 0.0)
     assert paper.phase_order == "sequential" and paper.negative_prompt == "" and paper.shift is None
     ours = rc.resolve_recipe("lightx2v", "wan2.2-t2v-a14b")
-    assert (ours.diversity_weight, ours.diversity_teacher_steps, ours.diversity_anchor_step) == (0.05, 40, 10)
+    assert (ours.diversity_weight, ours.diversity_teacher_steps, ours.diversity_anchor_step) == (0.05, 40, None)
     assert (ours.ida_decay, ours.random_exit, ours.t_margin, ours.t_lowest, ours.t_highest) == (
         0.97,
         True,
@@ -306,6 +308,7 @@ def test_paper_recipe_is_off_and_lightx2v_is_their_config():
     )
     assert (ours.guidance_scale, ours.guidance_scale_2, ours.shift, ours.steps_per_phase) == (4.0, 4.0, 7.0, [2, 2])
     assert ours.phase_order == "alternate" and ours.negative_prompt == rc.WAN_NEGATIVE_PROMPT
+    assert rc.resolve_recipe("lightx2v", "digits").negative_prompt == ""  # a family without a standard one
     qwen = rc.resolve_recipe("lightx2v", "qwen-image", {"ida_decay": 1.0})
     assert qwen.negative_prompt == " " and qwen.shift is None and qwen.ida_decay == 1.0
     with pytest.raises(ValueError, match="recipe"):
@@ -370,7 +373,6 @@ def test_distill_toy_runs_every_part_and_logs_them():
     gm = GaussianMixture([-1.0, 1.0], stds=0.1)
     settings = rc.RecipeSettings(
         diversity_weight=0.05,
-        diversity_anchor_step=15,
         ida_decay=0.97,
         random_exit=True,
         t_margin=0.02,

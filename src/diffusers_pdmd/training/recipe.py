@@ -6,8 +6,8 @@ The authors count time in raw steps `r` of 1000 on the unshifted scale, `t = S(r
 
 1. Diversity loss: the student's first velocity regressed onto the teacher's average velocity over `[sigma_a, 1]`
    ([`teacher_grid`], [`teacher_anchor`], [`diversity_target`], [`diversity_loss`]).
-2. IDA: the fake score pulled toward the generator after each generator step ([`ida_update`], and for LoRA
-   adapters [`ida_lora_merged`]).
+2. IDA: the fake score pulled toward the generator after each generator step ([`ida_update`]; a full fake and a
+   LoRA generator [`ida_full_from_lora`]; LoRA adapters [`ida_lora_merged`] / [`ida_lora_update`]).
 3. Random exit inside a phase ([`exit_step_range`], [`sample_exit_step`], [`phase_exit`], [`backsimulate_exit`]).
 4. A margin above `s` for the `t` of the DMD and fake losses ([`margin_t_bounds`]).
 5. The teacher's standard negative prompt per family ([`default_negative_prompt`]).
@@ -43,6 +43,15 @@ def teacher_grid(num_steps: int, shift: float) -> list[float]:
     if not shift > 0:
         raise ValueError(f"`shift` must be > 0, got {shift!r}.")
     return [float(shift_time(1.0 - i / num_steps, shift)) for i in range(num_steps)] + [0.0]
+
+
+def anchor_step_for(sigma_a: float, num_steps: int, shift: float) -> int:
+    """The step of [`teacher_grid`] nearest to `sigma_a`: `a = round(N (1 - S^-1(sigma_a)))`, at least 1.
+
+    Their `a = 10` of `N = 40` is this for the student's second sigma 0.9545 at shift 7; with another shift or
+    boundary (Qwen-Image's resolution-dependent shift) the student's second sigma gives another `a`.
+    """
+    return max(1, round(num_steps * (1.0 - float(unshift_time(sigma_a, shift)))))
 
 
 @torch.no_grad()
@@ -356,7 +365,8 @@ class RecipeSettings:
     Args:
         recipe (`str`): The preset the values started from.
         diversity_weight (`float`): Weight of [`diversity_loss`] in phase 0; 0 is off.
-        diversity_teacher_steps, diversity_anchor_step (`int`): [`teacher_grid`]'s `N` and [`teacher_anchor`]'s `a`.
+        diversity_teacher_steps, diversity_anchor_step (`int`): [`teacher_grid`]'s `N` and [`teacher_anchor`]'s `a`;
+            `a = None`: the student's second sigma ([`anchor_step_for`]; their 10 of 40 at shift 7).
         ida_decay (`float`): [`ida_update`]'s `d`; 1 is off.
         random_exit (`bool`): Train a random step of the phase ([`sample_exit_step`]) instead of its last.
         t_margin, t_lowest, t_highest (`float`): [`margin_t_bounds`]; `(0, 0, 1)` is the paper's `(s, 1]`.
@@ -372,7 +382,7 @@ class RecipeSettings:
     recipe: str = "paper"
     diversity_weight: float = 0.0
     diversity_teacher_steps: int = 40
-    diversity_anchor_step: int = 10
+    diversity_anchor_step: int | None = None
     ida_decay: float = 1.0
     random_exit: bool = False
     t_margin: float = 0.0
@@ -409,7 +419,7 @@ def recipe_defaults(recipe: str, family: str | None = None) -> dict:
         "phase_order": "alternate",
         **LIGHTX2V_GUIDANCE,
     }
-    if family is not None:
+    if family in NEGATIVE_PROMPTS:
         out["negative_prompt"] = default_negative_prompt(family)
     if family in WAN_FAMILIES:
         out.update(shift=7.0, steps_per_phase=[2, 2])
@@ -421,7 +431,9 @@ def check_recipe(settings: RecipeSettings) -> None:
     s = settings
     if not s.diversity_weight >= 0:
         raise ValueError(f"`diversity_weight` must be >= 0, got {s.diversity_weight!r}.")
-    if not 1 <= s.diversity_anchor_step <= s.diversity_teacher_steps:
+    if s.diversity_teacher_steps < 1:
+        raise ValueError(f"`diversity_teacher_steps` must be >= 1, got {s.diversity_teacher_steps!r}.")
+    if s.diversity_anchor_step is not None and not 1 <= s.diversity_anchor_step <= s.diversity_teacher_steps:
         raise ValueError(
             f"`diversity_anchor_step` must be in [1, diversity_teacher_steps = {s.diversity_teacher_steps}], "
             f"got {s.diversity_anchor_step!r}."
@@ -511,7 +523,12 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     )
     a("--diversity_weight", type=float, default=None, help="Phase-0 diversity loss weight (lightx2v 0.05; 0 off).")
     a("--diversity_teacher_steps", type=int, default=None, help="Teacher Euler steps of its grid (40).")
-    a("--diversity_anchor_step", type=int, default=None, help="Teacher step of the anchor sigma_a (10).")
+    a(
+        "--diversity_anchor_step",
+        type=int,
+        default=None,
+        help="Teacher step of the anchor sigma_a (default: the student's second sigma; their 10).",
+    )
     a("--ida_decay", type=float, default=None, help="IDA: fake <- d fake + (1 - d) generator (lightx2v 0.97; 1 off).")
     a("--random_exit", action="store_const", const=True, default=None, help="Train a random step of the phase.")
     a("--no_random_exit", dest="random_exit", action="store_const", const=False, help="Train the phase's last step.")

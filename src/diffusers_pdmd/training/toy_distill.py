@@ -21,6 +21,7 @@ from torch import nn
 from .losses import Velocity, dmd_loss, fake_score_loss, sample_t
 from .recipe import (
     RecipeSettings,
+    anchor_step_for,
     backsimulate_exit,
     diversity_loss,
     ida_lora_update,
@@ -289,5 +290,6 @@ class _ToyRun:
     def _diversity(self, z):
         r = self.recipe
         grid = teacher_grid(r.diversity_teacher_steps, self.t_shift)
-        x_a, sigma_a = teacher_anchor(self.real_velocity, z, grid, r.diversity_anchor_step)
+        a = r.diversity_anchor_step or anchor_step_for(self.sigmas[0][1], r.diversity_teacher_steps, self.t_shift)
+        x_a, sigma_a = teacher_anchor(self.real_velocity, z, grid, a)
         return diversity_loss(self.experts[0], z, x_a, sigma_a, r.diversity_weight)
