@@ -165,8 +165,8 @@ def ida_lora_fidelity(model, seeds) -> None:
             merged.clear(), factor.clear(), kept.clear()
             distil("phased_dmd", model, seed, recipe=RecipeSettings(ida_decay=0.97), ida_mode="lora_merged", **NEW)
             print(
-                f"seed {seed}: |W - T| / |T - F|: merged {np.mean(merged):.3f}, factor by factor {np.mean(factor):.3f}; "
-                f"generator share kept by the merged refactor {np.mean(kept):.3f}",
+                f"seed {seed}: |W - T| / |T - F|: merged {np.mean(merged):.3f}, "
+                f"factor by factor {np.mean(factor):.3f}; generator share kept by the merged refactor {np.mean(kept):.3f}",
                 flush=True,
             )
     finally:
