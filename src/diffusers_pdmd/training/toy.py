@@ -107,6 +107,43 @@ class MLPDenoiser(nn.Module):
         return self.net(torch.cat(feats, dim=-1))
 
 
+class LoRALinear(nn.Module):
+    """`y = W x + b + scale * B (A x)` around a frozen `nn.Linear` (`A` `(r, in)` random, `B` `(out, r)` zero, as peft
+    initialises them; `scale = alpha / r`)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = (alpha if alpha is not None else rank) / rank
+        self.reset_lora_A()
+
+    @torch.no_grad()
+    def reset_lora_A(self):
+        """Draw `A` afresh (from torch's global generator); with `B = 0` the layer's output does not change."""
+        self.lora_A.copy_(torch.randn(self.lora_A.shape) / self.lora_A.shape[1] ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * (x @ self.lora_A.T) @ self.lora_B.T
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
+    """Freeze `model` and wrap each of its `nn.Linear` layers in a [`LoRALinear`] (in place); returns `model`."""
+    model.requires_grad_(False)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, LoRALinear(child, rank, alpha))
+        else:
+            add_lora(child, rank, alpha)
+    return model
+
+
+def lora_factors(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """The `(B, A)` factors of every [`LoRALinear`] in `model`, in module order."""
+    return [(m.lora_B, m.lora_A) for m in model.modules() if isinstance(m, LoRALinear)]
+
+
 def euler_sample(velocity_fn, x: torch.Tensor, sigmas, cond=None, return_trajectory: bool = False):
     """Integrate `dx/dt = v` with Euler steps along decreasing `sigmas` (e.g. from 1 to 0).
 
