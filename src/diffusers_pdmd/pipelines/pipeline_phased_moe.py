@@ -156,6 +156,20 @@ def _released_scheduler(family: str, base_config, folder, layout, files, schedul
     return preset.scheduler(base_config), preset
 
 
+def _family_of_text_encoder(text_encoder, expand_timesteps: bool) -> str:
+    """The family of a pipeline built without transformers (to encode prompts), from its text encoder; a Wan text
+    encoder (UMT5) is the same for every Wan2.2 family, so T2V-A14B stands for them unless `expand_timesteps`."""
+    name = type(text_encoder).__name__
+    if name.startswith("Qwen2_5_VL"):
+        return "qwen-image"
+    if name.startswith("UMT5"):
+        return "wan2.2-ti2v-5b" if expand_timesteps else "wan2.2-t2v-a14b"
+    raise ValueError(
+        f"Without a `transformer`, the family cannot be inferred from a {name} text encoder; pass `family` (one of "
+        f"{FAMILIES})."
+    )
+
+
 def _has_adapters(module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
@@ -226,13 +240,15 @@ class PhasedMoEPipeline(DiffusionPipeline):
             transformer_2=transformer_2,
         )
         self.register_to_config(boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
+        has_transformer = transformer is not None or transformer_2 is not None
         if family is None:
-            family = get_family(self).name
+            family = get_family(self).name if has_transformer else _family_of_text_encoder(text_encoder, expand_timesteps)
         elif family not in FAMILIES:
             raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}.")
         self.register_to_config(family=family)
         if experts is None:
-            experts = _default_experts(get_family(self), scheduler)
+            # Without a transformer (diffusers' text-components-only pipeline, for `encode_prompt`) there is none.
+            experts = _default_experts(get_family(self), scheduler) if has_transformer and scheduler else []
         experts = [_normalise_expert(e, k) for k, e in enumerate(experts)]
         if phase_boundaries is None and isinstance(scheduler, PhasedDMDScheduler):
             phase_boundaries = scheduler.config.phase_boundaries  # the experts belong to these boundaries
@@ -766,7 +782,14 @@ class PhasedMoEPipeline(DiffusionPipeline):
 
     @property
     def guidance_scale(self):
+        """The call's `guidance_scale`: Wan's scale for experts on `transformer` (1.0 when not given); Qwen-Image's
+        input of a guidance-distilled transformer, as passed (`None` when not given), as in the family pipelines."""
         return self._guidance_scale
+
+    @property
+    def guidance_scale_2(self):
+        """Wan's scale for experts on `transformer_2` in the current call (`None` for Qwen-Image)."""
+        return self._guidance_scale_2
 
     @property
     def num_timesteps(self):
@@ -1069,6 +1092,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
 
         # 3. Guidance per phase: Qwen-Image's true CFG; Wan's scale of the expert's transformer.
         expert_slots = [e["base_transformer"] for e in self.config.experts]
+        # Plain numbers, as the family pipelines keep them (a step-end callback may change them, as in diffusers).
+        self._guidance_scale, self._guidance_scale_2 = guidance_scale, None
         if family.name == "qwen-image":
             has_negative = negative_prompt is not None or negative_prompt_embeds is not None
             scale = 1.0 if true_cfg_scale is None else float(true_cfg_scale)
@@ -1090,8 +1115,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
             scale = 1.0 if guidance_scale is None else float(guidance_scale)
             scale_2 = scale if guidance_scale_2 is None else float(guidance_scale_2)
             phase_scales = [scale_2 if slot == "transformer_2" else scale for slot in expert_slots]
+            self._guidance_scale, self._guidance_scale_2 = scale, scale_2
         do_cfg = any(phase_scales[p] > 1 for p in set(phases))
-        self._guidance_scale = phase_scales
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
