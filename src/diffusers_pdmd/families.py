@@ -211,7 +211,9 @@ class QwenImageFamily(Family):
             text_encoder=_get(components, "text_encoder"),
             tokenizer=_get(components, "tokenizer"),
             # None in a pipeline of the text components only (diffusers builds one to call `encode_prompt`)
-            transformer=next((_get(components, n) for n in TRANSFORMER_SLOTS if _get(components, n) is not None), None),
+            transformer=next(
+                (_get(components, n) for n in TRANSFORMER_SLOTS if _get(components, n) is not None), None
+            ),
         )
 
     def check_size(self, height, width, num_frames=None) -> None:
