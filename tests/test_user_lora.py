@@ -101,7 +101,7 @@ def plain_reference(pipe, components, weight, seed=0):
 
 def load_style(pipe, file, **kwargs):
     pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="style", **kwargs)
-    if pipe.config.family != "qwen-image":  # as in WanPipeline: the low-noise transformer takes it on request
+    if getattr(pipe, "transformer_2", None) is not None:  # as in WanPipeline: transformer_2 takes it on request
         pipe.load_lora_weights(
             str(file.parent), weight_name=file.name, adapter_name="style", load_into_transformer_2=True, **kwargs
         )
@@ -226,3 +226,48 @@ def test_a_peft_call_on_a_merged_transformer_releases_it():
     assert "active_adapters" not in vars(pipe.transformer)  # and drops its guard
     np.testing.assert_allclose(run(pipe), want, atol=0, rtol=0)  # the next call merges again
     assert pipe.expert_switcher.mode == "resident"
+
+
+def test_a_user_lora_loaded_before_the_experts_stays_active(base_folders, tmp_path):
+    """The user's LoRA on a family pipeline, then Phased DMD experts loaded onto it: both run."""
+    pipe, components = expert_pipe("qwen-image")
+    pipe.save_pretrained(tmp_path / "experts", experts_only=True, base_model=str(base_folders["qwen-image"]))
+    want_experts = run(pipe)
+    load_style(pipe, style_lora_file("qwen-image", tmp_path))
+    pipe.set_adapters("style", 0.6)
+    want = run(pipe)
+    base = tiny.pipeline_class("qwen-image")(**tiny.build_components("qwen-image"))
+    load_style(base, style_lora_file("qwen-image", tmp_path))
+    base.set_adapters("style", 0.6)
+    fresh = PhasedMoEPipeline.from_pipe(base, scheduler=pipe.scheduler)
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_experts(tmp_path / "experts")
+    assert fresh.get_active_adapters() == ["style"]
+    np.testing.assert_allclose(run(fresh), want, atol=2e-5, rtol=0)
+    fresh.unload_lora_weights()
+    np.testing.assert_allclose(run(fresh), want_experts, atol=2e-5, rtol=0)
+
+
+def test_lightning_experts_saved_after_two_pipelines_sampled_load_back(base_folders, tmp_path):
+    """Wan2.2-Lightning's two files loaded in memory, sampled by the pipeline and by one made with `from_pipe`,
+    then saved in our format: the files load back and sample the same."""
+    from safetensors.torch import save_file
+    from test_released import WAN_NATIVE, fabricate_lora
+
+    family = "wan2.2-t2v-a14b"
+    ref = tiny.build_pipeline(family)
+    folder = tmp_path / "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"
+    folder.mkdir()
+    for name, module, seed in (("high", ref.transformer, 0), ("low", ref.transformer_2, 1)):
+        tensors, _ = fabricate_lora(module, WAN_NATIVE, "blocks", "diffusion_model.", seed)
+        save_file(tensors, folder / f"{name}_noise_model.safetensors")
+    pipe = PhasedMoEPipeline.from_pretrained(base_folders[family], experts=folder)
+    pipe.set_progress_bar_config(disable=True)
+    want = run(pipe)
+    other = PhasedMoEPipeline.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(run(other), want, atol=2e-5, rtol=0)
+    pipe.save_pretrained(tmp_path / "ours", experts_only=True)
+    loaded = PhasedMoEPipeline.from_pretrained(tmp_path / "ours")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(run(loaded), want, atol=2e-5, rtol=0)

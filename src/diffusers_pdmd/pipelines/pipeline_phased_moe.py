@@ -601,15 +601,21 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         path = _resolve_experts(path_or_repo_id, revision, subfolder, hub)
         layout, root, files = detect_layout(path, experts_format)
         self.release_experts()  # new adapters go on the unmerged base
+        # A loaded adapter becomes the active one: your LoRAs are made active again afterwards.
+        user = {slot: self._user_adapters(slot) for slot in TRANSFORMER_SLOTS}
         if layout == "phased_dmd":
             self._load_experts(root, ExpertsConfig.load(root), dtype, full_folder=False, variant=variant)
-            return
-        scheduler, preset = _released_scheduler(
-            self.config.family, self.scheduler.config, root, layout, files, scheduler
-        )
-        self.register_modules(scheduler=scheduler)
-        self._load_released(layout, root, files, dtype)
-        self.register_to_config(method=preset.name if preset is not None else "released")
+        else:
+            scheduler, preset = _released_scheduler(
+                self.config.family, self.scheduler.config, root, layout, files, scheduler
+            )
+            self.register_modules(scheduler=scheduler)
+            self._load_released(layout, root, files, dtype)
+            self.register_to_config(method=preset.name if preset is not None else "released")
+        for slot, names in user.items():
+            module = getattr(self, slot, None)
+            if names and module is not None and set(names) <= set(getattr(module, "peft_config", {})):
+                module.set_adapter(list(names))
 
     def _load_experts(
         self, root: pathlib.Path, config: ExpertsConfig, torch_dtype, full_folder: bool, variant: str | None = None
