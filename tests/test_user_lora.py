@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from test_pipeline_phased_moe import SIZES, add_lora, phased
+from test_pipeline_phased_moe import SIZES, _qwen_forward_kwargs, add_lora, phased
 
 from diffusers_pdmd import PhasedDMDScheduler, tiny
 from diffusers_pdmd.hub import save_lora_expert
@@ -271,3 +271,35 @@ def test_lightning_experts_saved_after_two_pipelines_sampled_load_back(base_fold
     loaded = PhasedMoEPipeline.from_pretrained(tmp_path / "ours")
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(run(loaded), want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "resident"])
+def test_disable_and_enable_lora_leave_the_experts_on(mode, tmp_path):
+    pipe, _ = expert_pipe("qwen-image")
+    set_mode(pipe, mode)
+    experts_only = run(pipe)
+    load_style(pipe, style_lora_file("qwen-image", tmp_path))
+    with_style = run(pipe)
+    pipe.disable_lora()
+    assert pipe.get_active_adapters() == []
+    np.testing.assert_allclose(run(pipe), experts_only, atol=2e-5, rtol=0)
+    pipe.enable_lora()
+    np.testing.assert_allclose(run(pipe), with_style, atol=2e-5, rtol=0)
+    pipe.fuse_lora()
+    with pytest.raises(ValueError, match="`save_pretrained`.*fused"):
+        pipe.save_pretrained(tmp_path / "full")
+
+
+def test_a_deep_copy_of_a_merged_transformer_is_its_own():
+    import copy
+
+    pipe, _ = expert_pipe("qwen-image")
+    pipe.expert_swap_mode = "resident"
+    run(pipe)
+    clone = copy.deepcopy(pipe.transformer)
+    clone.set_adapter("phase_0")  # releases the clone's copy of the merge, not the pipeline's
+    assert any(isinstance(m, BaseTunerLayer) for m in clone.modules())
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+    pipe.transformer.set_adapter("phase_0")
+    kwargs = _qwen_forward_kwargs()
+    torch.testing.assert_close(clone(**kwargs)[0], pipe.transformer(**kwargs)[0], atol=1e-6, rtol=0)

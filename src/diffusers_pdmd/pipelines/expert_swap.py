@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import types
 
 import torch
 
@@ -178,18 +179,22 @@ def release_module(module: torch.nn.Module) -> None:
 
 
 def _guard(module: torch.nn.Module, owner: ExpertSwitcher) -> None:
-    """Mark `module` as held merged by `owner`, and shadow each of its `ADAPTER_METHODS` with one that releases
-    `owner` (which removes the shadows) before calling the real method."""
+    """Mark `module` as held merged by `owner`, and shadow each of its `ADAPTER_METHODS` with one that releases the
+    owner (which removes the shadows) before calling the real method. The shadows are methods bound to `module`
+    that find the owner through the mark, so a deep copy of the module stays consistent with itself."""
     module.__dict__[_OWNER] = owner
     for name in ADAPTER_METHODS:
         if callable(getattr(type(module), name, None)) and name not in module.__dict__:
+            module.__dict__[name] = types.MethodType(_released_first(name), module)
 
-            def released_first(*args, _name=name, **kwargs):
-                owner.release()
-                return getattr(module, _name)(*args, **kwargs)
 
-            released_first._phased_dmd_guard = True
-            module.__dict__[name] = released_first
+def _released_first(name: str):
+    def method(self, *args, **kwargs):
+        release_module(self)
+        return getattr(type(self), name)(self, *args, **kwargs)
+
+    method._phased_dmd_guard = True
+    return method
 
 
 def _unguard(module: torch.nn.Module) -> None:
@@ -359,6 +364,20 @@ class ExpertSwitcher:
                 self.mode, self.mode_reason = "delta", f"{self.mode_reason}, but the copies ran out of memory"
                 self.released = False
                 self._merge_experts()
+
+    def __deepcopy__(self, memo):
+        """A copy over the copied modules (a deep copy of a merged transformer copies its switcher through the
+        mark), with the per-module state re-keyed to the copies."""
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        state = copy.deepcopy(self.__dict__, memo)
+        remap = {id(old): id(new) for (old, _), (new, _) in zip(self.experts, state["experts"])}
+        for name in ("_layers", "_saved", "_merged", "_unwrapped", "_extra", "_state"):
+            state[name] = {remap.get(key, key): value for key, value in state[name].items()}
+        if state["_current"] is not None:
+            state["_current"] = (remap.get(state["_current"][0]), state["_current"][1])
+        clone.__dict__.update(state)
+        return clone
 
     def _check_user_adapters(self, user_adapters) -> dict[int, list[str]]:
         extra = {}

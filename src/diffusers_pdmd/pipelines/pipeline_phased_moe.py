@@ -949,6 +949,11 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             raise ValueError("`push_to_hub` is not supported here; use `diffusers_pdmd.hub.push_experts_to_hub`.")
         self._check_experts()
         self.release_experts()  # save the base and the adapters, not merged weights
+        if self._fused and not experts_only:
+            raise ValueError(
+                f"`save_pretrained`: your LoRAs {sorted(self._merged_adapters)} are fused into the base weights; call "
+                "`unfuse_lora()` first (or `unload_lora_weights()` to save them baked into the base)."
+            )
         config = self.experts_config(base_model, base_revision, method)
         if experts_only and config.base_model is None:
             raise ValueError("`base_model` (repo id or path of the base pipeline) is needed to save experts only.")
