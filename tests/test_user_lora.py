@@ -161,6 +161,8 @@ def test_fuse_lora_equals_the_unfused_user_lora_and_unfuses(mode, tmp_path):
     pipe.fuse_lora(lora_scale=0.8)
     assert pipe.fused_loras == {"style"}
     np.testing.assert_allclose(run(pipe), unfused, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="`adapter_names`.*fused"):
+        pipe.set_adapters("style", 0.5)
     pipe.unfuse_lora()
     assert pipe.fused_loras == set()
     pipe.set_adapters("style", 0.8)

@@ -375,7 +375,7 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         """The user's LoRAs active on `slot`: the module's active peft adapters that are no expert (none while its
         LoRAs are disabled). The pipeline runs them together with the expert of every phase on that module."""
         module = getattr(self, slot, None)
-        experts = self._expert_adapters(slot)
+        experts = self._expert_adapters(slot) | {name for s, name in self._fused if s == slot}  # fused: in the weights
         others = [a for a in getattr(module, "peft_config", {}) if a not in experts]
         if not others:
             return ()
@@ -458,6 +458,12 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         """diffusers' `set_adapters`: the named LoRAs of yours run, at these weights, together with the expert of
         every phase (the others are off). Naming an expert here sets that expert's weight instead; the pipeline
         still runs each expert only in its own phases."""
+        fused = sorted(
+            {name for _, name in self._fused}
+            & set([adapter_names] if isinstance(adapter_names, str) else adapter_names)
+        )
+        if fused:
+            raise ValueError(f"`adapter_names`: {fused} are fused into the weights; call `unfuse_lora()` first.")
         self.release_experts()
         super().set_adapters(adapter_names, adapter_weights)
 
