@@ -15,9 +15,8 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.loaders import QwenImageLoraLoaderMixin, WanLoraLoaderMixin
+from diffusers.loaders import QwenImageLoraLoaderMixin, WanLoraLoaderMixin, lora_pipeline
 from diffusers.loaders.lora_base import LoraBaseMixin
-from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from diffusers.models import (
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
@@ -201,6 +200,10 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
     Everything else (prompt encoding, noise, conditioning, guidance, decoding) is the family pipeline's own code
     (`QwenImagePipeline`, `WanPipeline`, `WanImageToVideoPipeline`), called through [`~families.Family`], so with
     identical experts the output equals the family pipeline's at the same sigmas and seed.
+
+    Your own LoRAs (a style, a character) go on top of the experts with diffusers' LoRA API
+    (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`, ...): they run with the expert of every
+    phase, in every `expert_swap_mode`.
 
     Args:
         scheduler ([`PhasedDMDScheduler`]): Gives the steps and the phase of each step.
@@ -435,7 +438,8 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         mixin = QwenImageLoraLoaderMixin if self.config.family == "qwen-image" else WanLoraLoaderMixin
         if isinstance(pretrained_model_name_or_path_or_dict, dict):
             pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict.copy()
-        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
+        default = getattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA", False)  # diffusers' own default
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", default)
         state_dict, metadata = mixin.lora_state_dict(
             pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
         )
