@@ -521,4 +521,4 @@ def _adapter_state(layers: list) -> list:
 
 def _restore_adapter_state(saved: list) -> None:
     for layer, active, disabled in saved:
-        layer._active_adapter, layer._disable_adapters = active, disabled
+        layer._active_adapter, layer._disable_adapters = copy.copy(active), disabled

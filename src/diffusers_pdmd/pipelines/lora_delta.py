@@ -86,7 +86,7 @@ def set_active_adapter_(layers: Sequence, adapter_name: str | Sequence[str] | No
         if not names:
             layer._disable_adapters = True
         else:
-            layer._active_adapter = names
+            layer._active_adapter = list(names)  # a list per layer, as peft keeps them
             layer._disable_adapters = False
 
 
