@@ -64,7 +64,7 @@ def run(pipe, seed=0, **kwargs):
     return out.frames if family != "qwen-image" else out.images
 
 
-def plain_reference(pipe, components, weight, seed=0):
+def plain_reference(pipe, components, weight, seed=0, expert_weight=1.0):
     """diffusers' own pipeline over the same modules, with each step's expert and the user's LoRA made active by
     peft's `set_adapters` (for the next step, in a step-end callback): the output the experts + the user's LoRA
     should give."""
@@ -79,7 +79,7 @@ def plain_reference(pipe, components, weight, seed=0):
         expert = pipe.config.experts[pipe.scheduler.phase_index_for_sigma(sigmas[step])]
         module = components[expert["base_transformer"]]
         names = ([expert["adapter_name"]] if expert["adapter_name"] else []) + ["style"]
-        module.set_adapters(names, [1.0] * (len(names) - 1) + [weight])
+        module.set_adapters(names, [expert_weight] * (len(names) - 1) + [weight])
 
     def callback(_pipe, i, t, kwargs):
         if i + 1 < len(sigmas):
@@ -305,3 +305,15 @@ def test_a_deep_copy_of_a_merged_transformer_is_its_own():
     pipe.transformer.set_adapter("phase_0")
     kwargs = _qwen_forward_kwargs()
     torch.testing.assert_close(clone(**kwargs)[0], pipe.transformer(**kwargs)[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "resident", "delta"])
+def test_set_adapters_naming_an_expert_sets_its_weight(mode, tmp_path):
+    pipe, components = expert_pipe("qwen-image")
+    set_mode(pipe, mode)
+    load_style(pipe, style_lora_file("qwen-image", tmp_path))
+    pipe.set_adapters(["phase_0", "phase_1", "style"], [0.5, 0.5, 0.7])
+    assert pipe.get_active_adapters() == ["style"]
+    ours = run(pipe)
+    want = plain_reference(pipe, components, weight=0.7, expert_weight=0.5)
+    np.testing.assert_allclose(ours, want, atol=2e-5, rtol=0)
