@@ -529,10 +529,13 @@ def render_memory(res: dict) -> str:
 
 
 def sections(res: dict) -> list[tuple[str, str]]:
-    """(doc section name, markdown) for what this run measured: the calls, the memory modes, or both."""
+    """(doc section name, markdown) for what this run measured: the calls, the memory modes, or both. A run with
+    `--user_lora` writes its calls to a section of their own (`gpu_sampling_<model>_user_lora`), so that its few rows
+    do not replace the full table."""
     out = []
     if res.get("calls"):
-        out.append((f"{NAME}_{res['model']}", render(res)))
+        user = any("+user_lora" in key for key in res["calls"])
+        out.append((f"{NAME}_{res['model']}" + ("_user_lora" if user else ""), render(res)))
     if res.get("memory_modes"):
         out.append(("gpu_memory_modes", render_memory(res)))
     return out
