@@ -12,7 +12,8 @@ device synchronised before and after; median of `--reps` after warm-up), all mea
   (after warm-up), which swap experts at every call.
 
 `--user_lora` adds a user's own LoRA on top of the experts (`load_lora_weights`, weight 0.8, `"auto"`): its
-unfused forward on the merged experts, then `fuse_lora()`.
+unfused forward on the merged experts, then `fuse_lora()`; such a run writes the doc section
+`gpu_sampling_<model>_user_lora` (not the full table's).
 
 `--memory_modes` adds, for Qwen-Image with LoRA experts, what a user with a small card does: model / sequential /
 group offloading, layerwise casting (fp8 storage, bf16 compute), fp16 instead of bf16, and `to()` to the host and
