@@ -28,9 +28,9 @@ back with merged experts: the largest difference to the plain call's image and t
     python benchmarks/gpu_sampling.py --model wan --batches 1 --reps 2 --compile none --modes auto \
         --out sampling_wan.json
     python benchmarks/gpu_sampling.py --tiny --memory_modes    # CPU logic check, < 2 min
-    # A user's LoRA on the experts (Qwen-Image, H100): only the student rows, uncompiled, auto, with and without it
+    # A user's LoRA on the experts (Qwen-Image, H100): the family 4 steps and the student, uncompiled, auto, +- the LoRA
     python benchmarks/gpu_sampling.py --model qwen --base BASE_DIR --experts EXPERTS_DIR --user_lora \
-        --modes auto --compile none --skip teacher family --out user_lora_qwen.json
+        --modes auto --compile none --skip teacher --out user_lora_qwen.json
 
 `--skip` drops every measurement whose key contains one of the given words (keys look like
 `student/auto/regional/b4`, `family4/none/b1`, `teacher/none/b1`, `memory/group_offload`); `--compile`, `--modes`
