@@ -317,3 +317,18 @@ def test_set_adapters_naming_an_expert_sets_its_weight(mode, tmp_path):
     ours = run(pipe)
     want = plain_reference(pipe, components, weight=0.7, expert_weight=0.5)
     np.testing.assert_allclose(ours, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "resident", "delta"])
+def test_the_lora_scale_of_attention_kwargs_scales_the_user_lora_only(mode, tmp_path):
+    """`attention_kwargs={"scale": s}` (the family pipelines' LoRA scale) scales the user's LoRA, in every mode, for
+    that call only; the experts keep their weight."""
+    pipe, components = expert_pipe("qwen-image")
+    set_mode(pipe, mode)
+    load_style(pipe, style_lora_file("qwen-image", tmp_path))
+    full = run(pipe)
+    ours = run(pipe, attention_kwargs={"scale": 0.5})
+    np.testing.assert_allclose(run(pipe), full, atol=1e-6, rtol=0)  # for that call only (delta: fp32 rounding)
+    np.testing.assert_allclose(ours, plain_reference(pipe, components, weight=0.5), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="`attention_kwargs\\['scale'\\]`"):
+        run(pipe, attention_kwargs={"scale": "half"})

@@ -387,6 +387,24 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             return ()
         return tuple(a for a in layer.active_adapters if a in others)
 
+    @contextlib.contextmanager
+    def _user_lora_scale(self, scale: float | None):
+        """Your active LoRAs' peft scaling times `scale` inside the block (the experts keep theirs): the LoRA scale
+        that the family pipelines take as `attention_kwargs={"scale": ...}`, in every `expert_swap_mode`."""
+        saved = []
+        if scale is not None and scale != 1.0:
+            for slot in TRANSFORMER_SLOTS:
+                names = self._user_adapters(slot)
+                layers = [m for m in getattr(self, slot).modules() if isinstance(m, BaseTunerLayer)] if names else []
+                for layer, name in ((layer, n) for layer in layers for n in names if n in layer.scaling):
+                    saved.append((layer, name, layer.scaling[name]))
+                    layer.scaling[name] = layer.scaling[name] * scale
+        try:
+            yield
+        finally:
+            for layer, name, value in saved:
+                layer.scaling[name] = value
+
     def _lora_components(self, components) -> list[str]:
         present = [slot for slot in TRANSFORMER_SLOTS if getattr(self, slot, None) is not None]
         if components is None:
@@ -1268,6 +1286,15 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        # The family pipelines' LoRA scale (`attention_kwargs={"scale": s}`) scales your LoRAs, not the experts.
+        lora_scale = None
+        if attention_kwargs is not None and "scale" in attention_kwargs:
+            attention_kwargs = dict(attention_kwargs)
+            lora_scale = attention_kwargs.pop("scale")
+            if not isinstance(lora_scale, int | float) or isinstance(lora_scale, bool):
+                raise ValueError(
+                    f"`attention_kwargs['scale']` (your LoRAs' scale) must be a number, got {lora_scale!r}."
+                )
         family = self.family
         default_h, default_w, default_f = family.default_size(self)
         height = default_h if height is None else height
@@ -1390,7 +1417,11 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
         # `sampling()`: afterwards the unmerged transformers' peft layers hold the adapter state they had before.
-        with self.progress_bar(total=len(timesteps)) as progress_bar, switcher.sampling():
+        with (
+            self.progress_bar(total=len(timesteps)) as progress_bar,
+            switcher.sampling(),
+            self._user_lora_scale(lora_scale),
+        ):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
