@@ -11,6 +11,10 @@ device synchronised before and after; median of `--reps` after warm-up), all mea
   whole-transformer `compile()`, at batch 1 and 4; torch.compile's recompilations are counted over the timed calls
   (after warm-up), which swap experts at every call.
 
+`--user_lora` adds a user's own LoRA on top of the experts (`load_lora_weights`, weight 0.8, `"auto"`): its
+unfused forward on the merged experts, then `fuse_lora()`; such a run writes the doc section
+`gpu_sampling_<model>_user_lora` (not the full table's).
+
 `--memory_modes` adds, for Qwen-Image with LoRA experts, what a user with a small card does: model / sequential /
 group offloading, layerwise casting (fp8 storage, bf16 compute), fp16 instead of bf16, and `to()` to the host and
 back with merged experts: the largest difference to the plain call's image and the peak device memory of each.
@@ -24,6 +28,9 @@ back with merged experts: the largest difference to the plain call's image and t
     python benchmarks/gpu_sampling.py --model wan --batches 1 --reps 2 --compile none --modes auto \
         --out sampling_wan.json
     python benchmarks/gpu_sampling.py --tiny --memory_modes    # CPU logic check, < 2 min
+    # A user's LoRA on the experts (Qwen-Image, H100): the family 4 steps and the student, uncompiled, auto, +- the LoRA
+    python benchmarks/gpu_sampling.py --model qwen --base BASE_DIR --experts EXPERTS_DIR --user_lora \
+        --modes auto --compile none --skip teacher --out user_lora_qwen.json
 
 `--skip` drops every measurement whose key contains one of the given words (keys look like
 `student/auto/regional/b4`, `family4/none/b1`, `teacher/none/b1`, `memory/group_offload`); `--compile`, `--modes`
@@ -232,6 +239,8 @@ def sampling(args, run: Run, spec: dict, workdir: pathlib.Path) -> None:
     for m in transformers(student):
         gc_.set_compiled(m, "none")
     m = None  # the loop variable would keep a 41 GB transformer alive past `del student` below
+    if args.user_lora:
+        user_lora(args, run, student, spec, size, experts_dir)
     student.release_experts()
     if not (args.memory_modes and args.model == "qwen"):
         return
@@ -244,6 +253,35 @@ def sampling(args, run: Run, spec: dict, workdir: pathlib.Path) -> None:
     gc_.free()
     memory.fresh()
     memory.shared(memory.load().to(gc_.device()))
+
+
+def user_lora(args, run: Run, student, spec: dict, size: dict, experts_dir) -> None:
+    """A user's own LoRA on top of the experts (`load_lora_weights`, weight 0.8), uncompiled, `expert_swap_mode`
+    "auto": unfused on the merged experts (`student/auto+user_lora/...`), then fused into the base weights
+    (`fuse_lora`, `student/auto+user_lora_fused/...`). Phase 0's expert file stands in for the user's LoRA (a LoRA of
+    the experts' rank on the experts' modules); for Wan2.2 A14B it goes into both transformers."""
+    style = pathlib.Path(experts_dir) / "phase_0" / "pytorch_lora_weights.safetensors"
+    student.expert_swap_mode = "auto"
+    for slot in ("transformer", "transformer_2")[: len(transformers(student))]:
+        student.load_lora_weights(
+            str(style.parent),
+            weight_name=style.name,
+            adapter_name="style",
+            load_into_transformer_2=slot == "transformer_2",
+        )
+    student.set_adapters("style", 0.8)
+
+    def extra():
+        return {"mode": student.expert_switcher.mode, "swaps": student.expert_switcher.num_swaps}
+
+    for name in ("user_lora", "user_lora_fused"):
+        if name == "user_lora_fused":
+            student.fuse_lora()
+        for batch in args.batches:
+            key = f"student/auto+{name}/none/b{batch}"
+            run.measure(key, family_call(student, spec, size, batch, {}), warmup=1, extra=extra)
+    student.unfuse_lora()
+    student.unload_lora_weights()
 
 
 # ----------------------------------------------------------------------------------------------- memory modes
@@ -426,9 +464,9 @@ def render(res: dict) -> str:
             label = "family pipeline, its own 4 steps"
         else:
             resolved = {calls.get(f"{stem}/b{b}", {}).get("mode") for b in batches} - {None}
-            label = f"PhasedMoEPipeline, `{parts[1]}`" + (
-                f" (-> {', '.join(sorted(resolved))})" if parts[1] == "auto" else ""
-            )
+            mode, _, user = parts[1].partition("+")
+            label = f"PhasedMoEPipeline, `{mode}`" + (f" (-> {', '.join(sorted(resolved))})" if mode == "auto" else "")
+            label += {"user_lora": " + a user LoRA", "user_lora_fused": " + a user LoRA, fused"}.get(user, "")
         row = [label, kind]
         for b in batches:
             ms = _ms(res, f"{stem}/b{b}")
@@ -492,10 +530,13 @@ def render_memory(res: dict) -> str:
 
 
 def sections(res: dict) -> list[tuple[str, str]]:
-    """(doc section name, markdown) for what this run measured: the calls, the memory modes, or both."""
+    """(doc section name, markdown) for what this run measured: the calls, the memory modes, or both. A run with
+    `--user_lora` writes its calls to a section of their own (`gpu_sampling_<model>_user_lora`), so that its few rows
+    do not replace the full table."""
     out = []
     if res.get("calls"):
-        out.append((f"{NAME}_{res['model']}", render(res)))
+        user = any("+user_lora" in key for key in res["calls"])
+        out.append((f"{NAME}_{res['model']}" + ("_user_lora" if user else ""), render(res)))
     if res.get("memory_modes"):
         out.append(("gpu_memory_modes", render_memory(res)))
     return out
@@ -523,6 +564,9 @@ def main():
     )
     parser.add_argument("--skip", nargs="*", default=[], help="skip measurements whose key contains any of these")
     parser.add_argument("--memory_modes", action="store_true", help="also offloading / casting / to() (Qwen-Image)")
+    parser.add_argument(
+        "--user_lora", action="store_true", help="also a user's LoRA on the experts, unfused and fused (mode auto)"
+    )
     args = parser.parse_args()
     if args.reps is None:
         args.reps = 1 if args.tiny else 3

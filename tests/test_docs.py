@@ -60,3 +60,23 @@ def test_cpu_recipe_runs(title, tmp_path, monkeypatch):
             exec(compile(code, f"{DOC.name}: {title}", "exec"), {})
     written = sorted(p.name for p in tmp_path.rglob("*") if p.suffix in (".png", ".mp4"))
     assert written, "the recipe saves its sample"
+
+
+def test_style_lora_recipe_runs(tmp_path, monkeypatch):
+    """The CPU recipe of "My style LoRA + the experts"."""
+    section = DOC.read_text().split("## My style LoRA + the experts", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section.split("### On the CPU", 1)[1], flags=re.S)
+    assert [lang for lang, _ in blocks] == ["bash", "python"]
+    monkeypatch.chdir(tmp_path)
+    for lang, code in blocks:
+        code = code.replace("/tmp/", f"{tmp_path}/")
+        if lang == "bash":
+            argv = shlex.split(code.strip())
+            monkeypatch.setattr(sys, "argv", [argv[2], *argv[3:]])
+            monkeypatch.delitem(sys.modules, argv[2], raising=False)
+            with pytest.raises(SystemExit) as done:
+                runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+            assert done.value.code == 0
+        else:
+            exec(compile(code, f"{DOC.name}: style LoRA", "exec"), {})
+    assert (tmp_path / "tiny-qwen-image-style.png").is_file()

@@ -199,3 +199,46 @@ def test_loading_two_lora_experts_warns_nothing(tmp_path):
     assert sorted(loaded.transformer.peft_config) == ["phase_0", "phase_1"]
     assert [str(w.message) for w in caught] == []
     assert handler.messages == []
+
+
+# ---------------------------------------------------------------------------------------------- diffusers' idioms
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("family", ["qwen-image", "wan2.2-t2v-a14b"])
+def test_callback_can_raise_the_guidance_scale(family, lora):
+    # diffusers' PipelineTesterMixin.test_callback_cfg: `pipe._guidance_scale += 1.0` at every step end.
+    components = tiny.build_components(family)
+    experts = None
+    if lora:
+        slots = ["transformer"] * 2 if family == "qwen-image" else ["transformer", "transformer_2"]
+        for k, slot in enumerate(slots):
+            add_lora(components[slot], f"phase_{k}", seed=k)
+        experts = [(slot, f"phase_{k}") for k, slot in enumerate(slots)]
+    pipe = phased(family, components, experts=experts)
+
+    def raise_guidance(pipe, i, t, callback_kwargs):
+        pipe._guidance_scale += 1.0
+        return callback_kwargs
+
+    run(pipe, guidance_scale=2.0, callback_on_step_end=raise_guidance)
+    assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b"])
+def test_a_pipeline_of_text_components_only_encodes_prompts(family):
+    # diffusers' PipelineTesterMixin.test_encode_prompt_works_in_isolation builds the pipeline with every component
+    # but the text encoder and tokenizer set to None.
+    pipe = phased(family, tiny.build_components(family))
+    text_only = {k: (v if k in ("text_encoder", "tokenizer") else None) for k, v in pipe.components.items()}
+    alone = PhasedMoEPipeline(**text_only)
+    ours = alone.encode_prompt("a cat", device="cpu", max_sequence_length=32)
+    theirs = pipe.encode_prompt("a cat", device="cpu", max_sequence_length=32)
+    for a, b in zip(ours, theirs):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b)
+    assert alone.config.family.startswith("qwen") == family.startswith("qwen")
+    with pytest.raises(ValueError, match="`scheduler`"):
+        alone("a cat", **SIZES.get(family, {"height": 32, "width": 32, "num_frames": 5}))

@@ -210,7 +210,10 @@ class QwenImageFamily(Family):
             vae=_get(components, "vae"),
             text_encoder=_get(components, "text_encoder"),
             tokenizer=_get(components, "tokenizer"),
-            transformer=_any_transformer(components),
+            # None in a pipeline of the text components only (diffusers builds one to call `encode_prompt`)
+            transformer=next(
+                (_get(components, n) for n in TRANSFORMER_SLOTS if _get(components, n) is not None), None
+            ),
         )
 
     def check_size(self, height, width, num_frames=None) -> None:

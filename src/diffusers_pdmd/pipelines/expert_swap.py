@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
+import types
 
 import torch
 
@@ -142,6 +145,65 @@ def _resident_prefix(layers: list, copies: int, budget: float) -> tuple[int, int
     return len(layers), used
 
 
+# The peft / diffusers adapter methods of a transformer. While a switcher holds the module merged (peft wrappers out
+# of their slots, expert weights in the base weights), each of them first releases it, so they see the module as it
+# was: `transformer.set_adapter(...)`, `save_lora_adapter`, `save_pretrained`, ... work after a pipeline call.
+ADAPTER_METHODS = (
+    "add_adapter",
+    "set_adapter",
+    "set_adapters",
+    "active_adapters",
+    "enable_adapters",
+    "disable_adapters",
+    "enable_lora",
+    "disable_lora",
+    "delete_adapters",
+    "fuse_lora",
+    "unfuse_lora",
+    "unload_lora",
+    "load_lora_adapter",
+    "save_lora_adapter",
+    "get_adapter_state_dict",
+    "enable_lora_hotswap",
+    "save_pretrained",
+)
+_OWNER = "_phased_dmd_merged_by"
+
+
+def release_module(module: torch.nn.Module) -> None:
+    """Release the merged experts of the [`ExpertSwitcher`] that holds `module` merged, if any (e.g. another
+    pipeline over the same modules); a no-op otherwise."""
+    owner = module.__dict__.get(_OWNER)
+    if owner is not None:
+        owner.release()
+
+
+def _guard(module: torch.nn.Module, owner: ExpertSwitcher) -> None:
+    """Mark `module` as held merged by `owner`, and shadow each of its `ADAPTER_METHODS` with one that releases the
+    owner (which removes the shadows) before calling the real method. The shadows are methods bound to `module`
+    that find the owner through the mark, so a deep copy of the module stays consistent with itself."""
+    module.__dict__[_OWNER] = owner
+    for name in ADAPTER_METHODS:
+        if callable(getattr(type(module), name, None)) and name not in module.__dict__:
+            module.__dict__[name] = types.MethodType(_released_first(name), module)
+
+
+def _released_first(name: str):
+    def method(self, *args, **kwargs):
+        release_module(self)
+        return getattr(type(self), name)(self, *args, **kwargs)
+
+    method._phased_dmd_guard = True
+    return method
+
+
+def _unguard(module: torch.nn.Module) -> None:
+    module.__dict__.pop(_OWNER, None)
+    for name in ADAPTER_METHODS:
+        if getattr(module.__dict__.get(name), "_phased_dmd_guard", False):
+            del module.__dict__[name]
+
+
 class _SplitExperts:
     """Resident copies for some layers, in-place deltas for the others, swapped together."""
 
@@ -218,10 +280,22 @@ class ExpertSwitcher:
     `mode="peft"` swaps with diffusers' `set_adapter` / `disable_lora` instead (the full-model walk); it exists as a
     reference to compare against.
 
+    The user's own LoRAs (`user_adapters`, e.g. a style LoRA loaded with the pipeline's `load_lora_weights`) run
+    together with whichever expert is active, at the weight their peft scaling holds: in the unfused modes each
+    swap makes `[expert, *user_adapters]` the active adapters; in the merging modes a layer that holds one of them
+    keeps its peft wrapper, running the user's LoRA unfused on top of the merged expert weights.
+
+    While a merging mode holds a module merged, the module is marked as held (a new switcher over it, e.g. of a
+    second pipeline sharing the module, releases this one first) and its peft / diffusers adapter methods
+    (`ADAPTER_METHODS`: `set_adapter`, `save_lora_adapter`, `save_pretrained`, ...) release it before they run, so
+    the module stays usable through those APIs after a pipeline call.
+
     Args:
         experts (`list[tuple[torch.nn.Module, str | None]]`): `experts[k]` is the expert of phase `k`.
         mode (`str`, defaults to `"adapter"`): `"auto"`, `"adapter"`, `"resident"`, `"delta"` or `"peft"`.
         memory (`tuple[int, int]`, *optional*): `(free, total)` device bytes for `"auto"` (default: measured).
+        user_adapters (`list[tuple[torch.nn.Module, list[str]]]`, *optional*): Per expert module, LoRA adapters
+            (not experts) to run together with every expert of that module.
 
     Attributes:
         num_swaps (`int`): Number of times the active expert changed since construction or the last
@@ -233,6 +307,7 @@ class ExpertSwitcher:
         experts: list[tuple[torch.nn.Module, str | None]],
         mode: str = "adapter",
         memory: tuple[int, int] | None = None,
+        user_adapters: list[tuple[torch.nn.Module, list[str]]] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
@@ -248,6 +323,7 @@ class ExpertSwitcher:
             if not isinstance(module, torch.nn.Module):
                 raise ValueError(f"`experts[{phase}]` has no module: got {type(module).__name__}.")
             if id(module) not in self._layers:
+                release_module(module)  # held merged by another switcher (another pipeline over the same modules)
                 self._layers[id(module)] = _tuner_layers(module)
             layers = self._layers[id(module)]
             if adapter is not None:
@@ -263,6 +339,9 @@ class ExpertSwitcher:
                         "Call `unfuse_lora()` first."
                     )
             self.experts.append((module, adapter))
+        self._extra = self._check_user_adapters(user_adapters or [])
+        self._saved: dict[int, list] = {key: _adapter_state(layers) for key, layers in self._layers.items()}
+        self.released = False
         self._state: dict[int, str | None] = {}
         self._current: tuple[int, str | None] | None = None
         self.num_swaps = 0
@@ -283,7 +362,34 @@ class ExpertSwitcher:
                 if not (mode == "auto" and self.mode in ("resident", "resident+delta")):
                     raise
                 self.mode, self.mode_reason = "delta", f"{self.mode_reason}, but the copies ran out of memory"
+                self.released = False
                 self._merge_experts()
+
+    def __deepcopy__(self, memo):
+        """A copy over the copied modules (a deep copy of a merged transformer copies its switcher through the
+        mark), with the per-module state re-keyed to the copies."""
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        state = copy.deepcopy(self.__dict__, memo)
+        remap = {id(old): id(new) for (old, _), (new, _) in zip(self.experts, state["experts"])}
+        for name in ("_layers", "_saved", "_merged", "_unwrapped", "_extra", "_state"):
+            state[name] = {remap.get(key, key): value for key, value in state[name].items()}
+        if state["_current"] is not None:
+            state["_current"] = (remap.get(state["_current"][0]), state["_current"][1])
+        clone.__dict__.update(state)
+        return clone
+
+    def _check_user_adapters(self, user_adapters) -> dict[int, list[str]]:
+        extra = {}
+        for module, names in user_adapters:
+            if id(module) not in self._layers:
+                raise ValueError("`user_adapters` names a module that no expert uses.")
+            held = set().union(*(_layer_adapters(layer) for layer in self._layers[id(module)]))
+            missing = [name for name in names if name not in held]
+            if missing:
+                raise ValueError(f"`user_adapters`: {missing} are not adapters of their module; available: {held}.")
+            extra[id(module)] = list(names)
+        return extra
 
     def _merge_experts(self) -> None:
         from .lora_delta import DeltaExperts, ResidentExperts, UnwrappedLayers, lora_linear_layers
@@ -307,18 +413,53 @@ class ExpertSwitcher:
                 if k < len(layers):
                     engines.append(DeltaExperts(layers[k:], names))
                 self._merged[key] = _SplitExperts(engines)
-            self._unwrapped[key] = UnwrappedLayers(module, layers)
+            # A layer that also holds a user's LoRA keeps its peft wrapper: the user's LoRA runs unfused on top of
+            # the merged expert (`_active_adapter` = the user's adapters); the others run their bare `Linear`.
+            extra = self._extra.get(key, [])
+            on_top = {id(layer) for layer in layers if any(name in layer.lora_A for name in extra)}
+            self._unwrapped[key] = UnwrappedLayers(module, [layer for layer in layers if id(layer) not in on_top])
+            unwrapped = {id(layer) for _, _, layer in self._unwrapped[key].slots}
+            set_active_adapter_([layer for layer in self._layers[key] if id(layer) not in unwrapped], extra)
+            _guard(module, self)
 
     def release(self) -> None:
         """Undo a merging mode: the peft wrappers back in their slots, the base weights back (see the class
-        docstring for the rounding), the unfused LoRA forward on again. A no-op in the unfused modes."""
+        docstring for the rounding), and every peft layer's adapter state (`active_adapters`, disabled or not) as
+        it was when the switcher was built; the adapter methods of the modules unguarded. In the unfused modes only
+        the adapter state is given back. Releasing twice does nothing more."""
+        if self.released:
+            return
+        self.released = True
         for unwrapped in self._unwrapped.values():
             unwrapped.restore()
         for engine in self._merged.values():
             engine.release() if hasattr(engine, "release") else engine.restore()
+        for key in self._merged:
+            _unguard(next(m for m, _ in self.experts if id(m) == key))
+        for saved in self._saved.values():
+            _restore_adapter_state(saved)
         self._unwrapped.clear()
         self._merged.clear()
         self.reset()
+
+    @contextlib.contextmanager
+    def sampling(self):
+        """[`~ExpertSwitcher.reset`] on entry and [`~ExpertSwitcher.finish`] on exit (also on an error): one
+        pipeline call's use of the experts."""
+        self.reset()
+        try:
+            yield self
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        """The end of a pipeline call: the unmerged modules' peft layers get back the adapter state they had at
+        the last [`~ExpertSwitcher.reset`] (the user's, e.g. their active LoRAs); merged modules stay merged."""
+        for key, saved in self._saved.items():
+            if key not in self._merged:
+                _restore_adapter_state(saved)
+        self._state.clear()
+        self._current = None
 
     @property
     def num_phases(self) -> int:
@@ -333,14 +474,15 @@ class ExpertSwitcher:
         if id(module) in self._merged:
             self._merged[id(module)].activate(adapter)
             return
+        names = ([] if adapter is None else [adapter]) + self._extra.get(id(module), [])
         if self.mode == "peft":
-            if adapter is None:
+            if not names:
                 module.disable_lora()
             else:
                 module.enable_lora()
-                module.set_adapter(adapter)
+                module.set_adapter(names)
             return
-        set_active_adapter_(self._layers[id(module)], adapter)
+        set_active_adapter_(self._layers[id(module)], names)
 
     def activate(self, phase: int) -> torch.nn.Module:
         """Make the expert of `phase` current and return the module to call."""
@@ -362,8 +504,21 @@ class ExpertSwitcher:
         """Forget the current expert and the adapter state set on the modules, and set `num_swaps` to 0.
 
         The next [`~ExpertSwitcher.activate`] sets the adapter state again, so adapters changed from outside
-        (e.g. by `set_adapters`) between calls are overridden.
+        (e.g. by `set_adapters`) between calls are overridden. The adapter state of the unmerged modules' peft
+        layers is recorded, for [`~ExpertSwitcher.finish`] to give back.
         """
         self._state.clear()
         self._current = None
         self.num_swaps = 0
+        for key, layers in self._layers.items():
+            if key not in self._merged:
+                self._saved[key] = _adapter_state(layers)
+
+
+def _adapter_state(layers: list) -> list:
+    return [(layer, copy.copy(layer._active_adapter), layer._disable_adapters) for layer in layers]
+
+
+def _restore_adapter_state(saved: list) -> None:
+    for layer, active, disabled in saved:
+        layer._active_adapter, layer._disable_adapters = copy.copy(active), disabled

@@ -76,15 +76,17 @@ def cast_adapters_(layers: Sequence, dtype: torch.dtype, adapter_names: Sequence
             layer.lora_B[name].to(dtype)
 
 
-def set_active_adapter_(layers: Sequence, adapter_name: str | None) -> None:
-    """Make `adapter_name` the only unfused adapter of `layers` (`None`: none), by setting the two attributes
-    peft's LoRA forward reads. Unlike peft's `set_adapter` it walks no module tree and leaves `requires_grad` alone.
+def set_active_adapter_(layers: Sequence, adapter_name: str | Sequence[str] | None) -> None:
+    """Make `adapter_name` the only unfused adapter of `layers` (`None` or an empty list: none; a list: those
+    adapters together, as the user's LoRA on top of an expert), by setting the two attributes peft's LoRA forward
+    reads. Unlike peft's `set_adapter` it walks no module tree and leaves `requires_grad` alone.
     """
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name or [])
     for layer in layers:
-        if adapter_name is None:
+        if not names:
             layer._disable_adapters = True
         else:
-            layer._active_adapter = [adapter_name]
+            layer._active_adapter = list(names)  # a list per layer, as peft keeps them
             layer._disable_adapters = False
 
 
@@ -140,6 +142,46 @@ def apply_expert_delta_(layers: Sequence, from_adapter: str | None, to_adapter: 
         factors = delta_factors(layer, from_adapter, to_adapter)
         if factors is not None:
             _addmm_weight_(layer, factors, 1.0)
+
+
+@torch.no_grad()
+def fuse_adapter_(layers: Sequence, adapter: str, scale: float = 1.0, safe: bool = False) -> list[float]:
+    """Add `scale * s B A` of `adapter` into the base weight of each of `layers` that holds it (`s` its peft scaling
+    now), in place: `W <- round(W + scale * s B A)`, the product in fp32. Returns the factor `scale * s` used per
+    layer, for [`unfuse_adapter_`]. peft's LoRA forward is not told (its `merged` flag stays off, so the other
+    adapters of the layer still run unfused): deactivate `adapter` after fusing it.
+
+    Raises:
+        ValueError: With `safe`, if a fused weight is not finite (the layers fused before it are put back).
+    """
+    factors = [scale * layer.scaling[adapter] if adapter in layer.lora_A else 0.0 for layer in layers]
+    for k, (layer, f) in enumerate(zip(layers, factors)):
+        w = _fused_weight(layer, adapter, f)
+        if w is None:
+            continue
+        if safe and not torch.isfinite(w).all():
+            unfuse_adapter_(layers[:k], adapter, factors[:k])
+            raise ValueError(f"Fusing adapter {adapter!r} gives non-finite weights (`safe_fusing=True`); not fused.")
+        _weight(layer).data.copy_(w)
+    return factors
+
+
+@torch.no_grad()
+def unfuse_adapter_(layers: Sequence, adapter: str, factors: Sequence[float]) -> None:
+    """Undo [`fuse_adapter_`]: subtract the same fp32 products (`factors` as it returned them)."""
+    for layer, f in zip(layers, factors):
+        w = _fused_weight(layer, adapter, -f)
+        if w is not None:
+            _weight(layer).data.copy_(w)
+
+
+def _fused_weight(layer, adapter: str, factor: float) -> torch.Tensor | None:
+    if not factor:
+        return None
+    b, a = layer.lora_B[adapter].weight.float(), layer.lora_A[adapter].weight.float()
+    delta = (b @ a) * factor
+    w = _weight(layer)
+    return (w.float() + (delta.T if layer.fan_in_fan_out else delta)).to(w.dtype)
 
 
 class DeltaExperts:

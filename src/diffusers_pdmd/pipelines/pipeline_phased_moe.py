@@ -15,6 +15,8 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import QwenImageLoraLoaderMixin, WanLoraLoaderMixin, lora_pipeline
+from diffusers.loaders.lora_base import LoraBaseMixin
 from diffusers.models import (
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
@@ -26,6 +28,7 @@ from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutpu
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.deprecation_utils import _resolve_dtype
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..families import FAMILIES, TRANSFORMER_SLOTS, Family, get_family
 from ..hub import (
@@ -33,6 +36,7 @@ from ..hub import (
     ExpertsConfig,
     load_full_expert,
     lora_weight_name,
+    multiple_adapters,
     resolve_repo,
     save_full_expert,
     save_lora_expert,
@@ -40,7 +44,8 @@ from ..hub import (
 from ..released import LAYOUTS, PRESETS, WAN_MOE_FILES, detect_layout, find_preset, phase_file_sibling
 from ..released import load_lora as load_released_lora
 from ..schedulers import PhasedDMDScheduler
-from .expert_swap import ExpertSwitcher
+from .expert_swap import ExpertSwitcher, release_module
+from .lora_delta import fuse_adapter_, lora_linear_layers, unfuse_adapter_
 
 
 logger = logging.get_logger(__name__)
@@ -167,11 +172,31 @@ def _released_scheduler(family: str, base_config, folder, layout, files, schedul
     return preset.scheduler(base_config), preset
 
 
+def _family_of_text_encoder(text_encoder, expand_timesteps: bool) -> str:
+    """The family of a pipeline built without transformers (to encode prompts), from its text encoder; a Wan text
+    encoder (UMT5) is the same for every Wan2.2 family, so T2V-A14B stands for them unless `expand_timesteps`."""
+    name = type(text_encoder).__name__
+    if name.startswith("Qwen2_5_VL"):
+        return "qwen-image"
+    if name.startswith("UMT5"):
+        return "wan2.2-ti2v-5b" if expand_timesteps else "wan2.2-t2v-a14b"
+    raise ValueError(
+        f"Without a `transformer`, the family cannot be inferred from a {name} text encoder; pass `family` (one of "
+        f"{FAMILIES})."
+    )
+
+
+def _active_adapters(module) -> list[str]:
+    """The active adapters of `module`'s peft layers (read from the first one; peft sets them on all)."""
+    layer = next((m for m in module.modules() if isinstance(m, BaseTunerLayer)), None)
+    return [] if layer is None else list(layer.active_adapters)
+
+
 def _has_adapters(module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
 
-class PhasedMoEPipeline(DiffusionPipeline):
+class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
     r"""
     Few-step text-to-image (Qwen-Image) and text/image-to-video (Wan2.2) sampling with Phased DMD experts.
 
@@ -186,6 +211,10 @@ class PhasedMoEPipeline(DiffusionPipeline):
     Everything else (prompt encoding, noise, conditioning, guidance, decoding) is the family pipeline's own code
     (`QwenImagePipeline`, `WanPipeline`, `WanImageToVideoPipeline`), called through [`~families.Family`], so with
     identical experts the output equals the family pipeline's at the same sigmas and seed.
+
+    Your own LoRAs (a style, a character) go on top of the experts with diffusers' LoRA API
+    (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`, ...): they run with the expert of every
+    phase, in every `expert_swap_mode`.
 
     Args:
         scheduler ([`PhasedDMDScheduler`]): Gives the steps and the phase of each step.
@@ -207,6 +236,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
+    _lora_loadable_modules = ["transformer", "transformer_2"]
+    transformer_name = "transformer"
     _optional_components = ["transformer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -237,13 +268,17 @@ class PhasedMoEPipeline(DiffusionPipeline):
             transformer_2=transformer_2,
         )
         self.register_to_config(boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
+        has_transformer = transformer is not None or transformer_2 is not None
         if family is None:
-            family = get_family(self).name
+            family = (
+                get_family(self).name if has_transformer else _family_of_text_encoder(text_encoder, expand_timesteps)
+            )
         elif family not in FAMILIES:
             raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}.")
         self.register_to_config(family=family)
         if experts is None:
-            experts = _default_experts(get_family(self), scheduler)
+            # Without a transformer (diffusers' text-components-only pipeline, for `encode_prompt`) there is none.
+            experts = _default_experts(get_family(self), scheduler) if has_transformer and scheduler else []
         experts = [_normalise_expert(e, k) for k, e in enumerate(experts)]
         if phase_boundaries is None and isinstance(scheduler, PhasedDMDScheduler):
             phase_boundaries = scheduler.config.phase_boundaries  # the experts belong to these boundaries
@@ -260,6 +295,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
         self._switcher = None
         self._switcher_key = None
         self._swap_memory = None  # (free, total) device bytes for "auto"; measured when None (tests inject it)
+        self._fused: dict[tuple[str, str], tuple[list, list[float]]] = {}  # (slot, LoRA) -> (layers, factors)
+        self._merged_adapters = set()  # diffusers' `fused_loras`
 
     # ------------------------------------------------------------------ experts
 
@@ -279,14 +316,20 @@ class PhasedMoEPipeline(DiffusionPipeline):
         [`~PhasedMoEPipeline.release_experts`] releases it explicitly.
         """
         experts = [(getattr(self, e["base_transformer"]), e["adapter_name"]) for e in self.config.experts]
+        slots = dict.fromkeys(e["base_transformer"] for e in self.config.experts)
+        user = [(getattr(self, slot), list(self._user_adapters(slot))) for slot in slots]
+        user = [(module, names) for module, names in user if names]
         key = (
             self.expert_swap_mode,
             tuple((id(module), adapter) for module, adapter in experts),
             tuple(tuple(getattr(module, "peft_config", {})) for module, _ in experts),
+            tuple((id(module), tuple(names)) for module, names in user),
         )
-        if self._switcher is None or key != self._switcher_key:
+        if self._switcher is None or key != self._switcher_key or self._switcher.released:
             self.release_experts()
-            self._switcher = ExpertSwitcher(experts, mode=self.expert_swap_mode, memory=self._swap_memory)
+            self._switcher = ExpertSwitcher(
+                experts, mode=self.expert_swap_mode, memory=self._swap_memory, user_adapters=user
+            )
             self._switcher_key = key
             if self.expert_swap_mode == "auto":
                 logger.info(f"expert_swap_mode='auto' chose {self._switcher.mode!r}: {self._switcher.mode_reason}.")
@@ -294,11 +337,16 @@ class PhasedMoEPipeline(DiffusionPipeline):
 
     def release_experts(self) -> None:
         """Undo the merging of a `"resident"` / `"delta"` switcher: base weights and peft layers back as they were
-        before the first call (see [`ExpertSwitcher.release`]); the next call merges again."""
+        before the first call (see [`ExpertSwitcher.release`]); the next call merges again. Also releases the
+        transformers from another pipeline's switcher that holds them merged (pipelines sharing modules)."""
         if self._switcher is not None:
             self._switcher.release()
         self._switcher = None
         self._switcher_key = None
+        for slot in TRANSFORMER_SLOTS:
+            module = getattr(self, slot, None)
+            if module is not None:
+                release_module(module)
 
     def to(self, *args, **kwargs):
         """`DiffusionPipeline.to`, after [`~PhasedMoEPipeline.release_experts`]: merged experts are released (base
@@ -331,6 +379,208 @@ class PhasedMoEPipeline(DiffusionPipeline):
         self.register_to_config(experts=experts)
         if phase_boundaries is not None:
             self.register_to_config(phase_boundaries=[float(b) for b in phase_boundaries])
+
+    # ------------------------------------------------------------------ the user's own LoRAs
+
+    def _expert_adapters(self, slot: str) -> set[str]:
+        return {e["adapter_name"] for e in self.config.experts if e["base_transformer"] == slot and e["adapter_name"]}
+
+    def _user_adapters(self, slot: str) -> tuple[str, ...]:
+        """The user's LoRAs active on `slot`: the module's active peft adapters that are no expert (none while its
+        LoRAs are disabled). The pipeline runs them together with the expert of every phase on that module."""
+        module = getattr(self, slot, None)
+        experts = self._expert_adapters(slot) | {name for s, name in self._fused if s == slot}  # fused: in the weights
+        others = [a for a in getattr(module, "peft_config", {}) if a not in experts]
+        if not others:
+            return ()
+        layer = next((m for m in module.modules() if isinstance(m, BaseTunerLayer)), None)
+        if layer is None or layer.disable_adapters:
+            return ()
+        return tuple(a for a in layer.active_adapters if a in others)
+
+    @contextlib.contextmanager
+    def _user_lora_scale(self, scale: float | None):
+        """Your active LoRAs' peft scaling times `scale` inside the block (the experts keep theirs): the LoRA scale
+        that the family pipelines take as `attention_kwargs={"scale": ...}`, in every `expert_swap_mode`."""
+        saved = []
+        if scale is not None and scale != 1.0:
+            for slot in TRANSFORMER_SLOTS:
+                names = self._user_adapters(slot)
+                layers = [m for m in getattr(self, slot).modules() if isinstance(m, BaseTunerLayer)] if names else []
+                for layer, name in ((layer, n) for layer in layers for n in names if n in layer.scaling):
+                    saved.append((layer, name, layer.scaling[name]))
+                    layer.scaling[name] = layer.scaling[name] * scale
+        try:
+            yield
+        finally:
+            for layer, name, value in saved:
+                layer.scaling[name] = value
+
+    def _lora_components(self, components) -> list[str]:
+        present = [slot for slot in TRANSFORMER_SLOTS if getattr(self, slot, None) is not None]
+        if components is None:
+            return present
+        components = [components] if isinstance(components, str) else list(components)
+        wrong = [c for c in components if c not in present]
+        if wrong:
+            raise ValueError(f"`components` must be among this pipeline's transformers {present}, got {wrong}.")
+        return components
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        hotswap: bool = False,
+        **kwargs,
+    ):
+        """Load a LoRA of your own (style, character, ...) to run on top of the experts, with diffusers' loaders.
+
+        As `QwenImagePipeline.load_lora_weights` (Qwen-Image) and `WanPipeline.load_lora_weights` (Wan2.2; the
+        LoRA goes into `transformer`, or into `transformer_2` with `load_into_transformer_2=True`): the file is read
+        with the family's `lora_state_dict` (every key scheme diffusers converts) and added as an unfused peft
+        adapter, which becomes the active one. In every `expert_swap_mode` each step then runs the expert of its
+        phase together with the active LoRAs, at the weights of [`~PhasedMoEPipeline.set_adapters`];
+        [`~PhasedMoEPipeline.unload_lora_weights`] leaves the experts alone.
+
+        Args:
+            pretrained_model_name_or_path_or_dict (`str`, `os.PathLike` or `dict`): A Hub repo id, a folder (with
+                `weight_name=`) or a state dict, as for diffusers' `load_lora_weights`.
+            adapter_name (`str`, *optional*): Name of the adapter (default: diffusers' `default_<n>`); not the name of
+                an expert.
+            hotswap (`bool`): diffusers' hotswapping of an adapter already loaded under `adapter_name`.
+            **kwargs: diffusers' `lora_state_dict` arguments (`weight_name`, `subfolder`, `revision`, ...), and
+                `load_into_transformer_2` (Wan2.2 A14B) and `low_cpu_mem_usage`.
+        """
+        into_2 = kwargs.pop("load_into_transformer_2", False)
+        slot = "transformer_2" if into_2 else "transformer"
+        module = getattr(self, slot, None)
+        if module is None:
+            raise ValueError(
+                f"`load_into_transformer_2={bool(into_2)}`: this {self.config.family} pipeline has no `{slot}`."
+            )
+        for k, expert in enumerate(self.config.experts):
+            if adapter_name is not None and adapter_name == expert["adapter_name"]:
+                raise ValueError(
+                    f"`adapter_name` {adapter_name!r} is the name of the expert of phase {k}; give your LoRA another."
+                )
+        self.release_experts()  # the new adapter goes onto the unmerged base
+        mixin = QwenImageLoraLoaderMixin if self.config.family == "qwen-image" else WanLoraLoaderMixin
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict.copy()
+        default = getattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA", False)  # diffusers' own default
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", default)
+        state_dict, metadata = mixin.lora_state_dict(
+            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
+        )
+        if mixin is WanLoraLoaderMixin:
+            state_dict = mixin._maybe_expand_t2v_lora_for_i2v(transformer=module, state_dict=state_dict)
+        if not all("lora" in key for key in state_dict):
+            raise ValueError("Invalid LoRA checkpoint: every parameter name must contain 'lora'.")
+        with multiple_adapters():  # the experts are adapters of the same module by design
+            mixin.load_lora_into_transformer(
+                state_dict,
+                transformer=module,
+                adapter_name=adapter_name,
+                metadata=metadata,
+                _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                hotswap=hotswap,
+            )
+
+    def set_adapters(self, adapter_names: list[str] | str, adapter_weights=None):
+        """diffusers' `set_adapters`: the named LoRAs of yours run, at these weights, together with the expert of
+        every phase (the others are off). Naming an expert here sets that expert's weight instead; the pipeline
+        still runs each expert only in its own phases."""
+        fused = sorted(
+            {name for _, name in self._fused}
+            & set([adapter_names] if isinstance(adapter_names, str) else adapter_names)
+        )
+        if fused:
+            raise ValueError(f"`adapter_names`: {fused} are fused into the weights; call `unfuse_lora()` first.")
+        self.release_experts()
+        super().set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        """Your active LoRAs (the experts are not listed: the pipeline activates each in its phases)."""
+        return list(dict.fromkeys(name for slot in TRANSFORMER_SLOTS for name in self._user_adapters(slot)))
+
+    def set_lora_device(self, adapter_names: list[str], device: torch.device | str | int) -> None:
+        """diffusers' `set_lora_device`, on the unmerged transformers."""
+        self.release_experts()
+        super().set_lora_device(adapter_names, device)
+
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ):
+        """Fuse your LoRAs into the base weights (`W += lora_scale * weight * alpha / r * B A`), as diffusers'
+        `fuse_lora`; the experts stay unfused adapters and keep working in every `expert_swap_mode`.
+
+        Args:
+            components (`list[str]`, *optional*): Transformer slots to fuse into (default: all of them).
+            lora_scale (`float`): Scale of the fused LoRAs (on top of their `set_adapters` weight).
+            safe_fusing (`bool`): Check the fused weights for non-finite values first (raises `ValueError`).
+            adapter_names (`list[str]`, *optional*): Your LoRAs to fuse (default: the active ones).
+        """
+        self.release_experts()
+        for slot in self._lora_components(components):
+            module = getattr(self, slot)
+            held = getattr(module, "peft_config", {})
+            names = self._user_adapters(slot) if adapter_names is None else [n for n in adapter_names if n in held]
+            experts = sorted(set(names) & self._expert_adapters(slot))
+            if experts:
+                raise ValueError(f"`adapter_names` {experts} are experts; only your own LoRAs are fused.")
+            names = [n for n in names if (slot, n) not in self._fused]
+            for name in names:
+                layers = lora_linear_layers(module, [name])
+                self._fused[(slot, name)] = (layers, fuse_adapter_(layers, name, lora_scale, safe_fusing))
+            if names:  # a fused LoRA runs no more as an adapter
+                module.set_adapter([a for a in _active_adapters(module) if a not in names])
+        self._merged_adapters = {name for _, name in self._fused}
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs):
+        """Undo [`~PhasedMoEPipeline.fuse_lora`] (subtracting the same fp32 products); the LoRAs run unfused again."""
+        self.release_experts()
+        slots = self._lora_components(components)
+        for (slot, name), (layers, factors) in list(self._fused.items()):
+            if slot in slots:
+                unfuse_adapter_(layers, name, factors)
+                del self._fused[(slot, name)]
+                module = getattr(self, slot)
+                module.set_adapter(list(dict.fromkeys([*_active_adapters(module), name])))
+        self._merged_adapters = {name for _, name in self._fused}
+
+    def delete_adapters(self, adapter_names: list[str] | str):
+        """Delete LoRAs of yours (a fused one stays in the weights, as in diffusers); experts cannot be deleted."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for k, expert in enumerate(self.config.experts):
+            if expert["adapter_name"] in names:
+                raise ValueError(
+                    f"`adapter_names`: {expert['adapter_name']!r} is the expert of phase {k}; replace experts with "
+                    "`set_experts` or `load_experts`."
+                )
+        self.release_experts()
+        for slot in TRANSFORMER_SLOTS:
+            module = getattr(self, slot, None)
+            present = [n for n in names if n in getattr(module, "peft_config", {})]
+            if present:
+                module.set_adapter([a for a in _active_adapters(module) if a not in present])  # none left dangling
+                module.delete_adapters(present)
+        self._fused = {key: value for key, value in self._fused.items() if key[1] not in names}
+        self._merged_adapters = {name for _, name in self._fused}
+
+    def unload_lora_weights(self):
+        """Remove every LoRA of yours (all adapters that are no expert); the experts stay, and the pipeline samples
+        as before they were loaded (a fused LoRA stays in the weights, as in diffusers)."""
+        users = {n for slot in TRANSFORMER_SLOTS for n in getattr(getattr(self, slot, None), "peft_config", {})} - {
+            e["adapter_name"] for e in self.config.experts
+        }
+        if users:
+            self.delete_adapters(sorted(users))
 
     def _check_experts(self) -> None:
         experts = self.config.experts
@@ -390,15 +640,21 @@ class PhasedMoEPipeline(DiffusionPipeline):
         path = _resolve_experts(path_or_repo_id, revision, subfolder, hub)
         layout, root, files = detect_layout(path, experts_format)
         self.release_experts()  # new adapters go on the unmerged base
+        # A loaded adapter becomes the active one: your LoRAs are made active again afterwards.
+        user = {slot: self._user_adapters(slot) for slot in TRANSFORMER_SLOTS}
         if layout == "phased_dmd":
             self._load_experts(root, ExpertsConfig.load(root), dtype, full_folder=False, variant=variant)
-            return
-        scheduler, preset = _released_scheduler(
-            self.config.family, self.scheduler.config, root, layout, files, scheduler
-        )
-        self.register_modules(scheduler=scheduler)
-        self._load_released(layout, root, files, dtype)
-        self.register_to_config(method=preset.name if preset is not None else "released")
+        else:
+            scheduler, preset = _released_scheduler(
+                self.config.family, self.scheduler.config, root, layout, files, scheduler
+            )
+            self.register_modules(scheduler=scheduler)
+            self._load_released(layout, root, files, dtype)
+            self.register_to_config(method=preset.name if preset is not None else "released")
+        for slot, names in user.items():
+            module = getattr(self, slot, None)
+            if names and module is not None and set(names) <= set(getattr(module, "peft_config", {})):
+                module.set_adapter(list(names))
 
     def _load_experts(
         self, root: pathlib.Path, config: ExpertsConfig, torch_dtype, full_folder: bool, variant: str | None = None
@@ -746,6 +1002,11 @@ class PhasedMoEPipeline(DiffusionPipeline):
             raise ValueError("`push_to_hub` is not supported here; use `diffusers_pdmd.hub.push_experts_to_hub`.")
         self._check_experts()
         self.release_experts()  # save the base and the adapters, not merged weights
+        if self._fused and not experts_only:
+            raise ValueError(
+                f"`save_pretrained`: your LoRAs {sorted(self._merged_adapters)} are fused into the base weights; call "
+                "`unfuse_lora()` first (or `unload_lora_weights()` to save them baked into the base)."
+            )
         config = self.experts_config(base_model, base_revision, method)
         if experts_only and config.base_model is None:
             raise ValueError("`base_model` (repo id or path of the base pipeline) is needed to save experts only.")
@@ -795,7 +1056,14 @@ class PhasedMoEPipeline(DiffusionPipeline):
 
     @property
     def guidance_scale(self):
+        """The call's `guidance_scale`: Wan's scale for experts on `transformer` (1.0 when not given); Qwen-Image's
+        input of a guidance-distilled transformer, as passed (`None` when not given), as in the family pipelines."""
         return self._guidance_scale
+
+    @property
+    def guidance_scale_2(self):
+        """Wan's scale for experts on `transformer_2` in the current call (`None` for Qwen-Image)."""
+        return self._guidance_scale_2
 
     @property
     def num_timesteps(self):
@@ -1047,6 +1315,15 @@ class PhasedMoEPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        # The family pipelines' LoRA scale (`attention_kwargs={"scale": s}`) scales your LoRAs, not the experts.
+        lora_scale = None
+        if attention_kwargs is not None and "scale" in attention_kwargs:
+            attention_kwargs = dict(attention_kwargs)
+            lora_scale = attention_kwargs.pop("scale")
+            if not isinstance(lora_scale, int | float) or isinstance(lora_scale, bool):
+                raise ValueError(
+                    f"`attention_kwargs['scale']` (your LoRAs' scale) must be a number, got {lora_scale!r}."
+                )
         family = self.family
         default_h, default_w, default_f = family.default_size(self)
         height = default_h if height is None else height
@@ -1098,6 +1375,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
 
         # 3. Guidance per phase: Qwen-Image's true CFG; Wan's scale of the expert's transformer.
         expert_slots = [e["base_transformer"] for e in self.config.experts]
+        # Plain numbers, as the family pipelines keep them (a step-end callback may change them, as in diffusers).
+        self._guidance_scale, self._guidance_scale_2 = guidance_scale, None
         if family.name == "qwen-image":
             has_negative = negative_prompt is not None or negative_prompt_embeds is not None
             scale = 1.0 if true_cfg_scale is None else float(true_cfg_scale)
@@ -1119,8 +1398,8 @@ class PhasedMoEPipeline(DiffusionPipeline):
             scale = 1.0 if guidance_scale is None else float(guidance_scale)
             scale_2 = scale if guidance_scale_2 is None else float(guidance_scale_2)
             phase_scales = [scale_2 if slot == "transformer_2" else scale for slot in expert_slots]
+            self._guidance_scale, self._guidance_scale_2 = scale, scale_2
         do_cfg = any(phase_scales[p] > 1 for p in set(phases))
-        self._guidance_scale = phase_scales
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -1164,10 +1443,14 @@ class PhasedMoEPipeline(DiffusionPipeline):
 
         # 5. Denoising loop: the expert of each step's phase.
         switcher = self.expert_switcher
-        switcher.reset()
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        # `sampling()`: afterwards the unmerged transformers' peft layers hold the adapter state they had before.
+        with (
+            self.progress_bar(total=len(timesteps)) as progress_bar,
+            switcher.sampling(),
+            self._user_lora_scale(lora_scale),
+        ):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
