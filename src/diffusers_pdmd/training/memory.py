@@ -555,6 +555,9 @@ def device_budget(device) -> float:
     `torch.cuda.set_per_process_memory_fraction` cap (the cap minus what this process holds already)."""
     import torch
 
+    device = torch.device(device)
+    if device.index is None:  # accelerate's `torch.device("cuda")`; the per-process queries need an index
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     fraction = (
         torch.cuda.get_per_process_memory_fraction(device)
