@@ -374,7 +374,11 @@ def save_lora_expert(
             # peft takes the 1-D `lora_B.bias` of a LoRA with a bias (`.diff_b` keys) for an ungathered shard
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape: .*lora_B\.bias")
         layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    layers = scale_lora_up({k: v.detach() for k, v in layers.items()}, adapter_scalings(transformer, adapter_name))
+    scalings = adapter_scalings(transformer, adapter_name)
+    unscaled = sorted({k.partition(".lora_")[0] for k in layers if ".lora_" in k} - set(scalings))
+    if unscaled:  # a module name the layers do not give (a wrapper): its scale would be lost
+        raise ValueError(f"No LoRA scaling found for the modules {unscaled[:3]} of adapter {adapter_name!r}.")
+    layers = scale_lora_up({k: v.detach() for k, v in layers.items()}, scalings)
     state_dict = {f"{LORA_PREFIX}.{k}": v.contiguous() for k, v in layers.items()}
     config = peft_config[adapter_name].to_dict()
     rank_pattern = dict(config.get("rank_pattern") or {})
