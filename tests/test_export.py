@@ -99,7 +99,8 @@ def test_export_round_trip(family, fmt, tmp_path):
             "lora_up",
             "alpha",
         }
-        assert {float(a) for a in alpha} == {EXPERTS[family][2][0][2]}  # the adapter's alpha, not the rank
+        # phase_k's weights carry the scale (alpha / rank), so `.alpha` is the rank: scale 1.
+        assert {float(a) for a in alpha} == {float(EXPERTS[family][2][0][1])}
         if two_files:
             assert any(".self_attn.q.lora_down.weight" in k for k in keys)
 
@@ -195,3 +196,35 @@ def test_save_pretrained_writes_the_comfyui_export_beside_the_experts(family, tm
     )
     assert "## ComfyUI" in text and f"`steps` {sum(steps)}, `cfg` 1.0" in text
     assert all(row in text for row in rows), text
+
+
+def test_comfyui_export_of_an_earlier_versions_file_applies_its_metadata_scale(tmp_path):
+    """Files written before the scale went into the weights (scale only in the metadata) export with their trained
+    alpha in `.alpha`: ComfyUI applies alpha / rank * up @ down = the same deltas as for the new files."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    family = "qwen-image"
+    _, experts_dir, ours = _experts(family, tmp_path)
+    for k in range(2):  # rewrite phase_k as the earlier version did
+        layers = get_peft_model_state_dict(ours.transformer, adapter_name=f"phase_{k}")
+        config = ours.transformer.peft_config[f"phase_{k}"].to_dict()
+        LoraBaseMixin.write_lora_layers(
+            state_dict={f"transformer.{n}": v.detach().contiguous() for n, v in layers.items()},
+            save_directory=str(experts_dir / f"phase_{k}"),
+            is_main_process=True,
+            weight_name=hub.LORA_WEIGHT_NAME,
+            save_function=None,
+            safe_serialization=True,
+            lora_adapter_metadata={f"transformer.{n}": v for n, v in config.items()},
+        )
+    assert export_main([str(experts_dir), str(tmp_path / "old")]) == 0
+    for k, (_, rank, alpha) in enumerate(EXPERTS[family][2]):
+        tensors = load_file(str(tmp_path / "old" / f"phase_{k}.safetensors"))
+        mine = _deltas(ours.transformer, f"phase_{k}")
+        assert {float(v) for n, v in tensors.items() if n.endswith(".alpha")} == {alpha}
+        for name, delta in mine.items():
+            key = f"diffusion_model.{name}"
+            up, down = tensors[f"{key}.lora_up.weight"], tensors[f"{key}.lora_down.weight"]
+            torch.testing.assert_close(float(tensors[f"{key}.alpha"]) / rank * (up @ down), delta)

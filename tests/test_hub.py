@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -125,13 +126,14 @@ def test_lora_expert_file_round_trip_and_diffusers_compatibility(tmp_path):
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
     assert not any("phase_" in k for k in keys)  # the adapter name is not part of the keys
     lora_config = json.loads(metadata["lora_adapter_metadata"])
-    assert lora_config["transformer.r"] == 4 and lora_config["transformer.lora_alpha"] == 8
+    # The scale (alpha 8 / rank 4) is in the weights; the metadata says scaling 1.
+    assert lora_config["transformer.r"] == 4 and lora_config["transformer.lora_alpha"] == 4
 
     transformer.set_adapter("phase_1")
     expected = transformer(**_transformer_inputs())[0]
     fresh = tiny.build_components("qwen-image")["transformer"]
     hub.load_lora_expert(fresh, path.parent, "expert")
-    assert fresh.peft_config["expert"].r == 4 and fresh.peft_config["expert"].lora_alpha == 8
+    assert fresh.peft_config["expert"].r == 4 and fresh.peft_config["expert"].lora_alpha == 4
     torch.testing.assert_close(fresh(**_transformer_inputs())[0], expected)
     with pytest.raises(ValueError, match="already"):
         hub.load_lora_expert(fresh, path, "expert")
@@ -404,3 +406,206 @@ def test_released_lora_file_from_a_hub_repo_of_several(tmp_path, offline_cache):
         base, experts="org/lightning", experts_weight_name="Qwen-Image-Lightning-8steps-V1.0.safetensors"
     )
     assert pipe.config.method == "qwen-image-lightning-8steps" and list(pipe.scheduler.config.steps_per_phase) == [8]
+
+
+# issue 20 item 5: the scale alpha / rank is in the weights of the files we write, so a loader that ignores the
+# safetensors metadata (ComfyUI: `W + up @ down` when there is no `.alpha` key) gives the trained weights too.
+# Scales that are not 1 (and not all powers of two): plain, per-module patterns, rsLoRA.
+SCALE_CASES = {
+    "qwen-image": ("qwen-image", {"r": 8, "lora_alpha": 2.0}),
+    "wan2.2-t2v-a14b": ("wan2.2-t2v-a14b", {"r": 4, "lora_alpha": 3.0}),
+    "qwen-image-patterns": (
+        "qwen-image",
+        {"r": 4, "lora_alpha": 8.0, "rank_pattern": {"to_k": 2}, "alpha_pattern": {"to_v": 3.0, "to_k": 1.0}},
+    ),
+    "wan2.2-t2v-a14b-rslora": ("wan2.2-t2v-a14b", {"r": 4, "lora_alpha": 3.0, "use_rslora": True}),
+}
+
+
+def _trained(family, lora_kwargs, name="phase_0", seed=5, slot="transformer"):
+    transformer = tiny.build_components(family)[slot]
+    with torch.random.fork_rng(devices=[]), multiple_adapters():
+        torch.manual_seed(seed)
+        config = LoraConfig(target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False, **lora_kwargs)
+        transformer.add_adapter(config, adapter_name=name)
+    return transformer
+
+
+def _peft_merged(transformer, adapter):
+    """module -> W + peft's delta of `adapter` (`get_delta_weight`: scaling * B @ A)."""
+    return {
+        name: layer.get_base_layer().weight + layer.get_delta_weight(adapter)
+        for name, layer in transformer.named_modules()
+        if hasattr(layer, "lora_A") and adapter in layer.lora_A
+    }
+
+
+def _metadata_blind_merge(base, file):
+    """What a loader that reads no metadata applies (ComfyUI without `.alpha` keys): W + B @ A per module."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    merged = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            merged[module] = base[f"{module}.weight"] + b @ a
+    return merged
+
+
+def _scale_case(case):
+    family, kwargs = SCALE_CASES[case]
+    return _trained(family, kwargs)
+
+
+@pytest.mark.parametrize("case", list(SCALE_CASES))
+def test_lora_file_weights_carry_the_scale_for_a_metadata_blind_loader(case, tmp_path):
+    transformer = _scale_case(case)
+    scalings = {n: m.scaling["phase_0"] for n, m in transformer.named_modules() if hasattr(m, "lora_A")}
+    assert len(set(scalings.values())) > 1 if "patterns" in case else all(s != 1 for s in scalings.values())
+    file = hub.save_lora_expert(transformer, "phase_0", tmp_path / "phase_0")
+    expected = _peft_merged(transformer, "phase_0")
+    base = hub.base_state_dict(transformer)
+    blind = _metadata_blind_merge(base, file)
+    assert blind.keys() == expected.keys()
+    for module in expected:
+        torch.testing.assert_close(blind[module], expected[module], msg=module)
+    # The metadata gives scaling 1 for every module, so diffusers (which reads it) applies the same weights.
+    _, config = hub.read_lora_file(file)
+    tensors = {k.removeprefix("transformer."): v for k, v in hub.read_lora_file(file)[0].items()}
+    assert set(hub.lora_file_scalings(tensors, config).values()) == {1.0}
+
+
+@pytest.mark.parametrize("case", list(SCALE_CASES))
+def test_diffusers_loader_of_the_new_file_gives_the_trained_outputs(case, tmp_path):
+    family = SCALE_CASES[case][0]
+    transformer = _scale_case(case)
+    transformer.set_adapter("phase_0")
+    inputs = _transformer_inputs() if family == "qwen-image" else _wan_inputs()
+    expected = transformer(**inputs)[0]
+    file = hub.save_lora_expert(transformer, "phase_0", tmp_path / "phase_0")
+    # diffusers' own loader, on the transformer and through the family pipeline ...
+    fresh = tiny.build_components(family)["transformer"]
+    fresh.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="transformer", adapter_name="mine")
+    torch.testing.assert_close(fresh(**inputs)[0], expected)
+    pipe = tiny.build_pipeline(family)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="mine")
+    torch.testing.assert_close(pipe.transformer(**inputs)[0], expected)
+    # ... and ours, whose merged weights are peft's of the trained adapter.
+    ours = tiny.build_components(family)["transformer"]
+    hub.load_lora_expert(ours, file.parent, "expert")
+    torch.testing.assert_close(ours(**inputs)[0], expected)
+    loaded = _peft_merged(ours, "expert")
+    for module, weight in _peft_merged(transformer, "phase_0").items():
+        torch.testing.assert_close(loaded[module], weight)
+    # Saving the loaded expert again writes the same file (its scaling is 1 now).
+    again = hub.save_lora_expert(ours, "expert", tmp_path / "again")
+    a, b = hub.read_lora_file(file), hub.read_lora_file(again)
+    assert a[1] == b[1] and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+def _wan_inputs():
+    g = torch.Generator().manual_seed(0)
+    config = tiny.build_components("wan2.2-t2v-a14b")["transformer"].config
+    return {
+        "hidden_states": torch.randn(1, config.in_channels, 2, 4, 4, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 4, config.text_dim, generator=g),
+        "return_dict": False,
+    }
+
+
+def _write_old_format(transformer, adapter_name, out_dir):
+    """A file as `save_lora_expert` wrote it before the scale went into the weights: B as trained, the adapter's
+    own `LoraConfig` (its alpha) in the metadata."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    metadata = {f"transformer.{k}": v for k, v in transformer.peft_config[adapter_name].to_dict().items()}
+    LoraBaseMixin.write_lora_layers(
+        state_dict={f"transformer.{k}": v.detach().contiguous() for k, v in layers.items()},
+        save_directory=str(out_dir),
+        is_main_process=True,
+        weight_name=hub.LORA_WEIGHT_NAME,
+        save_function=None,
+        safe_serialization=True,
+        lora_adapter_metadata=metadata,
+    )
+    return out_dir / hub.LORA_WEIGHT_NAME
+
+
+@pytest.mark.parametrize("case", ["qwen-image", "qwen-image-patterns"])
+def test_files_of_earlier_versions_still_load_in_diffusers(case, tmp_path):
+    """Files written before the scale went into the weights (scale only in the metadata) load right: diffusers,
+    `hub.load_lora_expert` and the pipeline read their metadata."""
+    transformer = _scale_case(case)
+    transformer.set_adapter("phase_0")
+    expected = transformer(**_transformer_inputs())[0]
+    file = _write_old_format(transformer, "phase_0", tmp_path / "phase_0")
+    pipe = tiny.build_pipeline("qwen-image")
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="mine")
+    torch.testing.assert_close(pipe.transformer(**_transformer_inputs())[0], expected)
+    ours = tiny.build_components("qwen-image")["transformer"]
+    hub.load_lora_expert(ours, file.parent, "expert")
+    torch.testing.assert_close(ours(**_transformer_inputs())[0], expected)
+    # Saved again, it is a new-format file: scale in the weights.
+    new = hub.save_lora_expert(ours, "expert", tmp_path / "new")
+    blind = _metadata_blind_merge(hub.base_state_dict(ours), new)
+    for module, weight in _peft_merged(transformer, "phase_0").items():
+        torch.testing.assert_close(blind[module], weight)
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+@pytest.mark.parametrize("case", ["qwen-image", "qwen-image-patterns", "wan2.2-t2v-a14b-rslora"])
+def test_trainer_loads_earlier_experts_as_the_function_they_hold(case, old_format, tmp_path):
+    """`--train_phase k` loads phases < k from `--output_dir` into adapters made with the run's rank and alpha: the
+    adapters compute what the files hold (new files: scale 1 in the metadata; earlier ones: the trained alpha), and
+    with the trained rank / alpha the adapter gets back the trained tensors exactly (scales that are powers of two)."""
+    from types import SimpleNamespace
+
+    from diffusers_pdmd.training import adapters as ad
+    from diffusers_pdmd.training.resume import load_earlier_experts
+
+    family, kwargs = SCALE_CASES[case]
+    trained = _scale_case(case)
+    trained.set_adapter("phase_0")
+    inputs = _transformer_inputs() if family == "qwen-image" else _wan_inputs()
+    expected = trained(**inputs)[0]
+    folder = tmp_path / "out"
+    (_write_old_format if old_format else hub.save_lora_expert)(trained, "phase_0", folder / "phase_0")
+    hub.ExpertsConfig(
+        family=family,
+        base_model="org/base",
+        phase_boundaries=[0.875],
+        steps_per_phase=[1, 1],
+        method="phased_dmd",
+        experts=[
+            {"phase": 0, "base_transformer": "transformer", "type": "lora", "path": "phase_0"},
+            {"phase": 1, "base_transformer": "transformer", "type": "lora", "path": "phase_1"},  # not written yet
+        ],
+    ).save(folder)
+
+    for run_kwargs in (kwargs, {"r": kwargs["r"], "lora_alpha": 4.0}):  # the trained flags, or another alpha
+        model = tiny.build_components(family)["transformer"]
+        with multiple_adapters():
+            model.add_adapter(
+                LoraConfig(target_modules=["to_q", "to_k", "to_v"], **run_kwargs), adapter_name="phase_0"
+            )
+        if "rank_pattern" in kwargs and run_kwargs is not kwargs:
+            continue  # another rank pattern is another shape: not loadable (an error, as before)
+        d = SimpleNamespace(
+            plan=SimpleNamespace(num_phases=2), models={"transformer": model}, expert_base=["transformer"]
+        )
+        load_earlier_experts(d, folder, skip=[])
+        model.set_adapter("phase_0")
+        torch.testing.assert_close(model(**inputs)[0], expected)
+        if run_kwargs is kwargs:
+            mine, theirs = ad.adapter_state_dict(model, "phase_0"), ad.adapter_state_dict(trained, "phase_0")
+            exact = all(math.log2(s).is_integer() for s in hub.adapter_scalings(trained, "phase_0").values())
+            for key in theirs:
+                if exact or old_format:
+                    torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=0)
+                else:
+                    torch.testing.assert_close(mine[key], theirs[key])

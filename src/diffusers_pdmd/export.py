@@ -9,12 +9,14 @@ expert becomes one `.safetensors` file in `OUT_DIR`:
 - Wan2.2 A14B experts with one expert per transformer: `high_noise_model.safetensors` (the expert on `transformer`)
   and `low_noise_model.safetensors` (on `transformer_2`), the layout of Wan2.2-Lightning; otherwise one
   `phase_<k>.safetensors` per phase (`released`'s `"phase_loras"` layout).
-- `--format diffusers`: keys `transformer.<module>.lora_A/lora_B.weight` and the adapter's `LoraConfig` in the
-  safetensors metadata, as diffusers' `save_lora_weights` writes them (`pipe.load_lora_weights(OUT_DIR,
+- `--format diffusers`: the files as they are: keys `transformer.<module>.lora_A/lora_B.weight` (the scale alpha /
+  rank in `lora_B`) and a `LoraConfig` with scaling 1 in the safetensors metadata, as diffusers' `save_lora_weights`
+  writes them (`pipe.load_lora_weights(OUT_DIR,
   weight_name=..., load_into_transformer_2=...)`).
 - `--format comfyui`: keys `diffusion_model.<native module name>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
-  the community layout that ComfyUI, Wan2.2-Lightning and Qwen-Image-Lightning use; the scale alpha / rank is in
-  the `.alpha` keys, so loaders that ignore metadata apply it too. Qwen-Image's native module names are diffusers'
+  the community layout that ComfyUI, Wan2.2-Lightning and Qwen-Image-Lightning use; `.alpha` keys hold the
+  file's alpha per module from its metadata (the rank for files whose weights carry the scale, the trained alpha for
+  files of earlier versions), so loaders that ignore metadata apply the right scale. Qwen-Image's native module names are diffusers'
   own; Wan's are the original Wan2.2 names (`blocks.N.self_attn.q`, ...). diffusers converts that layout one way
   only, so the Wan names are written from `WAN_NATIVE_NAMES` and every exported file is checked by converting it
   back with diffusers' own `lora_state_dict`, which must give exactly the keys it came from.
@@ -28,7 +30,6 @@ end, so a failure (a truncated expert file, say) leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pathlib
@@ -39,7 +40,7 @@ import tempfile
 import torch
 
 from .families import get_family
-from .hub import LORA_PREFIX, LORA_WEIGHT_NAME, ExpertsConfig, check_readable
+from .hub import LORA_PREFIX, LORA_WEIGHT_NAME, ExpertsConfig, check_readable, read_lora_file
 from .released import WAN_MOE_FILES, _pipeline_class
 
 
@@ -62,17 +63,6 @@ WAN_NATIVE_NAMES = {
     "ffn.net.2": "ffn.2",
 }
 _WAN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def _read_lora(file: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    config = {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in config.items()}
-    return load_file(str(file)), config
 
 
 def native_name(family: str, module: str) -> str:
@@ -160,7 +150,7 @@ def _write(config: ExpertsConfig, experts_dir: pathlib.Path, files: dict, format
         if not source.is_file():
             raise ValueError(f"{experts_dir}: no LoRA weights at {source} (the expert of phase {e['phase']}).")
         check_readable(source)
-        state_dict, lora_config = _read_lora(source)
+        state_dict, lora_config = read_lora_file(source)
         if format == "diffusers":
             shutil.copyfile(source, folder / name)
         else:
@@ -209,8 +199,8 @@ def write_comfyui(experts_dir) -> list[pathlib.Path]:
     """Write `experts_dir/comfyui/`, the `comfyui` export of the folder's experts, beside its `phase_k/` folders.
 
     The training scripts and `PhasedMoEPipeline.save_pretrained` call this, so that the files a ComfyUI user takes
-    load at the trained strength: `phase_k/pytorch_lora_weights.safetensors` is diffusers' layout, whose scale
-    alpha / rank only the metadata holds (ComfyUI reads no metadata) and whose Wan keys ComfyUI does not map.
+    load there: `phase_k/pytorch_lora_weights.safetensors` is diffusers' layout, whose weights carry the scale
+    alpha / rank (ComfyUI reads no metadata) but whose Wan keys ComfyUI does not map.
     Folders with full or base experts get no `comfyui/`; LoRA experts the export cannot write (LoRA biases, modules
     without a ComfyUI name) get none either, with a warning. Returns the written files (`[]` for none).
     """

@@ -6,7 +6,8 @@ separately. Layout (see `docs/format.md`):
 
     phased_dmd_config.json               ExpertsConfig (format_version 1)
     scheduler/scheduler_config.json      PhasedDMDScheduler
-    phase_0/pytorch_lora_weights.safetensors   a LoRA expert (diffusers LoRA format, keys prefixed `transformer.`)
+    phase_0/pytorch_lora_weights.safetensors   a LoRA expert (diffusers LoRA format, keys prefixed `transformer.`,
+                                               the scale alpha / rank in the weights)
     phase_1/config.json + *.safetensors        or a fully fine-tuned transformer
     README.md                            model card (written before pushing)
 
@@ -264,16 +265,91 @@ def lora_weight_name(variant: str | None = None) -> str:
     return _add_variant(LORA_WEIGHT_NAME, variant)
 
 
+_WRAPPER_PARTS = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
+
+
+def adapter_scalings(transformer: torch.nn.Module, adapter_name: str) -> dict[str, float]:
+    """Module name -> the peft scaling of adapter `adapter_name` on that module: `lora_alpha / r`, or
+    `lora_alpha / sqrt(r)` with rsLoRA, from the layer's own rank and alpha (so `rank_pattern` / `alpha_pattern` are
+    honoured, and a temporary `set_scale` / `scale_layer` in force is not)."""
+    scalings = {}
+    for name, module in transformer.named_modules():
+        r = getattr(module, "r", None)
+        if not isinstance(r, dict) or adapter_name not in r or adapter_name not in getattr(module, "lora_alpha", {}):
+            continue
+        rank, alpha = r[adapter_name], module.lora_alpha[adapter_name]
+        rslora = getattr(module, "use_rslora", {}).get(adapter_name, False)
+        # The module's name in the state dict: without the parts FSDP, activation checkpointing or compile insert.
+        name = ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+        scalings[name] = alpha / math.sqrt(rank) if rslora else alpha / rank
+    return scalings
+
+
+def lora_file_scalings(state_dict: dict[str, torch.Tensor], lora_config: dict | None) -> dict[str, float]:
+    """Module name -> the scaling diffusers' `load_lora_adapter` gives the LoRA of that module in a file with
+    tensors `state_dict` (keys `<module>.lora_A.weight`, ..., without the `transformer.` prefix) and `LoraConfig`
+    metadata `lora_config` (keys without the prefix): peft's rule on the module's rank (the rows of its `lora_A`).
+
+    Files without metadata get scaling 1 (diffusers then takes `lora_alpha = r`; LoRAs with `.alpha` keys are not
+    handled here). The files `save_lora_expert` writes hold scaling 1 for every module; earlier versions' files hold
+    the trained `lora_alpha / r`.
+    """
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    ranks = {k.split(".lora_A")[0]: v.shape[0] for k, v in state_dict.items() if ".lora_A." in k}
+    if not lora_config:
+        return dict.fromkeys(ranks, 1.0)
+    config = LoraConfig(**lora_config)
+    scalings = {}
+    for module, rank in ranks.items():
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        scalings[module] = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    return scalings
+
+
+def scale_lora_up(state_dict: dict[str, torch.Tensor], factors: dict[str, float]) -> dict[str, torch.Tensor]:
+    """`state_dict` with each module's `lora_B` (weight and bias: the LoRA's output) times `factors[module]`
+    (modules not in `factors`, and factors of exactly 1, are left as they are). Computed in float64 and rounded
+    once to each tensor's dtype, so scaling by a power of two and back is exact."""
+    out = {}
+    for key, tensor in state_dict.items():
+        module, _, part = key.partition(".lora_")
+        factor = factors.get(module, 1.0)
+        if part.startswith(("B.", "embedding_B")) and factor != 1.0:
+            tensor = (tensor.double() * factor).to(tensor.dtype)
+        out[key] = tensor
+    return out
+
+
+def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a diffusers LoRA file and its `LoraConfig` metadata (`{}` for none), keys as written
+    (tensor keys prefixed `transformer.`, metadata keys without the prefix)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    config = {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in config.items()}
+    return load_file(str(file)), config
+
+
 def save_lora_expert(
     transformer: torch.nn.Module, adapter_name: str, out_dir: str | os.PathLike, variant: str | None = None
 ) -> pathlib.Path:
-    """Write one peft adapter of `transformer` as a diffusers LoRA file.
+    """Write one peft adapter of `transformer` as a diffusers LoRA file that every loader reads at its strength.
 
     The file is `out_dir/pytorch_lora_weights.safetensors` (`pytorch_lora_weights.<variant>.safetensors` with a
-    `variant`): keys prefixed `transformer.` and the adapter's
-    `LoraConfig` (rank, alpha, target modules, ...) in the safetensors metadata, as diffusers' `save_lora_weights`
-    writes it, so `transformer.load_lora_adapter(out_dir, weight_name=..., prefix="transformer")` and the family
-    pipelines' `load_lora_weights` read it.
+    `variant`): keys prefixed `transformer.` and a `LoraConfig` in the safetensors metadata, as diffusers'
+    `save_lora_weights` writes it, so `transformer.load_lora_adapter(out_dir, weight_name=..., prefix="transformer")`
+    and the family pipelines' `load_lora_weights` read it.
+
+    The LoRA scale is in the weights: each module's `lora_B` is multiplied by the adapter's scaling on that module
+    (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA, per `rank_pattern` / `alpha_pattern`), and the
+    metadata says scaling 1 everywhere (`lora_alpha = r`, `alpha_pattern` = `rank_pattern`, no rsLoRA). So diffusers
+    (which reads the metadata) and loaders that ignore metadata (ComfyUI: `W + B @ A` without `.alpha` keys) apply
+    the same weights, those of the trained adapter.
 
     Args:
         transformer (`torch.nn.Module`): A diffusers transformer holding the adapter.
@@ -298,8 +374,17 @@ def save_lora_expert(
             # peft takes the 1-D `lora_B.bias` of a LoRA with a bias (`.diff_b` keys) for an ungathered shard
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape: .*lora_B\.bias")
         layers = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    state_dict = {f"{LORA_PREFIX}.{k}": v.detach().contiguous() for k, v in layers.items()}
-    metadata = {f"{LORA_PREFIX}.{k}": v for k, v in peft_config[adapter_name].to_dict().items()}
+    scalings = adapter_scalings(transformer, adapter_name)
+    unscaled = sorted({k.partition(".lora_")[0] for k in layers if ".lora_" in k} - set(scalings))
+    if unscaled:  # a module name the layers do not give (a wrapper): its scale would be lost
+        raise ValueError(f"No LoRA scaling found for the modules {unscaled[:3]} of adapter {adapter_name!r}.")
+    layers = scale_lora_up({k: v.detach() for k, v in layers.items()}, scalings)
+    state_dict = {f"{LORA_PREFIX}.{k}": v.contiguous() for k, v in layers.items()}
+    config = peft_config[adapter_name].to_dict()
+    rank_pattern = dict(config.get("rank_pattern") or {})
+    # Scaling 1 for every module: alpha = rank wherever peft looks the rank up (same pattern keys, same matches).
+    config.update(lora_alpha=config["r"], alpha_pattern=rank_pattern, use_rslora=False)
+    metadata = {f"{LORA_PREFIX}.{k}": v for k, v in config.items()}
     out_dir = pathlib.Path(out_dir)
     LoraBaseMixin.write_lora_layers(
         state_dict=state_dict,
@@ -537,9 +622,10 @@ def comfyui_section(config: ExpertsConfig, scheduler, files: list[str]) -> str:
         "this list to `SamplerCustomAdvanced` through a custom-sigmas node"
     )
     return (
-        "## ComfyUI\n\n`comfyui/` holds the experts in ComfyUI's LoRA layout; load those files, not "
-        "`phase_k/pytorch_lora_weights.safetensors` (diffusers' layout: ComfyUI would apply Qwen-Image's at the wrong "
-        "strength, and maps none of Wan's keys). One `LoraLoaderModelOnly` (strength 1.0) per phase, on "
+        "## ComfyUI\n\n`comfyui/` holds the experts in ComfyUI's LoRA layout; load those files. "
+        "`phase_k/pytorch_lora_weights.safetensors` is diffusers' layout (its weights carry the LoRA scale, so "
+        "Qwen-Image's loads at the trained strength in ComfyUI too, but ComfyUI maps none of Wan's diffusers keys). "
+        "One `LoraLoaderModelOnly` (strength 1.0) per phase, on "
         + ("the high- or low-noise model" if two else "the base model")
         + f", then one `KSamplerAdvanced` per phase: `steps` {total}, `cfg` 1.0 (no guidance: distilled), "
         f"`sampler_name` {sampler}, `scheduler` simple, after a `{node}` node with `shift` {shift:.4g}{where}. The "

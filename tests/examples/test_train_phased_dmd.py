@@ -414,3 +414,43 @@ def test_i2v_a14b_trains_with_image_and_records_a_portable_base(bases, tmp_path)
         output_type="np",
     ).frames
     assert np.isfinite(frames).all()
+
+
+def test_phase_1_run_continues_from_the_function_phase_0_wrote(bases, tmp_path, monkeypatch):
+    """issue 20 item 5: with rank 4, alpha 2 (scale 1/2) the phase-0 file carries the scale in its weights (metadata:
+    scaling 1). A `--train_phase 1` run reads it into its own adapter as the trained tensors (B = file B / scale,
+    exact for a power of two) whatever `--lora_alpha` it runs with, and writes the same file back bit for bit."""
+    from safetensors import safe_open
+
+    from diffusers_pdmd.training import adapters as ad
+    from diffusers_pdmd.training import distill
+
+    script = _load_script("train_phased_dmd_qwen_image")
+    out = tmp_path / "o"
+    file = out / "phase_0" / "pytorch_lora_weights.safetensors"
+    args = _common(bases, "qwen-image", out, "--lora_alpha", "2", "--checkpointing_steps", "100")
+    script.main([*args, "--train_phase", "0"])
+    first = load_file(str(file))
+    with safe_open(str(file), "pt") as handle:
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert config["transformer.r"] == config["transformer.lora_alpha"] == 4 and not config["transformer.use_rslora"]
+    assert max(v.abs().max().item() for k, v in first.items() if "lora_B" in k) > 0
+
+    seen = {}
+    load = distill.load_earlier_experts
+
+    def recording(d, folder, skip):
+        load(d, folder, skip)
+        seen["adapter"] = ad.adapter_state_dict(d.models[d.expert_base[0]], "phase_0")
+        seen["scale"] = {m.scaling["phase_0"] for m in ad.tuner_layers(d.models[d.expert_base[0]])}
+
+    monkeypatch.setattr(distill, "load_earlier_experts", recording)
+    for alpha in ("2", "8"):  # the flags phase 0 was trained with, and another alpha (scale 2)
+        script.main([*args, "--lora_alpha", alpha, "--train_phase", "1", "--overwrite_output_dir"])
+        (scale,) = seen["scale"]
+        assert scale == float(alpha) / 4
+        for key, value in first.items():
+            mine = seen["adapter"][key.removeprefix("transformer.")]
+            torch.testing.assert_close(mine * scale if "lora_B" in key else mine, value, rtol=0, atol=0)
+        again = load_file(str(file))
+        assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)

@@ -104,6 +104,17 @@ def load_adapter_state_dict(model, adapter_name: str, state_dict: dict[str, torc
         raise ValueError(f"Adapter {adapter_name!r}: unexpected keys in the state dict, e.g. {unexpected[:3]}.")
 
 
+def rescale_factors(model, adapter_name: str, state_dict: dict[str, torch.Tensor], lora_config: dict) -> dict:
+    """Module -> the factor that turns the `lora_B` of a LoRA file (`state_dict` without the `transformer.` prefix,
+    its metadata `lora_config`) into `lora_B` of `model`'s adapter `adapter_name`: the file's scaling over the
+    adapter's, so that the adapter computes what diffusers' loader of the file computes."""
+    from ..hub import adapter_scalings, lora_file_scalings
+
+    ours = adapter_scalings(model, adapter_name)
+    theirs = lora_file_scalings(state_dict, lora_config)
+    return {m: s / ours[m] for m, s in theirs.items() if m in ours}
+
+
 def reset_adapter(model, adapter_name: str) -> None:
     """Re-initialise an adapter so that the adapted model equals the base again (`B = 0`)."""
     for layer in tuner_layers(model):

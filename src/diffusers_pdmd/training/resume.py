@@ -27,9 +27,12 @@ def load_adapter(model, adapter_name: str, state_dict, path: Path) -> None:
 
 
 def load_earlier_experts(d: Distiller, folder: Path, skip) -> None:
-    """The experts in `folder`'s experts-only repo into the adapters the Distiller made for them (but `skip`)."""
-    from safetensors.torch import load_file
+    """The experts in `folder`'s experts-only repo into the adapters the Distiller made for them (but `skip`).
 
+    Each module's `lora_B` is converted from the file's scaling (1 in the files `hub.save_lora_expert` writes, whose
+    weights carry the scale; `lora_alpha / r` from its metadata in earlier versions' files) to the scaling of the
+    run's adapter (`--lora_rank` / `--lora_alpha`), so the adapter computes the function the file holds.
+    """
     from .. import hub
 
     config = hub.ExpertsConfig.load(folder)
@@ -41,10 +44,14 @@ def load_earlier_experts(d: Distiller, folder: Path, skip) -> None:
         if path.is_dir():
             path = path / hub.LORA_WEIGHT_NAME
         if path.exists():  # into the adapter the Distiller already made for phase j
-            prefix = hub.LORA_PREFIX + "."
+            prefix, model = hub.LORA_PREFIX + ".", d.models[d.expert_base[j]]
             try:
-                state_dict = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
-                ad.load_adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}", state_dict)
+                tensors, lora_config = hub.read_lora_file(path)
+                state_dict = {k.removeprefix(prefix): v for k, v in tensors.items()}
+                state_dict = hub.scale_lora_up(
+                    state_dict, ad.rescale_factors(model, f"phase_{j}", state_dict, lora_config)
+                )
+                ad.load_adapter_state_dict(model, f"phase_{j}", state_dict)
             except Exception as err:
                 raise ValueError(
                     f"The expert of phase {j} in `--output_dir`, {path}, cannot be loaded: {err}"
