@@ -253,11 +253,20 @@ def test_no_plan_where_it_cannot_be_made(config_bases):
 
 def test_device_budget_reads_the_per_process_cap(monkeypatch):
     """Under `torch.cuda.set_per_process_memory_fraction` the budget is the cap less what the process holds."""
+    fraction = {"value": 0.5}
+
+    def get_fraction(device=None):  # as torch's: an index-less torch.device("cuda") (accelerate's) is refused
+        if torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        return fraction["value"]
+
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (130 * GIB, 140 * GIB))
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", get_fraction)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1 * GIB)
-    assert memory.device_budget("cuda") == 69 * GIB
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert memory.device_budget(torch.device("cuda")) == 69 * GIB
+    assert memory.device_budget("cuda:0") == 69 * GIB
+    fraction["value"] = 1.0
     assert memory.device_budget("cuda") == 130 * GIB
 
 
