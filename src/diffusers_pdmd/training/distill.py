@@ -146,7 +146,8 @@ def _checks_needing_the_family(settings: Settings, family, expected_families) ->
         )
     if getattr(family, "image_concat", False) and not settings.image:
         raise ValueError(f"`--image` (the first frame of every sample) is required to distil {family.name}.")
-    if settings.recipe.guidance_scale_2 is not None and len(family.transformer_names) < 2:
+    r = settings.recipe
+    if r.guidance_scale_2 not in (None, r.guidance_scale) and len(family.transformer_names) < 2:
         raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
     check_sizes(settings, family)
     plan = make_plan(settings, family)
@@ -195,6 +196,8 @@ def _load(settings: Settings, accelerator, load_pipeline, expected_families, che
         if path is not None:
             runs.check_resume(path, resume_state, run, runs.recipe_config(settings.flags))
     d = Distiller(settings, accelerator, family, pipe, plan)
+    if d.fsdp and d.recipe.ida_decay < 1.0:
+        raise ValueError("`--ida_decay` below 1 (IDA) is not supported under FSDP; train with DDP or pass 1.")
     del pipe  # the Distiller holds the components; no second reference may keep a freed text encoder alive
     return d, run
 
