@@ -241,8 +241,8 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="Fake-on-real (opt-in): a folder of images + .txt captions, or a datasets "
         "name / path with --real_image_column and --real_caption_column.",
     )
-    a("--real_image_column", default="image")
-    a("--real_caption_column", default="caption")
+    a("--real_image_column", default="image", help="Image column of a --real_data dataset.")
+    a("--real_caption_column", default="caption", help="Caption column of a --real_data dataset.")
     a("--fake_real_weight", type=float, default=None, help="Weight of the fake-on-real DMD term (0.1).")
     a("--fake_real_sigmas", type=float, nargs="+", default=None, help="Real-data sigma per phase (their grid's).")
     return g
