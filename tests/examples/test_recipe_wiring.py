@@ -42,7 +42,9 @@ def bases(tmp_path_factory):
 
 
 def _train(bases, out, *extra, family="qwen-image", steps_=1):
-    size = ["--resolution", "32"] if family == "qwen-image" else ["--height", "16", "--width", "16", "--num_frames", "5"]
+    size = (
+        ["--resolution", "32"] if family == "qwen-image" else ["--height", "16", "--width", "16", "--num_frames", "5"]
+    )
     script = "train_phased_dmd_qwen_image" if family == "qwen-image" else "train_phased_dmd_wan22"
     # a short teacher grid keeps the diversity loss's Euler solve cheap on the CPU
     _load_script(script).main(
@@ -112,9 +114,10 @@ def test_lightx2v_runs_the_qwen_image_script_and_records_the_recipe(bases, tmp_p
     recipe = json.loads((out / "training_summary.json").read_text())["recipe"]
     assert recipe["recipe"] == "lightx2v" and recipe["diversity_weight"] == 0.05 and recipe["ida_decay"] == 0.97
     assert recipe["phase_order"] == "alternate" and recipe["negative_prompt"] == rc.QWEN_IMAGE_NEGATIVE_PROMPT
-    assert "## Training recipe" in (out / "README.md").read_text() and "`ida_decay`: `0.97`" in (
-        out / "README.md"
-    ).read_text()
+    assert (
+        "## Training recipe" in (out / "README.md").read_text()
+        and "`ida_decay`: `0.97`" in (out / "README.md").read_text()
+    )
 
 
 def test_lightx2v_runs_the_wan_script_with_its_shift_in_the_experts_scheduler(bases, tmp_path):
