@@ -3,6 +3,7 @@
 
     python benchmarks/quality_digits.py --seeds 0 1 2 --max_train_steps 100 --samples_per_prompt 40
     python benchmarks/quality_digits.py --compare_recipe --seeds 0 1 2 --max_train_steps 100 --samples_per_prompt 40
+    python benchmarks/quality_digits.py --compare_parts --seeds 0 1 2 --max_train_steps 60
 
 For each seed, `diffusers_pdmd.demo.run` distils the teacher with the three methods (the unchanged example script)
 and measures teacher and students with `diffusers_pdmd.metrics`; this script reports mean ± std over the seeds,
@@ -12,6 +13,10 @@ the grid of the first seed, and a plot of diversity against fidelity.
 the teacher's shifted scale, AdamW beta1 0) and once with the earlier ones (`--fake_weighting inverse_variance
 --timestep_sampling uniform --adam_beta1 0.9`), and writes its table into the "Recipe defaults" section of the doc,
 leaving the rest of the doc as it is.
+
+`--compare_parts` distils Phased DMD with today's defaults, `--recipe lightx2v` and each of the authors' recipe parts
+alone (issue 21); each (seed, row) result is saved under `--work_dir` and reused, so several processes can share the
+rows (`--parts`) and `--table_only` writes the table of what is saved.
 """
 
 import argparse
@@ -187,6 +192,7 @@ PARTS_START, PARTS_END = "<!-- digits recipe parts: start -->", "<!-- digits rec
 PARTS = {
     "paper (defaults)": [],
     "--recipe lightx2v": ["--recipe", "lightx2v"],
+    "lightx2v, negative prompt ''": ["--recipe", "lightx2v", "--negative_prompt", ""],
     "negative prompt ' '": ["--negative_prompt", " "],
     "diversity loss 0.05": ["--diversity_weight", "0.05"],
     "random exit": ["--random_exit"],
