@@ -12,7 +12,8 @@ each file answers:
 - `phases.py`: what happens when a phase starts; `steps.py`: one fake-score update and one generator update;
 - `resume.py`: what a checkpoint holds and how a run resumes; `outputs.py`: what a finished run leaves behind;
 - `runs.py`: the run's folder and identity, checked before loading;
-- the math in `flow.py`, `losses.py` and `simulate.py`.
+- the math in `flow.py`, `losses.py` and `simulate.py`; the authors' recipe parts in `recipe.py` (their settings and
+  `--recipe`, torch-free, in `recipe_settings.py`).
 
 This module wires them together; its loop, [`run_phases`], is the paper's algorithm.
 """

@@ -14,6 +14,9 @@ The authors count time in raw steps `r` of 1000 on the unshifted scale, `t = S(r
 6. Fake-on-real ([`noise_real`], [`real_student_outputs`]; the losses are [`losses.fake_score_loss`] and
    [`losses.dmd_loss`] on those outputs; the data in [`real_data`](real_data.py)).
 7. The preset: [`resolve_recipe`] and [`add_recipe_args`].
+
+5. and 7. live in [`recipe_settings`](recipe_settings.py) (torch-free: the scripts' `--help` reads them); this module
+re-exports their names.
 """
 
 from __future__ import annotations
