@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .memory import add_memory_args
 from .options import DMD_WEIGHTINGS, FAKE_WEIGHTINGS, METHODS, T_SAMPLINGS
+from .recipe_settings import RECIPE_ONLY_FLAGS, add_recipe_args, explicit_flags, recipe_defaults, resolve_recipe_args
 
 
 logger = logging.getLogger("diffusers_pdmd.train")
@@ -58,13 +59,14 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     A new group of flags is one `add_<group>_args(parser)` line here (a function beside these), and its values a
     field of [`settings.Settings`] or [`settings.Recipe`].
     """
-    p = argparse.ArgumentParser(
+    p = _Parser(
         usage="%(prog)s --pretrained_model_name_or_path MODEL --prompts PROMPTS [options]",
         description=description,
         epilog=EPILOG,
         formatter_class=_HelpFormatter,
     )
     p._negative_number_matcher = _NEGATIVE_NUMBER
+    p.recipe_family = "wan2.2-t2v-a14b" if video else "qwen-image"  # the presets are alike within Wan2.2
     add_model_args(p)
     add_phase_args(p)
     add_data_args(p, video)
@@ -74,9 +76,38 @@ def build_parser(description: str, video: bool = False) -> argparse.ArgumentPars
     add_adapter_args(p)
     add_speed_args(p)
     add_output_args(p)
-    # add_recipe_args(p)  -- issue 21: --recipe and its parts (diversity loss, IDA, ...)
+    add_recipe_args(p)  # issue 21: --recipe and its parts (diversity loss, IDA, ...)
     add_memory_args(p)  # issue 22: --memory auto|off, --memory_budget_gib
     return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """Parses the flags, then resolves `--recipe` into them: the preset's values fill every recipe setting (the
+    diversity loss, IDA, ..., and `--phase_order`, `--negative_prompt`, `--guidance_scale(_2)`, `--steps_per_phase`)
+    whose flag is not on the command line; flags given explicitly always win (`recipe.resolve_recipe_args`)."""
+
+    recipe_family = "qwen-image"
+    _finding_explicit = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        if self._finding_explicit or not hasattr(ns, "recipe"):
+            return ns, rest
+        self._finding_explicit = True
+        try:
+            explicit = explicit_flags(self, args)
+        finally:
+            self._finding_explicit = False
+        resolved = resolve_recipe_args(ns, explicit, self.recipe_family)
+        preset = recipe_defaults(ns.recipe, self.recipe_family)
+        for name, value in vars(resolved).items():
+            # the trainer's own flags keep their defaults unless the preset sets them (no --guidance_scale_2 on the
+            # one-transformer script)
+            own = name not in RECIPE_ONLY_FLAGS and name != "recipe"
+            if name in explicit or (own and name not in preset) or not (hasattr(ns, name) or not own):
+                continue
+            setattr(ns, name, value)
+        return ns, rest
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -425,7 +456,21 @@ def check_args(args) -> None:
                 f"`--steps_per_phase` needs {len(b) + 1} values for the {len(b)} `--phase_boundaries` {b}, "
                 f"got {args.steps_per_phase}."
             )
+    check_recipe_args(args)
     sizes(args)  # parses --resolutions
+
+
+def check_recipe_args(args) -> None:
+    """Raise `ValueError` for a recipe part (`--recipe`, recipe.py) the run cannot use."""
+    if getattr(args, "real_data", None) is not None:
+        raise ValueError(
+            "`--real_data` (fake-on-real, recipe part 6) is not wired into this trainer yet (recipe.noise_real and "
+            "recipe.real_student_outputs hold its math); drop the flag."
+        )
+    if args.method != "phased_dmd":
+        for name, off in (("diversity_weight", 0.0), ("random_exit", False)):
+            if getattr(args, name, off) not in (off, None):
+                raise ValueError(f"`--{name}` is a part of Phased DMD's recipe; `--method {args.method}` has none.")
 
 
 def sizes(args) -> list[tuple[int, int, int | None]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .losses import sample_t
+from .recipe import margin_t_bounds
 
 
 _PROMPT_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".tsv")
@@ -203,7 +204,7 @@ class Batches:
         recipe = settings.recipe
         self.b, self.n_proc = recipe.train_batch_size, d.layout.dp_size  # a context-parallel group shares samples
         self.mine = slice(d.layout.dp_rank * self.b, (d.layout.dp_rank + 1) * self.b)
-        self.sampling = recipe.timestep_sampling
+        self.sampling, self.recipe = recipe.timestep_sampling, recipe
         self.logit = {"logit_mean": recipe.logit_mean, "logit_std": recipe.logit_std}
 
     def draw(self) -> Batch:
@@ -217,8 +218,16 @@ class Batches:
         return Batch(z[self.mine].to(d.device), self.text.for_batch(index, size), sigmas, shift)
 
     def t_and_eps(self, batch: Batch, s, like: torch.Tensor):
-        """The losses' `t` in `(s, 1]` (on the teacher's shifted time scale by default) and noise shaped `like`."""
-        n, device = self.b * self.n_proc, self.d.device
-        t = sample_t(s, n, self.gen, sampling=self.sampling, shift=batch.shift, **self.logit)[self.mine].to(device)
+        """The losses' `t` in `(s, 1]` (on the teacher's shifted time scale by default) and noise shaped `like`.
+
+        With a margin (`--t_margin`, `--t_lowest`, `--t_highest`, recipe part 4) `t` lies in
+        `recipe.margin_t_bounds`'s `[t_lo, t_hi]` instead (the same draws)."""
+        n, device, r = self.b * self.n_proc, self.d.device, self.recipe
+        bounds = {}
+        if r.t_margin_on:
+            lo, hi = margin_t_bounds(float(s), batch.shift, r.t_margin, r.t_lowest, r.t_highest)
+            bounds = {"min_gap": max(lo - float(s), 1e-3), "t_max": hi}
+        t = sample_t(s, n, self.gen, sampling=self.sampling, shift=batch.shift, **self.logit, **bounds)
+        t = t[self.mine].to(device)
         eps = torch.randn((n, *like.shape[1:]), generator=self.gen)[self.mine].to(device)
         return t, eps

@@ -12,7 +12,8 @@ each file answers:
 - `phases.py`: what happens when a phase starts; `steps.py`: one fake-score update and one generator update;
 - `resume.py`: what a checkpoint holds and how a run resumes; `outputs.py`: what a finished run leaves behind;
 - `runs.py`: the run's folder and identity, checked before loading;
-- the math in `flow.py`, `losses.py` and `simulate.py`.
+- the math in `flow.py`, `losses.py` and `simulate.py`; the authors' recipe parts in `recipe.py` (their settings and
+  `--recipe`, torch-free, in `recipe_settings.py`).
 
 This module wires them together; its loop, [`run_phases`], is the paper's algorithm.
 """
@@ -146,7 +147,8 @@ def _checks_needing_the_family(settings: Settings, family, expected_families) ->
         )
     if getattr(family, "image_concat", False) and not settings.image:
         raise ValueError(f"`--image` (the first frame of every sample) is required to distil {family.name}.")
-    if settings.recipe.guidance_scale_2 is not None and len(family.transformer_names) < 2:
+    r = settings.recipe
+    if r.guidance_scale_2 not in (None, r.guidance_scale) and len(family.transformer_names) < 2:
         raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
     check_sizes(settings, family)
     plan = make_plan(settings, family)
@@ -195,6 +197,8 @@ def _load(settings: Settings, accelerator, load_pipeline, expected_families, che
         if path is not None:
             runs.check_resume(path, resume_state, run, runs.recipe_config(settings.flags))
     d = Distiller(settings, accelerator, family, pipe, plan)
+    if d.fsdp and d.recipe.ida_decay < 1.0:
+        raise ValueError("`--ida_decay` below 1 (IDA) is not supported under FSDP; train with DDP or pass 1.")
     del pipe  # the Distiller holds the components; no second reference may keep a freed text encoder alive
     return d, run
 

@@ -104,6 +104,30 @@ def summary(history: list[dict], plan: Plan) -> dict:
     return out
 
 
+RECIPE_RECORD = (
+    "recipe",
+    "diversity_weight",
+    "diversity_teacher_steps",
+    "diversity_anchor_step",
+    "ida_decay",
+    "random_exit",
+    "t_margin",
+    "t_lowest",
+    "t_highest",
+    "shift",
+    "negative_prompt",
+    "guidance_scale",
+    "guidance_scale_2",
+)
+
+
+def recipe_record(d: Distiller) -> dict:
+    """The resolved recipe (`--recipe` and every setting of its parts), as the summary and the model card give it."""
+    out = {name: getattr(d.recipe, name) for name in RECIPE_RECORD}
+    out.update(phase_order=d.plan.order, steps_per_phase=d.plan.steps_per_phase)
+    return out
+
+
 def write_outputs(d, state: TrainState, text) -> None:
     """The experts-only repo, the validation grid, the summary, history and model card, and the push (if asked)."""
     s, accelerator, output_dir = d.settings, d.accelerator, state.output_dir
@@ -118,8 +142,8 @@ def write_outputs(d, state: TrainState, text) -> None:
     )
     if not accelerator.is_main_process:
         return
-    figures = summary(state.history, d.plan)
-    (output_dir / "training_summary.json").write_text(json.dumps(figures, indent=2))
+    figures, recipe = summary(state.history, d.plan), recipe_record(d)
+    (output_dir / "training_summary.json").write_text(json.dumps({**figures, "recipe": recipe}, indent=2))
     # every generator update's losses and wall time (`step_seconds`: its fake updates included, synchronised)
     (output_dir / s.logging_dir).mkdir(parents=True, exist_ok=True)
     (output_dir / s.logging_dir / "history.json").write_text(json.dumps(state.history, indent=1))
@@ -132,6 +156,10 @@ def write_outputs(d, state: TrainState, text) -> None:
         sample_size=d.size(),
         training_figures=figures,
         validation_images=[grid.name] if grid else None,
+        extra_text="## Training recipe\n\nResolved from `--recipe "
+        + recipe["recipe"]
+        + "` and the flags given:\n\n"
+        + "\n".join(f"- `{k}`: `{json.dumps(v, ensure_ascii=False)}`" for k, v in recipe.items()),
     )
     if s.push_to_hub:
         url = hub.push_experts_to_hub(

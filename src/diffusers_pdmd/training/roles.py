@@ -193,11 +193,14 @@ class Distiller:
     # -- schedule -------------------------------------------------------------------------------------------------
 
     def scheduler(self) -> PhasedDMDScheduler:
+        """The students' scheduler; a recipe's `shift` (lightx2v on Wan: 7) replaces the teacher scheduler's."""
+        shift = self.recipe.shift
         return PhasedDMDScheduler.from_config(
             self.components["scheduler"].config,
             phase_boundaries=self.plan.boundaries,
             steps_per_phase=self.plan.steps_per_phase,
             stochastic_sampling=self.plan.method == "sgts",
+            **({} if shift is None else {"shift": float(shift), "use_dynamic_shifting": False}),
         )
 
     def size(self):

@@ -104,6 +104,7 @@ RUN_FLAGS = (
     "family",
     "pretrained_model_name_or_path",
     "revision",
+    "shift",
 )
 RECIPE_FLAGS = (
     "learning_rate",
@@ -127,6 +128,16 @@ RECIPE_FLAGS = (
     "width",
     "num_frames",
     "resolutions",
+    "recipe",
+    "negative_prompt",
+    "diversity_weight",
+    "diversity_teacher_steps",
+    "diversity_anchor_step",
+    "ida_decay",
+    "random_exit",
+    "t_margin",
+    "t_lowest",
+    "t_highest",
 )
 
 
@@ -147,6 +158,7 @@ def run_config(args, plan, family_name: str) -> dict:
         "family": family_name,
         "pretrained_model_name_or_path": str(Path(base).resolve()) if os.path.isdir(base) else base,
         "revision": args.revision,
+        "shift": getattr(args, "shift", None),
     }
 
 

@@ -17,7 +17,7 @@ line in [`resolve_recipe`] / [`resolve`]. The parser group that adds the flag li
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from .cli import PAPER_DEFAULTS, sizes
 
@@ -46,7 +46,21 @@ class Recipe:
     guidance_scale: float
     guidance_scale_2: float | None
     negative_prompt: str
-    # new recipe fields (a diversity loss, IDA, ...) go here, named as their flags
+    # the authors' recipe (`--recipe`, recipe.py; each default is off)
+    recipe: str = "paper"
+    diversity_weight: float = 0.0
+    diversity_teacher_steps: int = 40
+    diversity_anchor_step: int | None = None
+    ida_decay: float = 1.0
+    random_exit: bool = False
+    t_margin: float = 0.0
+    t_lowest: float = 0.0
+    t_highest: float = 1.0
+    shift: float | None = None
+
+    @property
+    def t_margin_on(self) -> bool:
+        return (self.t_margin, self.t_lowest, self.t_highest) != (0.0, 0.0, 1.0)
 
     @property
     def needs_negative(self) -> bool:
@@ -115,8 +129,13 @@ class Settings:
 
 
 def _as_flagged(cls, args: argparse.Namespace, resolved: dict):
-    """`cls` with the `resolved` values, every other field read from the flag of its name."""
-    return cls(**resolved, **{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in resolved})
+    """`cls` with the `resolved` values, every other field read from the flag of its name (a field with a default
+    keeps it where the namespace lacks the flag: one built by hand in a test)."""
+    read = {}
+    for f in fields(cls):
+        if f.name not in resolved and (hasattr(args, f.name) or f.default is MISSING):
+            read[f.name] = getattr(args, f.name)
+    return cls(**resolved, **read)
 
 
 def resolve_recipe(args: argparse.Namespace) -> Recipe:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .data import Batches
+from . import adapters as ad
+from . import recipe as rc
+from .data import Batch, Batches
 from .losses import dmd_loss, fake_score_loss
 from .phases import TrainState
 from .roles import Distiller
@@ -69,17 +71,83 @@ def generator_update(d: Distiller, batches: Batches, recipe: Recipe, state: Trai
     for _ in range(ga):
         batch = batches.draw()
         experts = [d.expert(j, batch.cond) for j in range(d.plan.num_phases)]
-        x_s, s = generator_sample(
-            d.plan.method, batch.z, batch.sigmas, experts, phase, grad=True, generator=batches.gen
-        )
+        if recipe.random_exit:
+            x_s, s = random_exit_sample(batches, recipe, batch, experts, phase)
+        else:
+            x_s, s = generator_sample(
+                d.plan.method, batch.z, batch.sigmas, experts, phase, grad=True, generator=batches.gen
+            )
         t, eps = batches.t_and_eps(batch, s, x_s)
         real, fake = d.teacher(batch.cond, batches.text.negative), d.fake(phase, batch.cond)
         loss, logs = dmd_loss(x_s, s, real, fake, t, eps, weighting=recipe.dmd_weighting)
-        # a diversity loss (phase 0, from the same z) is added to `loss` here when its flag is on
+        if recipe.diversity_weight > 0 and phase == 0:
+            loss, logs = add_diversity_loss(recipe, batch, real, experts[0], loss, logs)
         check_finite(loss, "Generator (DMD)", phase, step, state.last_ckpt)
         # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
         d.switches[d.expert_base[phase]].set(f"phase_{phase}")
         d.accelerator.backward(loss / ga)
     optimizer_step(d.accelerator, opt.gen_params, opt.gen, opt.gen_schedule, recipe.max_grad_norm)
-    # IDA (the fake score pulled toward the generator) is called here when its flag is on
+    if recipe.ida_decay < 1.0:
+        ida_pull(d, phase, recipe.ida_decay)
     return logs
+
+
+# -- the recipe's parts (recipe.py has their math; each is called only when its setting is on) -------------------
+
+
+def random_exit_sample(batches: Batches, recipe: Recipe, batch: Batch, experts, phase: int):
+    """Part 3: back-simulate to a random step `j` of the phase (one draw from the run's generator, the same on every
+    process) and jump from it to the phase's end; `(x_s, s)` with gradient through step `j` only."""
+    n = len(batch.sigmas[phase]) - 1
+    j = rc.sample_exit_step(n, phase, recipe.diversity_weight > 0, batches.gen)
+    return rc.backsimulate_exit(batch.z, batch.sigmas, experts, phase, j)
+
+
+def add_diversity_loss(recipe: Recipe, batch: Batch, teacher, expert_0, loss, logs: dict):
+    """Part 1 (phase 0): the student's first velocity from `z` regressed onto the teacher's (with its CFG) average
+    velocity from `z` down to the anchor sigma, the student's second sigma unless `--diversity_anchor_step`."""
+    grid = rc.teacher_grid(recipe.diversity_teacher_steps, batch.shift)
+    a = recipe.diversity_anchor_step or rc.anchor_step_for(
+        float(batch.sigmas[0][1]), recipe.diversity_teacher_steps, batch.shift
+    )
+    x_a, sigma_a = rc.teacher_anchor(teacher, batch.z, grid, a)
+    div, div_logs = rc.diversity_loss(expert_0, batch.z, x_a, sigma_a, recipe.diversity_weight)
+    return loss + div, {**logs, **div_logs}
+
+
+@torch.no_grad()
+def ida_pull(d: Distiller, phase: int, decay: float) -> None:
+    """Part 2, IDA: the fake score of `phase` pulled toward its expert, `fake <- d fake + (1 - d) generator`, on the
+    transformer carrying the expert (a LoRA fake: on the merged deltas, `recipe.ida_lora_update`; a full fake:
+    exactly, `recipe.ida_full_from_lora`)."""
+    name, gen_name, fake_name = d.expert_base[phase], f"phase_{phase}", f"fake_{phase}"
+    model = d.models[name]
+    if d.settings.fake_full_finetune:
+        return _ida_full(d.fake_full[name], model, gen_name, decay)
+    for layer in ad.tuner_layers(model):
+        if fake_name in layer.lora_A and gen_name in layer.lora_A:
+            rc.ida_lora_update(
+                [(layer.lora_B[fake_name].weight, layer.lora_A[fake_name].weight)],
+                [(layer.lora_B[gen_name].weight, layer.lora_A[gen_name].weight)],
+                decay,
+                layer.scaling[fake_name],
+                layer.scaling[gen_name],
+            )
+
+
+def _ida_full(fake, model, gen_name: str, decay: float) -> None:
+    """IDA of a full-parameter fake copy toward base + the expert's LoRA, parameter by parameter."""
+    fake = getattr(fake, "raw", fake)
+    gen_layers = {n: m for n, m in model.named_modules() if isinstance(m, ad.BaseTunerLayer)}
+    fake_params = dict(fake.named_parameters())
+    for n, layer in gen_layers.items():
+        w_f = fake_params.pop(f"{n}.base_layer.weight", None)
+        if w_f is None:
+            continue
+        lora = gen_name in layer.lora_A
+        b_g, a_g = (layer.lora_B[gen_name].weight, layer.lora_A[gen_name].weight) if lora else (None, None)
+        scale = layer.scaling.get(gen_name, 1.0)
+        rc.ida_full_from_lora(w_f, layer.base_layer.weight, b_g, a_g, decay, scale)
+    base = dict(model.named_parameters())
+    rest = [(p, base[n]) for n, p in fake_params.items() if p.requires_grad and n in base]
+    rc.ida_update([p for p, _ in rest], [q for _, q in rest], decay)
