@@ -300,3 +300,31 @@ def test_t_is_drawn_on_the_teachers_own_shift(bases, tmp_path, family):  # noqa:
         expected = config.flow_shift
     assert d.time_shift == pytest.approx(expected)
     assert expected != pytest.approx(1.0)
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_ends_the_run(bases, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Python prints and drops a KeyboardInterrupt raised inside a finalizer (`__del__`, a GC callback); the run must
+    still stop at its next update, with the usual resume line and exit code 130."""
+    from diffusers_pdmd.training import steps
+
+    real_update = steps.generator_update
+    calls = {"n": 0}
+
+    def update_then_swallowed_ctrl_c(*args, **kwargs):
+        out = real_update(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            try:  # what a finalizer running at that moment does with the exception
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass
+        return out
+
+    monkeypatch.setattr(distill, "generator_update", update_then_swallowed_ctrl_c)
+    out = tmp_path / "int"
+    with pytest.raises(SystemExit) as e:
+        _main(bases, out, "--max_train_steps", "20", "--checkpointing_steps", "1")
+    assert e.value.code == 130
+    assert calls["n"] == 2  # stopped at the update after the Ctrl-C
+    assert "Interrupted at global step 2; last checkpoint " in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back

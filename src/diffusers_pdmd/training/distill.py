@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +67,7 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
     state = TrainState(output_dir, created_output_dir=not output_dir.exists())
+    previous_sigint = _remember_ctrl_c(state)
     try:
         return _train(args, expected_families, state, load_pipeline)
     except KeyboardInterrupt:
@@ -80,8 +83,27 @@ def train(args, expected_families: tuple[str, ...], load_pipeline=load_base_pipe
             )
         raise SystemExit(130) from None
     finally:
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
         if state.created_output_dir:
             runs.remove_empty_dirs(output_dir)
+
+
+def _remember_ctrl_c(state: TrainState):
+    """Make Ctrl-C raise `KeyboardInterrupt` as Python's own handler does, and also set `state.interrupted`: a
+    `KeyboardInterrupt` raised inside a finalizer or garbage-collection callback is printed and dropped by Python, and
+    the phase loop then ends the run at its next update. Returns the handler to restore (`None`: left as it was, where
+    SIGINT is not Python's default handler or this is not the main thread)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum, frame):
+        state.interrupted = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return previous
 
 
 def _train(args, expected_families: tuple[str, ...], state: TrainState, load_pipeline) -> Path:
@@ -236,6 +258,8 @@ def run_phases(d: Distiller, batches: Batches, state: TrainState, save_checkpoin
         disable=not d.accelerator.is_local_main_process,
     )
     while state.global_step < plan.total_steps:
+        if state.interrupted:  # a Ctrl-C that a finalizer swallowed
+            raise KeyboardInterrupt
         phase, step = plan.position(state.global_step)
         enter_phase(d, recipe, state, phase)
         started = _synchronized_clock(d.device)

@@ -58,6 +58,7 @@ class TrainState:
     opts: dict[int, Optimizers] = field(default_factory=dict)  # the live phases' optimizers
     current_phase: int | None = None  # sequential order: the phase whose optimizers are live
     fake_samples: FakeSamples = field(default_factory=FakeSamples)
+    interrupted: bool = False  # Ctrl-C seen (the loop ends the run even where a finalizer swallowed it)
 
 
 def make_optimizers(d: Distiller, recipe: Recipe, max_steps: int, phase: int) -> Optimizers:
