@@ -276,7 +276,8 @@ def run_phase(args, script, loader, base: str, phase: int, prompts_file, meter: 
     history = json.loads((pathlib.Path(args.output_dir) / "logs" / "history.json").read_text())
     rows = [r for r in history if int(r["phase"]) == phase]
     times = [r["step_seconds"] for r in rows]
-    steady = times[1:] or times
+    # the first update compiles and warms up; with --profile the second runs under torch.profiler: both are left out
+    steady = times[2 if args.profile and len(times) > 2 else 1 :] or times
     per_update = statistics.median(steady)
     n = len(rows)
     flops = (meter.flops["forward"] + meter.flops["backward"]) / n
