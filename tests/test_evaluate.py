@@ -311,6 +311,28 @@ def test_cli_on_tiny_wan_measures_motion(models, tmp_path):
     assert video.shape == (5, 3, 16, 16) and record["frames"] == 5
 
 
+@needs_torchvision
+def test_cli_on_tiny_wan_image_to_video(models, tmp_path):
+    """An image-to-video teacher through the command line, with `ftfy` absent (diffusers' WanImageToVideoPipeline
+    needs it to clean text prompts; the sampler encodes them without it) and `--image` as the first frame."""
+    from PIL import Image
+
+    from diffusers_pdmd import tiny
+
+    base = tiny.save_pipeline("wan2.2-i2v-a14b", tmp_path / "base")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "first.png")
+    args = ["--sampler", f"teacher={base}:steps=2", "--prompts", prompts, "--seeds", 2, "--output_dir", tmp_path / "o"]
+    args += ["--height", 16, "--width", 16, "--num_frames", 5, "--metrics", "diversity,flow,cost"]
+    args += ["--feature_model", models["dino"], "--flow_model", models["raft"], "--image", tmp_path / "first.png"]
+    assert _run(args) == 0
+    row = _assert_outputs(tmp_path / "o", ["teacher"], 1)["samplers"]["teacher"]
+    assert row["forwards_per_sample"] == 4 and row["flow"] >= 0
+    video, _ = samplers.load_sample(samplers.sample_path(tmp_path / "o", "teacher", 0, 0))
+    assert video.shape == (5, 3, 16, 16)
+
+
 def test_cli_on_the_digits_demo_output(tmp_path):
     """The digits demo's folders (teacher pipeline, experts-only student) measured with the digits classifier as the
     backbone: the same functions the demo's own table uses."""

@@ -215,6 +215,22 @@ def call_kwargs(spec: SamplerSpec, pipe, height: int, width: int, num_frames: in
     return kwargs
 
 
+def _prompt_kwargs(pipe, prompt: str, kwargs: dict) -> dict:
+    """``kwargs`` with the prompt. diffusers' ``WanImageToVideoPipeline`` cleans text prompts with ``ftfy``, which it
+    does not install: without it, the prompt and negative prompt go in as embeddings of the same T5 encoder, made by
+    ``WanPipeline``'s encoder (which cleans without ``ftfy``), at the call's default 512 tokens."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from diffusers.utils import is_ftfy_available
+
+    if not isinstance(pipe, WanImageToVideoPipeline) or is_ftfy_available():
+        return dict(kwargs, prompt=prompt)
+    kwargs = dict(kwargs)
+    negative = kwargs.pop("negative_prompt", None) or ""
+    with torch.no_grad():
+        embeds = [WanPipeline._get_t5_prompt_embeds(pipe, text, max_sequence_length=512) for text in (prompt, negative)]
+    return dict(kwargs, prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1])
+
+
 @contextlib.contextmanager
 def count_forwards(pipe):
     """Count the calls of the pipeline's transformers (``transformer``, ``transformer_2``): ``counter[0]``."""
@@ -313,7 +329,7 @@ def generate(
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            out = pipe(prompt=prompts[p], generator=generator, **kwargs)
+            out = pipe(generator=generator, **_prompt_kwargs(pipe, prompts[p], kwargs))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
