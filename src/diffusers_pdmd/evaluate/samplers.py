@@ -227,7 +227,9 @@ def _prompt_kwargs(pipe, prompt: str, kwargs: dict) -> dict:
     kwargs = dict(kwargs)
     negative = kwargs.pop("negative_prompt", None) or ""
     with torch.no_grad():
-        embeds = [WanPipeline._get_t5_prompt_embeds(pipe, text, max_sequence_length=512) for text in (prompt, negative)]
+        embeds = [
+            WanPipeline._get_t5_prompt_embeds(pipe, text, max_sequence_length=512) for text in (prompt, negative)
+        ]
     return dict(kwargs, prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1])
 
 
