@@ -552,3 +552,12 @@ def test_sequential_run_frees_the_finished_phase(bases, tmp_path, monkeypatch):
         "transformer_2": ["fake_0", "fake_1", "phase_1"],
     }
     assert alternate["opt_phases"] == [0, 1] and alternate["expert_0_grad"] == {True}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """No test leaves its mixed precision to the tests after it (other files' runs do not reset the state)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
