@@ -510,7 +510,10 @@ def _watch_phase_1(monkeypatch, seen, phase_0_watch=False):
             seen["opt_params"] = {id(p) for o in state.opts.values() for g in o.fake.param_groups for p in g["params"]}
             seen["opt_phases"] = sorted(state.opts)
             seen["adapter_bytes"] = sum(
-                p.numel() * p.element_size() for m in d.models.values() for n, p in m.named_parameters() if "lora_" in n
+                p.numel() * p.element_size()
+                for m in d.models.values()
+                for n, p in m.named_parameters()
+                if "lora_" in n
             )
             seen["alive"] = [r() is not None for r in seen.get("phase_0", [])]
         return update(d, batches, recipe, state, phase, step)
