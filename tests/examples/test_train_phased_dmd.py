@@ -188,7 +188,7 @@ def _run(args, log):
     )
 
 
-@pytest.mark.parametrize("kill_after", [2, 3])  # mid phase 0, and exactly at the phase boundary
+@pytest.mark.parametrize("kill_after", [2, 3, 4])  # mid phase 0, exactly at the phase boundary, mid phase 1
 def test_kill_and_resume_reaches_the_uninterrupted_state(bases, tmp_path, kill_after):
     args = _common(bases, "qwen-image", tmp_path / "x", "--max_train_steps", "3", "--checkpointing_steps", "1")
     ref, cut = tmp_path / "ref", tmp_path / "cut"

@@ -7,6 +7,7 @@ whole, and its forward counts match the method's own arithmetic.
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -480,3 +481,86 @@ def test_compiled_blocks_equal_eager(bases, tmp_path, monkeypatch):
     new = _run(bases, "qwen-image", tmp_path / "comp", "--compile", "--gradient_checkpointing", steps=2, fakes=2)
     torch._dynamo.reset()
     torch.testing.assert_close(_losses(new), _losses(ref), rtol=1e-5, atol=1e-8)
+
+
+def _watch_phase_1(monkeypatch, seen, phase_0_watch=False):
+    """Record, at the first generator update of phase 1 (after a `gc.collect()`), what each transformer holds: its
+    adapters, the phase-0 expert's tensors and dtypes, the live optimizers' parameters and the adapters' bytes.
+    With `phase_0_watch`, weak references to phase 0's fake-score parameters and optimizers, taken in phase 0."""
+    import gc
+    import weakref
+
+    from diffusers_pdmd.training import adapters as ad
+    from diffusers_pdmd.training import distill
+
+    update = distill.generator_update
+
+    def watching(d, batches, recipe, state, phase, step):
+        if phase == 0 and phase_0_watch and "phase_0" not in seen:
+            params = [p for m in d.models.values() for p in ad.adapter_parameters(m, "fake_0")]
+            opts = state.opts[0]
+            seen["phase_0"] = [weakref.ref(x) for x in (*params, opts.gen, opts.fake, opts)]
+        if phase == 1 and "adapters" not in seen:
+            gc.collect()
+            seen["adapters"] = {n: sorted(getattr(m, "peft_config", {})) for n, m in d.models.items()}
+            seen["fake_0_params"] = sum(len(ad.adapter_parameters(m, "fake_0")) for m in d.models.values())
+            expert = d.models[d.expert_base[0]]
+            seen["expert_0"] = ad.adapter_state_dict(expert, "phase_0")
+            seen["expert_0_grad"] = {p.requires_grad for p in d.expert_params(0)}
+            seen["opt_params"] = {id(p) for o in state.opts.values() for g in o.fake.param_groups for p in g["params"]}
+            seen["opt_phases"] = sorted(state.opts)
+            seen["adapter_bytes"] = sum(
+                p.numel() * p.element_size()
+                for m in d.models.values()
+                for n, p in m.named_parameters()
+                if "lora_" in n
+            )
+            seen["alive"] = [r() is not None for r in seen.get("phase_0", [])]
+        return update(d, batches, recipe, state, phase, step)
+
+    monkeypatch.setattr(distill, "generator_update", watching)
+
+
+def test_sequential_run_frees_the_finished_phase(bases, tmp_path, monkeypatch):
+    """issue 22: both A14B phases in one run (sequential, bf16) hold in phase 1 what a `--train_phase 1` run after a
+    phase-0 run holds: no phase-0 fake score on any transformer, no optimizer or other reference keeping its
+    parameters, and the phase-0 expert frozen in bf16, equal to the one a phase-1 run loads from the file this run
+    wrote. Alternate
+    order keeps every phase's fake score and optimizers."""
+    bf16 = ("--mixed_precision", "bf16")
+    one, alone, alternate = {}, {}, {}
+    _watch_phase_1(monkeypatch, one, phase_0_watch=True)
+    _run(bases, "wan2.2-t2v-a14b", tmp_path / "one", *bf16, steps=2)
+    assert one["adapters"] == {"transformer": ["fake_1", "phase_0"], "transformer_2": ["fake_1", "phase_1"]}
+    assert one["fake_0_params"] == 0 and not any(one["alive"])  # parameters, optimizers: all released
+    assert one["opt_phases"] == [1] and one["expert_0_grad"] == {False}
+    assert {v.dtype for v in one["expert_0"].values()} == {torch.bfloat16}
+
+    # a `--train_phase 1` run on the experts this run wrote (a `--train_phase 0` run of its own trains another
+    # phase-0 expert: the fake scores it makes draw other random numbers)
+    shutil.copytree(tmp_path / "one", tmp_path / "split")
+    _watch_phase_1(monkeypatch, alone)
+    _run(bases, "wan2.2-t2v-a14b", tmp_path / "split", *bf16, "--train_phase", "1", "--overwrite_output_dir", steps=2)
+    assert one["adapters"] == alone["adapters"] and one["adapter_bytes"] == alone["adapter_bytes"]
+    assert one["expert_0"].keys() == alone["expert_0"].keys()
+    for key, value in alone["expert_0"].items():
+        assert one["expert_0"][key].dtype == value.dtype
+        torch.testing.assert_close(one["expert_0"][key], value, rtol=0, atol=0)
+    print(f"adapter bytes in phase 1: {one['adapter_bytes']}")
+
+    _watch_phase_1(monkeypatch, alternate)
+    _run(bases, "wan2.2-t2v-a14b", tmp_path / "alt", *bf16, "--phase_order", "alternate", steps=2)
+    assert alternate["adapters"] == {
+        "transformer": ["fake_0", "fake_1", "phase_0"],
+        "transformer_2": ["fake_0", "fake_1", "phase_1"],
+    }
+    assert alternate["opt_phases"] == [0, 1] and alternate["expert_0_grad"] == {True}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """No test leaves its mixed precision to the tests after it (other files' runs do not reset the state)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

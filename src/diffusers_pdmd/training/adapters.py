@@ -72,6 +72,10 @@ class AdapterSwitch:
         set_active_adapter_(self.layers, adapter_name)
         self.active = adapter_name
 
+    def forget(self) -> None:
+        """The layers' active adapter was changed elsewhere (an adapter deleted): the next `set` writes it."""
+        self.active = "__unset__"
+
 
 def adapter_parameters(model, adapter_name: str) -> list[torch.nn.Parameter]:
     """The parameters of one adapter (LoRA A and B of every adapted layer)."""
@@ -120,6 +124,17 @@ def reset_adapter(model, adapter_name: str) -> None:
     for layer in tuner_layers(model):
         if adapter_name in getattr(layer, "lora_A", {}):
             layer.reset_lora_parameters(adapter_name, init_lora_weights=True)
+
+
+def delete_adapter(model, adapter_name: str) -> None:
+    """Remove an adapter's LoRA weights from every layer of `model` and its config, leaving the other adapters'
+    `requires_grad` as they are (peft re-activates another adapter, and sets its `requires_grad`, when the deleted
+    one is active: it is taken off the active list here first). An [`AdapterSwitch`] of the model must then
+    `forget` what it set."""
+    for layer in tuner_layers(model):
+        if adapter_name in layer.active_adapters:
+            layer._active_adapter = [a for a in layer.active_adapters if a != adapter_name]
+    model.delete_adapters(adapter_name)
 
 
 def keep_input_dtype(layers: Iterable[BaseTunerLayer]) -> None:

@@ -315,20 +315,24 @@ def trainable_bytes(sizes: ModelSizes, work: Workload, phase: int, on_device) ->
     """`(adapters, optimizer state, gradients)` in bytes while `phase` trains.
 
     Adapters on the transformers `on_device`: the experts of every phase and the fake scores of the trained ones,
-    fp32 once trained in this run (the optimizer's master copy), in the base's dtype before. AdamW's two fp32
-    moments exist only for parameters that received a gradient: those on the transformers the live phases call.
-    Gradients: the larger of the generator's and the fake score's (each is freed after its step).
+    fp32 while trained (the optimizer's master copy), in the base's dtype otherwise. In sequential order a phase
+    before `phase` is over: its expert is back in the base's dtype and its fake score deleted
+    (`Distiller.end_phase`), as in a run that trains `phase` alone. AdamW's two fp32 moments exist only for
+    parameters that received a gradient: those on the transformers the live phases call. Gradients: the larger of
+    the generator's and the fake score's (each is freed after its step).
     """
-    trained_so_far = [j for j in work.trained if j <= phase] if not work.alternate else list(work.trained)
+    live = work.trained if work.alternate else (phase,)
     adapters = 0.0
     for i in on_device:
         for j, base in enumerate(work.expert_base):
             if base == i:
-                adapters += sizes.lora_width[i] * work.lora_rank * (4 if j in trained_so_far else work.weight_bytes)
+                adapters += sizes.lora_width[i] * work.lora_rank * (4 if j in live else work.weight_bytes)
         if not work.fake_full:
             for j in work.trained:
-                adapters += sizes.lora_width[i] * work.fake_rank * (4 if j in trained_so_far else work.weight_bytes)
-    live = work.trained if work.alternate else (phase,)
+                if j in live:
+                    adapters += sizes.lora_width[i] * work.fake_rank * 4
+                elif j > phase:  # made when the Distiller starts, trained later
+                    adapters += sizes.lora_width[i] * work.fake_rank * work.weight_bytes
     optimizer = gradients = 0.0
     for k in live:
         expert = sizes.lora_width[work.expert_base[k]] * work.lora_rank

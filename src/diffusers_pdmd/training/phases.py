@@ -1,8 +1,9 @@
 """Phase entry: a fresh fake score and fresh optimizers when a phase starts, and the state the phase loop carries.
 
-Experts 0..k-1 stay as they are when phase k starts; the fake score of phase k starts as a copy of the teacher
+Experts 0..k-1 are frozen when phase k starts; the fake score of phase k starts as a copy of the teacher
 (PHASED_DMD.md, "Training one phase"). With `--phase_order sequential` (the paper) the optimizers of the phase
-that ended are dropped; with `alternate` each phase keeps its own from the step it is first met.
+that ended are dropped, with its fake score, and its expert is frozen in the base's dtype (as a later run loads it
+from disk); with `alternate` each phase keeps its own from the step it is first met, and every fake score.
 """
 
 from __future__ import annotations
@@ -81,10 +82,20 @@ def make_optimizers(d: Distiller, recipe: Recipe, max_steps: int, phase: int) ->
     return Optimizers(gen_params, fake_params, g_opt, f_opt, g_sch, f_sch)
 
 
+def end_phases_before(d: Distiller, state: TrainState, phase: int) -> None:
+    """Sequential order: the phases before `phase` are over. Their optimizers and fake scores are freed and their
+    experts held as a `--train_phase phase` run loads them ([`Distiller.end_phase`]), so that a run training every
+    phase needs no more memory in phase `phase` than one training it alone, and sees the same earlier experts."""
+    state.opts.clear()
+    state.fake_samples = FakeSamples()
+    for j in range(phase):
+        d.end_phase(j)
+
+
 def enter_phase(d: Distiller, recipe: Recipe, state: TrainState, phase: int) -> None:
     """Fresh fake score and optimizers when a phase starts (sequential) or is first met (alternate)."""
     if d.plan.order == "sequential" and phase != state.current_phase:
-        state.opts.clear()
+        end_phases_before(d, state, phase)
         state.current_phase = phase
     elif d.plan.order == "sequential" or phase in state.opts:
         return

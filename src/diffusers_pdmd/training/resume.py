@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import adapters as ad
 from . import checkpoint as ckpt
-from .phases import TrainState, make_optimizers
+from .phases import TrainState, end_phases_before, make_optimizers
 from .roles import Distiller
 
 
@@ -68,6 +68,8 @@ def resume_training(d: Distiller, state: TrainState, path: Path, generator) -> N
             if f"phase_{j}" in files:
                 load_adapter(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"], path / f"phase_{j}")
     phase, _ = plan.position(min(state.global_step, plan.total_steps - 1))
+    if plan.order == "sequential":  # the phases before are over, as in the uninterrupted run
+        end_phases_before(d, state, phase)
     for j in saved["opt_phases"]:  # phases whose optimizers were live when the checkpoint was written
         if plan.order == "sequential" and j != phase:
             continue  # the checkpoint closed phase j: phase `phase` starts fresh, as in an uninterrupted run

@@ -92,6 +92,8 @@ class Distiller:
         self.fake_full = {}
         for j in range(k):
             ad.add_lora(self.models[self.expert_base[j]], f"phase_{j}", args.lora_rank, args.lora_alpha, targets)
+        # peft makes adapters in the base's dtype: an expert loaded from disk stays in it, and so does a finished one
+        self.stored_dtype = self.expert_params(0)[0].dtype
         if not args.fake_full_finetune:
             for model in self.models.values():
                 for j in plan.phases:
@@ -277,6 +279,24 @@ class Distiller:
         else:
             for model in self.models.values():
                 ad.reset_adapter(model, f"fake_{phase}")
+
+    def end_phase(self, phase: int) -> None:
+        """Sequential order, once `phase` has ended: drop its fake score (its LoRA adapter on every transformer, or
+        the full copies) and hold its expert as a later `--train_phase` run loads it from disk: frozen, in the
+        base's dtype (`stored_dtype`). Idempotent. Under FSDP the sharded state is left as it is."""
+        if self.fsdp:
+            return
+        for p in self.expert_params(phase):
+            p.requires_grad_(False)
+            p.grad = None
+            p.data = p.data.to(self.stored_dtype)
+        if self.settings.fake_full_finetune:
+            self.fake_full = {}
+            return
+        for name, model in self.models.items():
+            if f"fake_{phase}" in getattr(model, "peft_config", {}):
+                ad.delete_adapter(model, f"fake_{phase}")
+                self.switches[name].forget()
 
     # -- velocities -----------------------------------------------------------------------------------------------
 
