@@ -184,13 +184,21 @@ def test_random_exit_trains_a_drawn_step_of_the_phase(bases, tmp_path, monkeypat
     assert {j for p, j in exits if p == 0} == {1}  # the diversity loss trains phase 0's first step
 
 
-def test_random_exit_and_diversity_resume_bit_exact(bases, tmp_path):
-    flags = ["--recipe", "lightx2v", "--checkpointing_steps", "1", "--seed", "3"]
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_random_exit_and_diversity_resume_bit_exact(bases, tmp_path, precision):
+    """Also under bf16 mixed precision, where the adapters are stored in bf16 and trained in float32: the resumed
+    run's live phases get the checkpoint's float32 weights unrounded."""
+    from accelerate.state import AcceleratorState
+
+    flags = ["--recipe", "lightx2v", "--checkpointing_steps", "1", "--seed", "3", "--mixed_precision", precision]
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process, runs of different precisions
     ref = _train(bases, tmp_path / "ref", *flags, steps_=2)
     cut = tmp_path / "cut"
     cut.mkdir()
     shutil.copytree(ref / "checkpoint-2", cut / "checkpoint-2")
+    AcceleratorState._reset_state(reset_partial_state=True)
     _train(bases, cut, *flags, "--resume_from_checkpoint", "latest", steps_=2)
+    AcceleratorState._reset_state(reset_partial_state=True)
     for phase in (0, 1):
         a, b = _weights(ref / f"phase_{phase}"), _weights(cut / f"phase_{phase}")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

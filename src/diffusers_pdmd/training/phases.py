@@ -62,14 +62,19 @@ class TrainState:
     interrupted: bool = False  # Ctrl-C seen (the loop ends the run even where a finalizer swallowed it)
 
 
+def hold_in_float32(params) -> None:
+    """Trainable parameters are held in float32 (the optimizer's master weights), whatever the base's dtype."""
+    for p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()
+
+
 def make_optimizers(d: Distiller, recipe: Recipe, max_steps: int, phase: int) -> Optimizers:
     """Optimizers of phase `phase`: its expert's and its fake score's parameters, trainable and in float32."""
     from diffusers.optimization import get_scheduler
 
     gen_params, fake_params = d.expert_params(phase), d.fake_params(phase)
-    for p in gen_params + fake_params:
-        p.requires_grad_(True)
-        p.data = p.data.float()
+    hold_in_float32(gen_params + fake_params)
     g_opt, f_opt = d.adamw(gen_params, recipe.learning_rate), d.adamw(fake_params, recipe.fake_learning_rate)
     warmup = recipe.lr_warmup_steps
     g_sch = get_scheduler(recipe.lr_scheduler, g_opt, num_warmup_steps=warmup, num_training_steps=max_steps)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import adapters as ad
 from . import checkpoint as ckpt
-from .phases import TrainState, end_phases_before, make_optimizers
+from .phases import TrainState, end_phases_before, hold_in_float32, make_optimizers
 from .roles import Distiller
 
 
@@ -63,18 +63,22 @@ def resume_training(d: Distiller, state: TrainState, path: Path, generator) -> N
     plan, full_fake = d.plan, d.settings.fake_full_finetune
     files, saved = ckpt.load_checkpoint(path)
     state.global_step, state.history = saved["global_step"], saved.get("history", [])
+    phase, _ = plan.position(min(state.global_step, plan.total_steps - 1))
+    # phases whose optimizers were live when the checkpoint was written; in sequential order the checkpoint closed
+    # the ones before `phase`, which starts fresh, as in an uninterrupted run
+    live = [j for j in saved["opt_phases"] if plan.order != "sequential" or j == phase]
+    for j in live:  # their float32 weights are loaded unrounded into float32 adapters
+        hold_in_float32(d.expert_params(j))
     with d.full_params(writeback=True):  # collective under FSDP
         for j in range(plan.num_phases):
             if f"phase_{j}" in files:
                 load_adapter(d.models[d.expert_base[j]], f"phase_{j}", files[f"phase_{j}"], path / f"phase_{j}")
-    phase, _ = plan.position(min(state.global_step, plan.total_steps - 1))
     if plan.order == "sequential":  # the phases before are over, as in the uninterrupted run
         end_phases_before(d, state, phase)
-    for j in saved["opt_phases"]:  # phases whose optimizers were live when the checkpoint was written
-        if plan.order == "sequential" and j != phase:
-            continue  # the checkpoint closed phase j: phase `phase` starts fresh, as in an uninterrupted run
+    for j in live:
         if full_fake:
             d.start_phase(j)
+        hold_in_float32(d.fake_params(j))
         with d.full_params(writeback=True):
             for name, model in d.models.items() if not full_fake else ():
                 load_adapter(model, f"fake_{j}", files[f"fake_{j}.{name}"], path / f"fake_{j}.{name}")
