@@ -190,8 +190,7 @@ def script_argv(args, base: str, phase: int, prompts_file: pathlib.Path) -> list
         str(prompts_file),
         "--output_dir",
         str(args.output_dir),
-        "--train_phase",
-        str(phase),
+        *(["--train_phase", str(phase)] if phase is not None else []),
         "--max_train_steps",
         str(args.max_train_steps),
         "--fake_updates_per_step",
@@ -274,6 +273,14 @@ def run_phase(args, script, loader, base: str, phase: int, prompts_file, meter: 
     for ckpt in pathlib.Path(args.output_dir).glob("checkpoint-*"):  # ~10 GB each at full size; the experts stay
         shutil.rmtree(ckpt)
     history = json.loads((pathlib.Path(args.output_dir) / "logs" / "history.json").read_text())
+    if phase is None:  # --one_run: every phase in one script call, summarised per phase
+        out = {str(k): _one_run_phase(args, [r for r in history if int(r["phase"]) == k]) for k in args.phases}
+        shared = {"argv": argv, "run_wall_s": round(wall, 1), "peak_allocated_gib": gc_.mem()["peak_gib"]}
+        shared.update(peak_device_gib=gc_.gib(dev_peak.peak), **outcome)
+        for row in out.values():
+            row.update(shared)
+        print("one run", json.dumps({k: {n: v for n, v in r.items() if n != "argv"} for k, r in out.items()}))
+        return out
     rows = [r for r in history if int(r["phase"]) == phase]
     times = [r["step_seconds"] for r in rows]
     # the first update compiles and warms up; with --profile the second runs under torch.profiler: both are left out
@@ -300,6 +307,23 @@ def run_phase(args, script, loader, base: str, phase: int, prompts_file, meter: 
     out.update(outcome)
     print(f"phase {phase}", json.dumps({k: v for k, v in out.items() if k != "argv"}), flush=True)
     return out
+
+
+def _one_run_phase(args, rows: list) -> dict:
+    """A phase of a `--one_run` call: its updates' times (the first of each phase compiles its own variants); the
+    hooks' FLOPs are not split by phase, so no MFU."""
+    times = [r["step_seconds"] for r in rows]
+    steady = times[2 if args.profile and len(times) > 2 else 1 :] or times
+    return {
+        "updates": len(rows),
+        "step_seconds": [round(t, 3) for t in times],
+        "seconds_per_update": round(statistics.median(steady), 3) if steady else float("nan"),
+        "forwards_per_update": None,
+        "model_tflop_per_update": float("nan"),
+        "mfu": float("nan"),
+        "final_dmd_loss": rows[-1].get("dmd_loss") if rows else None,
+        "final_fake_loss": rows[-1].get("fake_loss") if rows else None,
+    }
 
 
 def fp8_check(args) -> dict:
@@ -442,7 +466,12 @@ def run(args) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
     res["cap_gib"] = args.cap_gib
     res["phases"] = {}
-    for phase in args.phases:
+    if args.one_run:  # the script's default: every phase in one call (`--phases` lists them for the summary)
+        outcome = run_phase(args, script, loader, base_name, None, prompts_file, meter)
+        res["phases"] = outcome if "error" not in outcome else {"all": outcome}
+        res["one_run"] = True
+        gc_.save_json(args.out, res)
+    for phase in args.phases if not args.one_run else ():
         res["phases"][str(phase)] = run_phase(args, script, loader, base_name, phase, prompts_file, meter)
         gc_.save_json(args.out, res)  # a run cut short keeps the phases it finished
     meter.detach()
@@ -465,7 +494,7 @@ def _phase_row(phase: str, r: dict) -> list:
         phase,
         r["updates"],
         f"{r['seconds_per_update']:.2f}",
-        f"{fw['forward_no_grad']:.0f} + {fw['forward_grad']:.0f} / {fw['backward']:.0f}",
+        f"{fw['forward_no_grad']:.0f} + {fw['forward_grad']:.0f} / {fw['backward']:.0f}" if fw else "one run",
         f"{r['model_tflop_per_update']:.0f}",
         f"{100 * r['mfu']:.1f}%",
         f"{r['peak_allocated_gib']}",
@@ -509,7 +538,12 @@ def render(res: dict) -> str:
         "",
         "Random-weight base with the published transformer config in bf16, built on the device"
         + (", saved and loaded by the script from disk" if model == "qwen" else ", handed to the script's loader")
-        + f". Script flags: `{' '.join(first['argv'][4:])}` (one run per phase, `--train_phase k`).",
+        + f". Script flags: `{' '.join(first['argv'][4:])}` "
+        + (
+            "(one run training every phase, as the script does by default; its peaks are the run's)."
+            if res.get("one_run")
+            else "(one run per phase, `--train_phase k`)."
+        ),
         "",
         gc_.md_table(
             [
@@ -621,6 +655,11 @@ def main(argv=None):
         default=None,
         help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction) to stand in for a smaller "
         "card; the Wan base is then handed over in CPU memory",
+    )
+    parser.add_argument(
+        "--one_run",
+        action="store_true",
+        help="run the script once over every phase (its default), not once per phase with --train_phase",
     )
     parser.add_argument(
         "--profile", action="store_true", help="torch.profiler on the second update of each phase: where the time goes"
