@@ -1167,6 +1167,37 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         family.check_size(height, width, num_frames)
         if output_type not in family.output_types:
             raise ValueError(f"`output_type` must be one of {family.output_types}, got {output_type!r}.")
+        batch_size = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        self._check_embeds_masks(
+            family, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask
+        )
+        self._check_family_arguments(
+            family, true_cfg_scale, guidance_scale_2, num_images_per_prompt, num_videos_per_prompt, image
+        )
+        name = "num_images_per_prompt" if family.name == "qwen-image" else "num_videos_per_prompt"
+        num_per_prompt = _num_per_prompt(family, num_images_per_prompt, num_videos_per_prompt)
+        if not isinstance(num_per_prompt, int) or isinstance(num_per_prompt, bool) or num_per_prompt < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {num_per_prompt!r}.")
+        self._check_guidance_scales(family, true_cfg_scale, guidance_scale, guidance_scale_2)
+        if not isinstance(max_sequence_length, int) or not 0 < max_sequence_length <= 1024:
+            raise ValueError(f"`max_sequence_length` must be an int in [1, 1024], got {max_sequence_length!r}.")
+        total = batch_size * num_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators for a batch of {total}.")
+        if latents is not None:
+            expected = family.latent_shape(self, total, height, width, num_frames)
+            if tuple(latents.shape) != tuple(expected):
+                raise ValueError(f"`latents` must have shape {tuple(expected)}, got {tuple(latents.shape)}.")
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got "
+                f"{callback_on_step_end_tensor_inputs}."
+            )
+
+    def _check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
+        """Check the prompts and their embeddings (one of `prompt` and `prompt_embeds`); returns the batch size."""
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
@@ -1199,6 +1230,12 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
                 f"`negative_prompt_embeds` must be a tensor of shape (batch, tokens, dim) with the batch size "
                 f"{batch_size} of the prompts."
             )
+        return batch_size
+
+    def _check_embeds_masks(
+        self, family: Family, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask
+    ) -> None:
+        """Qwen-Image's padding masks: each of the shape (batch, tokens) of its embeddings."""
         for arg, mask, embeds in (
             ("prompt_embeds_mask", prompt_embeds_mask, prompt_embeds),
             ("negative_prompt_embeds_mask", negative_prompt_embeds_mask, negative_prompt_embeds),
@@ -1209,6 +1246,11 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
                 raise ValueError(f"`{arg}` is for qwen-image; {family.name} pads its embeddings with zeros.")
             if embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2]):
                 raise ValueError(f"`{arg}` must have the shape (batch, tokens) of its embeddings.")
+
+    def _check_family_arguments(
+        self, family: Family, true_cfg_scale, guidance_scale_2, num_images_per_prompt, num_videos_per_prompt, image
+    ) -> None:
+        """Arguments of the other family are refused; `image` is required by Wan2.2 I2V-A14B."""
         if family.name == "qwen-image":
             wrong = {"guidance_scale_2": guidance_scale_2, "image": image}
             wrong["num_videos_per_prompt"] = num_videos_per_prompt
@@ -1223,11 +1265,9 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
                 raise ValueError(f"`{arg}` is not an argument of {family.name}.")
         if image is not None and not isinstance(image, PIL.Image.Image | np.ndarray | torch.Tensor):
             raise ValueError(f"`image` must be a PIL image, a numpy array or a tensor, got {type(image).__name__}.")
-        name = "num_images_per_prompt" if family.name == "qwen-image" else "num_videos_per_prompt"
-        num_per_prompt = num_images_per_prompt if family.name == "qwen-image" else num_videos_per_prompt
-        num_per_prompt = 1 if num_per_prompt is None else num_per_prompt
-        if not isinstance(num_per_prompt, int) or isinstance(num_per_prompt, bool) or num_per_prompt < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {num_per_prompt!r}.")
+
+    def _check_guidance_scales(self, family: Family, true_cfg_scale, guidance_scale, guidance_scale_2) -> None:
+        """Guidance scales are numbers >= 0, given where an expert's transformer uses them."""
         for arg, value in (
             ("true_cfg_scale", true_cfg_scale),
             ("guidance_scale", guidance_scale),
@@ -1243,22 +1283,6 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             )
         if guidance_scale_2 is not None and "transformer_2" not in slots:
             raise ValueError("`guidance_scale_2` is for experts on `transformer_2`; no expert uses it.")
-        if not isinstance(max_sequence_length, int) or not 0 < max_sequence_length <= 1024:
-            raise ValueError(f"`max_sequence_length` must be an int in [1, 1024], got {max_sequence_length!r}.")
-        total = batch_size * num_per_prompt
-        if isinstance(generator, list) and len(generator) != total:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators for a batch of {total}.")
-        if latents is not None:
-            expected = family.latent_shape(self, total, height, width, num_frames)
-            if tuple(latents.shape) != tuple(expected):
-                raise ValueError(f"`latents` must have shape {tuple(expected)}, got {tuple(latents.shape)}.")
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got "
-                f"{callback_on_step_end_tensor_inputs}."
-            )
 
     def _default_size(self, family: Family, height, width, num_frames) -> tuple:
         """`(height, width, num_frames)` with the family pipeline's defaults for those not given."""
