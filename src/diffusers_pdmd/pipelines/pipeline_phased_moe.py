@@ -172,6 +172,43 @@ def _released_scheduler(family: str, base_config, folder, layout, files, schedul
     return preset.scheduler(base_config), preset
 
 
+def _locate_experts_and_base(name, root, experts, revision, subfolder, weight_name, experts_format, hub: dict):
+    """Where `from_pretrained` finds the experts and the base pipeline: `(layout, experts_root, released_files,
+    base_root)`, from `root` (the resolved `name`) and `experts=` (with its revision, subfolder and weight name)."""
+    has_index, has_experts = (root / "model_index.json").is_file(), (root / CONFIG_NAME).is_file()
+    if experts is not None:
+        if has_experts:
+            raise ValueError(
+                f"{name} already holds Phased DMD experts; `experts=` takes a base "
+                "pipeline's experts, pass the base pipeline (or load this one without `experts`)."
+            )
+        if not has_index:
+            raise ValueError(f"{name} is not a diffusers pipeline (no model_index.json).")
+        experts_path = _resolve_experts(experts, revision, subfolder, hub, weight_name)
+        layout, experts_root, released_files = detect_layout(experts_path, experts_format)
+        return layout, experts_root, released_files, root
+    if has_experts:
+        base_root = root if has_index else _resolve_base(root, ExpertsConfig.load(root), hub)
+        return "phased_dmd", root, None, base_root
+    raise ValueError(
+        f"{name} has no {CONFIG_NAME}: pass `experts=` (an experts folder, repo id or "
+        "LoRA file) to load a base pipeline with Phased DMD or released experts."
+    )
+
+
+def _experts_scheduler(family: str, base_config, config, folder, layout, files, released_scheduler):
+    """The sampler of experts on a base pipeline: that of their `config` (Phased DMD experts, on the base
+    scheduler's config), else that of released experts (see `_released_scheduler`); returns `(scheduler, preset)`."""
+    if config is None:
+        return _released_scheduler(family, base_config, folder, layout, files, released_scheduler)
+    if family != config.family:
+        raise ValueError(f"The experts are for `family` {config.family!r}; the base is {family!r}.")
+    scheduler = PhasedDMDScheduler.from_config(
+        base_config, phase_boundaries=config.phase_boundaries, steps_per_phase=config.steps_per_phase
+    )
+    return scheduler, None
+
+
 def _family_of_text_encoder(text_encoder, expand_timesteps: bool) -> str:
     """The family of a pipeline built without transformers (to encode prompts), from its text encoder; a Wan text
     encoder (UMT5) is the same for every Wan2.2 family, so T2V-A14B stands for them unless `expand_timesteps`."""
@@ -820,30 +857,16 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             released_scheduler = kwargs.pop("scheduler")
         hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
         root = resolve_repo(pretrained_model_name_or_path, revision, **hub)
-        has_index, has_experts = (root / "model_index.json").is_file(), (root / CONFIG_NAME).is_file()
-        layout = "phased_dmd"
-        if experts is not None:
-            if has_experts:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path} already holds Phased DMD experts; `experts=` takes a base "
-                    "pipeline's experts, pass the base pipeline (or load this one without `experts`)."
-                )
-            if not has_index:
-                raise ValueError(f"{pretrained_model_name_or_path} is not a diffusers pipeline (no model_index.json).")
-            experts_path = _resolve_experts(experts, experts_revision, experts_subfolder, hub, experts_weight_name)
-            layout, experts_root, released_files = detect_layout(experts_path, experts_format)
-            base_root = root
-        elif has_experts:
-            experts_root = root
-            if has_index:
-                base_root = root
-            else:
-                base_root = _resolve_base(root, ExpertsConfig.load(root), hub)
-        else:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} has no {CONFIG_NAME}: pass `experts=` (an experts folder, repo id or "
-                "LoRA file) to load a base pipeline with Phased DMD or released experts."
-            )
+        layout, experts_root, released_files, base_root = _locate_experts_and_base(
+            pretrained_model_name_or_path,
+            root,
+            experts,
+            experts_revision,
+            experts_subfolder,
+            experts_weight_name,
+            experts_format,
+            hub,
+        )
         config = ExpertsConfig.load(experts_root) if layout == "phased_dmd" else None
         index = json.loads((base_root / "model_index.json").read_text())
         class_name = index.get("_class_name")
@@ -856,16 +879,9 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             raise ValueError(f"The base pipeline must be one of {_BASE_PIPELINES}, {base_root} is a {class_name!r}.")
         base = getattr(diffusers, class_name).from_pretrained(base_root, **load_kwargs)
         base_family = get_family(base)
-        if config is None:
-            scheduler, preset = _released_scheduler(
-                base_family.name, base.scheduler.config, experts_root, layout, released_files, released_scheduler
-            )
-        elif base_family.name != config.family:
-            raise ValueError(f"The experts are for `family` {config.family!r}; the base is {base_family.name!r}.")
-        else:
-            scheduler = PhasedDMDScheduler.from_config(
-                base.scheduler.config, phase_boundaries=config.phase_boundaries, steps_per_phase=config.steps_per_phase
-            )
+        scheduler, preset = _experts_scheduler(
+            base_family.name, base.scheduler.config, config, experts_root, layout, released_files, released_scheduler
+        )
         pipe = cls(
             scheduler=scheduler,
             vae=base.vae,
