@@ -8,7 +8,7 @@ import json
 import os
 import pathlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffusers
 import numpy as np
@@ -172,6 +172,43 @@ def _released_scheduler(family: str, base_config, folder, layout, files, schedul
     return preset.scheduler(base_config), preset
 
 
+def _locate_experts_and_base(name, root, experts, revision, subfolder, weight_name, experts_format, hub: dict):
+    """Where `from_pretrained` finds the experts and the base pipeline: `(layout, experts_root, released_files,
+    base_root)`, from `root` (the resolved `name`) and `experts=` (with its revision, subfolder and weight name)."""
+    has_index, has_experts = (root / "model_index.json").is_file(), (root / CONFIG_NAME).is_file()
+    if experts is not None:
+        if has_experts:
+            raise ValueError(
+                f"{name} already holds Phased DMD experts; `experts=` takes a base "
+                "pipeline's experts, pass the base pipeline (or load this one without `experts`)."
+            )
+        if not has_index:
+            raise ValueError(f"{name} is not a diffusers pipeline (no model_index.json).")
+        experts_path = _resolve_experts(experts, revision, subfolder, hub, weight_name)
+        layout, experts_root, released_files = detect_layout(experts_path, experts_format)
+        return layout, experts_root, released_files, root
+    if has_experts:
+        base_root = root if has_index else _resolve_base(root, ExpertsConfig.load(root), hub)
+        return "phased_dmd", root, None, base_root
+    raise ValueError(
+        f"{name} has no {CONFIG_NAME}: pass `experts=` (an experts folder, repo id or "
+        "LoRA file) to load a base pipeline with Phased DMD or released experts."
+    )
+
+
+def _experts_scheduler(family: str, base_config, config, folder, layout, files, released_scheduler):
+    """The sampler of experts on a base pipeline: that of their `config` (Phased DMD experts, on the base
+    scheduler's config), else that of released experts (see `_released_scheduler`); returns `(scheduler, preset)`."""
+    if config is None:
+        return _released_scheduler(family, base_config, folder, layout, files, released_scheduler)
+    if family != config.family:
+        raise ValueError(f"The experts are for `family` {config.family!r}; the base is {family!r}.")
+    scheduler = PhasedDMDScheduler.from_config(
+        base_config, phase_boundaries=config.phase_boundaries, steps_per_phase=config.steps_per_phase
+    )
+    return scheduler, None
+
+
 def _family_of_text_encoder(text_encoder, expand_timesteps: bool) -> str:
     """The family of a pipeline built without transformers (to encode prompts), from its text encoder; a Wan text
     encoder (UMT5) is the same for every Wan2.2 family, so T2V-A14B stands for them unless `expand_timesteps`."""
@@ -194,6 +231,33 @@ def _active_adapters(module) -> list[str]:
 
 def _has_adapters(module) -> bool:
     return bool(getattr(module, "peft_config", None))
+
+
+class _PhaseSchedule(NamedTuple):
+    """The steps of one call: the scheduler's `timesteps` (on the device), their `sigmas` on the host (one more than
+    the steps) and the phase of each step."""
+
+    timesteps: torch.Tensor
+    sigmas: list[float]
+    phases: list[int]
+
+
+def _pop_lora_scale(attention_kwargs: dict | None) -> tuple[dict | None, float | None]:
+    """`attention_kwargs` without its `"scale"`, and that scale (`None` when not given): the family pipelines' LoRA
+    scale, which scales your LoRAs, not the experts."""
+    lora_scale = None
+    if attention_kwargs is not None and "scale" in attention_kwargs:
+        attention_kwargs = dict(attention_kwargs)
+        lora_scale = attention_kwargs.pop("scale")
+        if not isinstance(lora_scale, int | float) or isinstance(lora_scale, bool):
+            raise ValueError(f"`attention_kwargs['scale']` (your LoRAs' scale) must be a number, got {lora_scale!r}.")
+    return attention_kwargs, lora_scale
+
+
+def _num_per_prompt(family: Family, num_images_per_prompt, num_videos_per_prompt):
+    """Samples per prompt: the family's argument (Qwen-Image's images, Wan's videos), 1 when not given."""
+    num_per_prompt = num_images_per_prompt if family.name == "qwen-image" else num_videos_per_prompt
+    return 1 if num_per_prompt is None else num_per_prompt
 
 
 class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
@@ -793,30 +857,16 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             released_scheduler = kwargs.pop("scheduler")
         hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
         root = resolve_repo(pretrained_model_name_or_path, revision, **hub)
-        has_index, has_experts = (root / "model_index.json").is_file(), (root / CONFIG_NAME).is_file()
-        layout = "phased_dmd"
-        if experts is not None:
-            if has_experts:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path} already holds Phased DMD experts; `experts=` takes a base "
-                    "pipeline's experts, pass the base pipeline (or load this one without `experts`)."
-                )
-            if not has_index:
-                raise ValueError(f"{pretrained_model_name_or_path} is not a diffusers pipeline (no model_index.json).")
-            experts_path = _resolve_experts(experts, experts_revision, experts_subfolder, hub, experts_weight_name)
-            layout, experts_root, released_files = detect_layout(experts_path, experts_format)
-            base_root = root
-        elif has_experts:
-            experts_root = root
-            if has_index:
-                base_root = root
-            else:
-                base_root = _resolve_base(root, ExpertsConfig.load(root), hub)
-        else:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} has no {CONFIG_NAME}: pass `experts=` (an experts folder, repo id or "
-                "LoRA file) to load a base pipeline with Phased DMD or released experts."
-            )
+        layout, experts_root, released_files, base_root = _locate_experts_and_base(
+            pretrained_model_name_or_path,
+            root,
+            experts,
+            experts_revision,
+            experts_subfolder,
+            experts_weight_name,
+            experts_format,
+            hub,
+        )
         config = ExpertsConfig.load(experts_root) if layout == "phased_dmd" else None
         index = json.loads((base_root / "model_index.json").read_text())
         class_name = index.get("_class_name")
@@ -829,16 +879,9 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             raise ValueError(f"The base pipeline must be one of {_BASE_PIPELINES}, {base_root} is a {class_name!r}.")
         base = getattr(diffusers, class_name).from_pretrained(base_root, **load_kwargs)
         base_family = get_family(base)
-        if config is None:
-            scheduler, preset = _released_scheduler(
-                base_family.name, base.scheduler.config, experts_root, layout, released_files, released_scheduler
-            )
-        elif base_family.name != config.family:
-            raise ValueError(f"The experts are for `family` {config.family!r}; the base is {base_family.name!r}.")
-        else:
-            scheduler = PhasedDMDScheduler.from_config(
-                base.scheduler.config, phase_boundaries=config.phase_boundaries, steps_per_phase=config.steps_per_phase
-            )
+        scheduler, preset = _experts_scheduler(
+            base_family.name, base.scheduler.config, config, experts_root, layout, released_files, released_scheduler
+        )
         pipe = cls(
             scheduler=scheduler,
             vae=base.vae,
@@ -1140,6 +1183,37 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         family.check_size(height, width, num_frames)
         if output_type not in family.output_types:
             raise ValueError(f"`output_type` must be one of {family.output_types}, got {output_type!r}.")
+        batch_size = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        self._check_embeds_masks(
+            family, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask
+        )
+        self._check_family_arguments(
+            family, true_cfg_scale, guidance_scale_2, num_images_per_prompt, num_videos_per_prompt, image
+        )
+        name = "num_images_per_prompt" if family.name == "qwen-image" else "num_videos_per_prompt"
+        num_per_prompt = _num_per_prompt(family, num_images_per_prompt, num_videos_per_prompt)
+        if not isinstance(num_per_prompt, int) or isinstance(num_per_prompt, bool) or num_per_prompt < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {num_per_prompt!r}.")
+        self._check_guidance_scales(family, true_cfg_scale, guidance_scale, guidance_scale_2)
+        if not isinstance(max_sequence_length, int) or not 0 < max_sequence_length <= 1024:
+            raise ValueError(f"`max_sequence_length` must be an int in [1, 1024], got {max_sequence_length!r}.")
+        total = batch_size * num_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators for a batch of {total}.")
+        if latents is not None:
+            expected = family.latent_shape(self, total, height, width, num_frames)
+            if tuple(latents.shape) != tuple(expected):
+                raise ValueError(f"`latents` must have shape {tuple(expected)}, got {tuple(latents.shape)}.")
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got "
+                f"{callback_on_step_end_tensor_inputs}."
+            )
+
+    def _check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
+        """Check the prompts and their embeddings (one of `prompt` and `prompt_embeds`); returns the batch size."""
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
@@ -1172,6 +1246,12 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
                 f"`negative_prompt_embeds` must be a tensor of shape (batch, tokens, dim) with the batch size "
                 f"{batch_size} of the prompts."
             )
+        return batch_size
+
+    def _check_embeds_masks(
+        self, family: Family, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask
+    ) -> None:
+        """Qwen-Image's padding masks: each of the shape (batch, tokens) of its embeddings."""
         for arg, mask, embeds in (
             ("prompt_embeds_mask", prompt_embeds_mask, prompt_embeds),
             ("negative_prompt_embeds_mask", negative_prompt_embeds_mask, negative_prompt_embeds),
@@ -1182,6 +1262,11 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
                 raise ValueError(f"`{arg}` is for qwen-image; {family.name} pads its embeddings with zeros.")
             if embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2]):
                 raise ValueError(f"`{arg}` must have the shape (batch, tokens) of its embeddings.")
+
+    def _check_family_arguments(
+        self, family: Family, true_cfg_scale, guidance_scale_2, num_images_per_prompt, num_videos_per_prompt, image
+    ) -> None:
+        """Arguments of the other family are refused; `image` is required by Wan2.2 I2V-A14B."""
         if family.name == "qwen-image":
             wrong = {"guidance_scale_2": guidance_scale_2, "image": image}
             wrong["num_videos_per_prompt"] = num_videos_per_prompt
@@ -1196,11 +1281,9 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
                 raise ValueError(f"`{arg}` is not an argument of {family.name}.")
         if image is not None and not isinstance(image, PIL.Image.Image | np.ndarray | torch.Tensor):
             raise ValueError(f"`image` must be a PIL image, a numpy array or a tensor, got {type(image).__name__}.")
-        name = "num_images_per_prompt" if family.name == "qwen-image" else "num_videos_per_prompt"
-        num_per_prompt = num_images_per_prompt if family.name == "qwen-image" else num_videos_per_prompt
-        num_per_prompt = 1 if num_per_prompt is None else num_per_prompt
-        if not isinstance(num_per_prompt, int) or isinstance(num_per_prompt, bool) or num_per_prompt < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {num_per_prompt!r}.")
+
+    def _check_guidance_scales(self, family: Family, true_cfg_scale, guidance_scale, guidance_scale_2) -> None:
+        """Guidance scales are numbers >= 0, given where an expert's transformer uses them."""
         for arg, value in (
             ("true_cfg_scale", true_cfg_scale),
             ("guidance_scale", guidance_scale),
@@ -1216,22 +1299,157 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             )
         if guidance_scale_2 is not None and "transformer_2" not in slots:
             raise ValueError("`guidance_scale_2` is for experts on `transformer_2`; no expert uses it.")
-        if not isinstance(max_sequence_length, int) or not 0 < max_sequence_length <= 1024:
-            raise ValueError(f"`max_sequence_length` must be an int in [1, 1024], got {max_sequence_length!r}.")
-        total = batch_size * num_per_prompt
-        if isinstance(generator, list) and len(generator) != total:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators for a batch of {total}.")
-        if latents is not None:
-            expected = family.latent_shape(self, total, height, width, num_frames)
-            if tuple(latents.shape) != tuple(expected):
-                raise ValueError(f"`latents` must have shape {tuple(expected)}, got {tuple(latents.shape)}.")
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got "
-                f"{callback_on_step_end_tensor_inputs}."
+
+    def _default_size(self, family: Family, height, width, num_frames) -> tuple:
+        """`(height, width, num_frames)` with the family pipeline's defaults for those not given."""
+        default_h, default_w, default_f = family.default_size(self)
+        height = default_h if height is None else height
+        width = default_w if width is None else width
+        if family.is_video and num_frames is None:
+            num_frames = default_f
+        return height, width, num_frames
+
+    def _phase_schedule(
+        self, family: Family, num_inference_steps, sigmas, total, height, width, num_frames, device
+    ) -> _PhaseSchedule:
+        """Set the scheduler's timesteps on `device`; the phases and the host-side sigmas come from a CPU schedule,
+        so the loop never waits on the device."""
+        seq_len = family.latent_shape(self, total, height, width, num_frames)[1]
+        schedule = {"sigmas": sigmas, "mu": family.mu(self, seq_len)}
+        self.scheduler.set_timesteps(num_inference_steps, device="cpu", **schedule)
+        sigmas_cpu = self.scheduler.sigmas.tolist()
+        phases = [self.scheduler.phase_index_for_sigma(s) for s in sigmas_cpu[:-1]]
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **schedule)
+        return _PhaseSchedule(self.scheduler.timesteps, sigmas_cpu, phases)
+
+    def _phase_guidance(
+        self, family: Family, negative_prompt, negative_prompt_embeds, true_cfg_scale, guidance_scale, guidance_scale_2
+    ) -> tuple[list[float], float | None]:
+        """The classifier-free guidance scale of each phase, and the `guidance_scale` input of a guidance-distilled
+        Qwen-Image transformer (`None` when there is none to give); sets `self._guidance_scale(_2)`."""
+        expert_slots = [e["base_transformer"] for e in self.config.experts]
+        # Plain numbers, as the family pipelines keep them (a step-end callback may change them, as in diffusers).
+        self._guidance_scale, self._guidance_scale_2 = guidance_scale, None
+        if family.name != "qwen-image":
+            scale = 1.0 if guidance_scale is None else float(guidance_scale)
+            scale_2 = scale if guidance_scale_2 is None else float(guidance_scale_2)
+            self._guidance_scale, self._guidance_scale_2 = scale, scale_2
+            return [scale_2 if slot == "transformer_2" else scale for slot in expert_slots], guidance_scale
+        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        scale = 1.0 if true_cfg_scale is None else float(true_cfg_scale)
+        if scale > 1 and not has_negative:
+            logger.warning(f"`true_cfg_scale`={scale} is ignored: classifier-free guidance needs a negative prompt.")
+        elif scale <= 1 and has_negative:
+            logger.warning("The negative prompt is ignored: classifier-free guidance needs `true_cfg_scale` > 1.")
+        # `guidance_scale` is an input of guidance-distilled transformers, as in QwenImagePipeline.
+        if guidance_scale is not None and not self._guidance_embeds():
+            logger.warning(
+                f"`guidance_scale`={guidance_scale} is ignored: the transformer is not guidance-distilled "
+                "(`guidance_embeds=False`); use `true_cfg_scale` with a negative prompt for guidance."
             )
+            guidance_scale = None
+        return [scale if has_negative else 1.0 for _ in expert_slots], guidance_scale
+
+    def _encode_prompts(
+        self,
+        family: Family,
+        prompts,
+        negative_prompt,
+        prompt_embeds,
+        prompt_embeds_mask,
+        negative_prompt_embeds,
+        negative_prompt_embeds_mask,
+        do_cfg: bool,
+        batch_size: int,
+        num_per_prompt: int,
+        max_sequence_length: int,
+        device,
+    ) -> tuple[dict, dict | None]:
+        """`(cond, uncond)`: the family's text conditioning of the prompts and, with guidance, of the negative
+        prompts (Wan's default: `""`); `uncond` is `None` without guidance."""
+        encode = {"max_sequence_length": max_sequence_length, "num_per_prompt": num_per_prompt}
+        cond = family.encode_prompt(
+            self, prompts, device, **encode, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask
+        )
+        if not do_cfg:
+            return cond, None
+        if negative_prompt_embeds is None and family.name != "qwen-image":
+            negative_prompt = negative_prompt or ""
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * batch_size
+        uncond = family.encode_prompt(
+            self,
+            negative_prompt,
+            device,
+            **encode,
+            prompt_embeds=negative_prompt_embeds,
+            prompt_embeds_mask=negative_prompt_embeds_mask,
+        )
+        return cond, uncond
+
+    def _denoise(
+        self,
+        family: Family,
+        latents: torch.Tensor,
+        schedule: _PhaseSchedule,
+        phase_scales: list[float],
+        cond: dict,
+        uncond: dict | None,
+        generator,
+        attention_kwargs,
+        lora_scale,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> torch.Tensor:
+        """The phase loop: each step is made by the expert of its phase (swapped in by the [`ExpertSwitcher`]), with
+        classifier-free guidance where the phase's scale is > 1; your LoRAs run at `lora_scale`."""
+        switcher = self.expert_switcher
+        timesteps, num_steps = schedule.timesteps, len(schedule.timesteps)
+        self._num_timesteps = num_steps
+        self.scheduler.set_begin_index(0)
+        # `sampling()`: afterwards the unmerged transformers' peft layers hold the adapter state they had before.
+        with (
+            self.progress_bar(total=num_steps) as progress_bar,
+            switcher.sampling(),
+            self._user_lora_scale(lora_scale),
+        ):
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                phase = schedule.phases[i]
+                model = switcher.activate(phase)
+                sigma = self.scheduler.sigmas[i].expand(latents.shape[0])
+                context = {"step_index": i, "sigma": schedule.sigmas[i], "num_inference_steps": num_steps}
+                with model.cache_context("cond", **context):
+                    v = family.velocity(model, latents, sigma, cond, attention_kwargs=attention_kwargs)
+                if uncond is not None and phase_scales[phase] > 1:
+                    with model.cache_context("uncond", **context):
+                        v_uncond = family.velocity(model, latents, sigma, uncond, attention_kwargs=attention_kwargs)
+                    v = family.combine_cfg(v, v_uncond, phase_scales[phase])
+                latents = self.scheduler.step(v, t, latents, generator=generator, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    latents = self._step_end(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, cond, uncond
+                    )
+                progress_bar.update()
+        return latents
+
+    def _step_end(self, callback_on_step_end, tensor_inputs, i, t, latents, cond, uncond) -> torch.Tensor:
+        """Call `callback_on_step_end` after step `i` and take the tensors it returns: the latents it gives back
+        (returned), the prompt embeddings (put into `cond` / `uncond`)."""
+        tensors = {
+            "latents": latents,
+            "prompt_embeds": cond["prompt_embeds"],
+            "negative_prompt_embeds": uncond["prompt_embeds"] if uncond is not None else None,
+        }
+        callback_kwargs = {k: tensors[k] for k in tensor_inputs}
+        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+        latents = callback_outputs.pop("latents", latents)
+        cond["prompt_embeds"] = callback_outputs.pop("prompt_embeds", cond["prompt_embeds"])
+        if uncond is not None:
+            uncond["prompt_embeds"] = callback_outputs.pop("negative_prompt_embeds", uncond["prompt_embeds"])
+        return latents
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -1316,23 +1534,11 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         # The family pipelines' LoRA scale (`attention_kwargs={"scale": s}`) scales your LoRAs, not the experts.
-        lora_scale = None
-        if attention_kwargs is not None and "scale" in attention_kwargs:
-            attention_kwargs = dict(attention_kwargs)
-            lora_scale = attention_kwargs.pop("scale")
-            if not isinstance(lora_scale, int | float) or isinstance(lora_scale, bool):
-                raise ValueError(
-                    f"`attention_kwargs['scale']` (your LoRAs' scale) must be a number, got {lora_scale!r}."
-                )
+        attention_kwargs, lora_scale = _pop_lora_scale(attention_kwargs)
         family = self.family
-        default_h, default_w, default_f = family.default_size(self)
-        height = default_h if height is None else height
-        width = default_w if width is None else width
-        if family.is_video and num_frames is None:
-            num_frames = default_f
+        height, width, num_frames = self._default_size(family, height, width, num_frames)
         output_type = output_type or family.default_output_type
-        num_per_prompt = num_images_per_prompt if family.name == "qwen-image" else num_videos_per_prompt
-        num_per_prompt = 1 if num_per_prompt is None else num_per_prompt
+        num_per_prompt = _num_per_prompt(family, num_images_per_prompt, num_videos_per_prompt)
 
         # 1. Check inputs; none of the models has run yet.
         self.check_inputs(
@@ -1364,71 +1570,31 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         device = self._execution_device
 
         # 2. Timesteps (a step count the scheduler cannot make is its ValueError, also before any model runs).
-        seq_len = family.latent_shape(self, total, height, width, num_frames)[1]
-        # The phases and the host-side sigmas come from a CPU schedule, so the loop never waits on the device.
-        schedule = {"sigmas": sigmas, "mu": family.mu(self, seq_len)}
-        self.scheduler.set_timesteps(num_inference_steps, device="cpu", **schedule)
-        sigmas_cpu = self.scheduler.sigmas.tolist()
-        phases = [self.scheduler.phase_index_for_sigma(s) for s in sigmas_cpu[:-1]]
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **schedule)
-        timesteps = self.scheduler.timesteps
+        schedule = self._phase_schedule(family, num_inference_steps, sigmas, total, height, width, num_frames, device)
 
         # 3. Guidance per phase: Qwen-Image's true CFG; Wan's scale of the expert's transformer.
-        expert_slots = [e["base_transformer"] for e in self.config.experts]
-        # Plain numbers, as the family pipelines keep them (a step-end callback may change them, as in diffusers).
-        self._guidance_scale, self._guidance_scale_2 = guidance_scale, None
-        if family.name == "qwen-image":
-            has_negative = negative_prompt is not None or negative_prompt_embeds is not None
-            scale = 1.0 if true_cfg_scale is None else float(true_cfg_scale)
-            if scale > 1 and not has_negative:
-                logger.warning(
-                    f"`true_cfg_scale`={scale} is ignored: classifier-free guidance needs a negative prompt."
-                )
-            elif scale <= 1 and has_negative:
-                logger.warning("The negative prompt is ignored: classifier-free guidance needs `true_cfg_scale` > 1.")
-            phase_scales = [scale if has_negative else 1.0 for _ in expert_slots]
-            # `guidance_scale` is an input of guidance-distilled transformers, as in QwenImagePipeline.
-            if guidance_scale is not None and not self._guidance_embeds():
-                logger.warning(
-                    f"`guidance_scale`={guidance_scale} is ignored: the transformer is not guidance-distilled "
-                    "(`guidance_embeds=False`); use `true_cfg_scale` with a negative prompt for guidance."
-                )
-                guidance_scale = None
-        else:
-            scale = 1.0 if guidance_scale is None else float(guidance_scale)
-            scale_2 = scale if guidance_scale_2 is None else float(guidance_scale_2)
-            phase_scales = [scale_2 if slot == "transformer_2" else scale for slot in expert_slots]
-            self._guidance_scale, self._guidance_scale_2 = scale, scale_2
-        do_cfg = any(phase_scales[p] > 1 for p in set(phases))
+        phase_scales, guidance_scale = self._phase_guidance(
+            family, negative_prompt, negative_prompt_embeds, true_cfg_scale, guidance_scale, guidance_scale_2
+        )
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
 
         # 4. Conditioning and noise, as the family pipeline computes them.
-        cond = family.encode_prompt(
-            self,
+        cond, uncond = self._encode_prompts(
+            family,
             prompts,
+            negative_prompt,
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            any(phase_scales[p] > 1 for p in set(schedule.phases)),
+            batch_size,
+            num_per_prompt,
+            max_sequence_length,
             device,
-            max_sequence_length=max_sequence_length,
-            num_per_prompt=num_per_prompt,
-            prompt_embeds=prompt_embeds,
-            prompt_embeds_mask=prompt_embeds_mask,
         )
-        uncond = None
-        if do_cfg:
-            if negative_prompt_embeds is None and family.name != "qwen-image":
-                negative_prompt = negative_prompt or ""
-            if isinstance(negative_prompt, str):
-                negative_prompt = [negative_prompt] * batch_size
-            uncond = family.encode_prompt(
-                self,
-                negative_prompt,
-                device,
-                max_sequence_length=max_sequence_length,
-                num_per_prompt=num_per_prompt,
-                prompt_embeds=negative_prompt_embeds,
-                prompt_embeds_mask=negative_prompt_embeds_mask,
-            )
         latents = family.prepare_latents(
             self, total, height, width, num_frames, generator, device, family.latents_dtype(cond), latents
         )
@@ -1442,46 +1608,19 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             uncond.update(extra_cond)
 
         # 5. Denoising loop: the expert of each step's phase.
-        switcher = self.expert_switcher
-        self._num_timesteps = len(timesteps)
-        self.scheduler.set_begin_index(0)
-        # `sampling()`: afterwards the unmerged transformers' peft layers hold the adapter state they had before.
-        with (
-            self.progress_bar(total=len(timesteps)) as progress_bar,
-            switcher.sampling(),
-            self._user_lora_scale(lora_scale),
-        ):
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                phase = phases[i]
-                model = switcher.activate(phase)
-                sigma = self.scheduler.sigmas[i].expand(latents.shape[0])
-                context = {"step_index": i, "sigma": sigmas_cpu[i], "num_inference_steps": len(timesteps)}
-                with model.cache_context("cond", **context):
-                    v = family.velocity(model, latents, sigma, cond, attention_kwargs=attention_kwargs)
-                if uncond is not None and phase_scales[phase] > 1:
-                    with model.cache_context("uncond", **context):
-                        v_uncond = family.velocity(model, latents, sigma, uncond, attention_kwargs=attention_kwargs)
-                    v = family.combine_cfg(v, v_uncond, phase_scales[phase])
-                latents = self.scheduler.step(v, t, latents, generator=generator, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    tensors = {
-                        "latents": latents,
-                        "prompt_embeds": cond["prompt_embeds"],
-                        "negative_prompt_embeds": uncond["prompt_embeds"] if uncond is not None else None,
-                    }
-                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    cond["prompt_embeds"] = callback_outputs.pop("prompt_embeds", cond["prompt_embeds"])
-                    if uncond is not None:
-                        uncond["prompt_embeds"] = callback_outputs.pop(
-                            "negative_prompt_embeds", uncond["prompt_embeds"]
-                        )
-                progress_bar.update()
+        latents = self._denoise(
+            family,
+            latents,
+            schedule,
+            phase_scales,
+            cond,
+            uncond,
+            generator,
+            attention_kwargs,
+            lora_scale,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
 
         # 6. Decode.
         self._current_timestep = None
@@ -1490,6 +1629,4 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output,)
-        if family.is_video:
-            return WanPipelineOutput(frames=output)
-        return QwenImagePipelineOutput(images=output)
+        return WanPipelineOutput(frames=output) if family.is_video else QwenImagePipelineOutput(images=output)
