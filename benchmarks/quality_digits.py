@@ -198,6 +198,9 @@ PARTS = {
     "random exit": ["--random_exit"],
     "IDA 0.97": ["--ida_decay", "0.97"],
     "t margin 0.02": ["--t_margin", "0.02", "--t_lowest", "0.02", "--t_highest", "0.98"],
+    # part 6 (opt-in): the real train digits as `--real_data` ({real}: digits.write_real_digits's folder)
+    "+ fake-on-real 0.1": ["--real_data", "{real}", "--fake_real_weight", "0.1"],
+    "--recipe lightx2v + fake-on-real": ["--recipe", "lightx2v", "--real_data", "{real}"],
 }
 
 
@@ -222,7 +225,8 @@ def compare_parts(args, argv):
                 continue
             folder = out / "students" / result.stem
             t0 = time.perf_counter()
-            flags = [*PARTS[name], *shlex.split(args.extra)]
+            real = digits.write_real_digits(work / "real_digits")
+            flags = [f.format(real=real) for f in PARTS[name]] + shlex.split(args.extra)
             demo.distill(teacher, prompts, folder, "phased_dmd", args.max_train_steps, seed, extra=flags)
             minutes = (time.perf_counter() - t0) / 60
             images = demo.sample_student(folder, labels, seed=1000 + seed)
