@@ -43,7 +43,8 @@ def optimizer_step(accelerator, params, opt, schedule, max_grad_norm: float) -> 
 
 
 def fake_update(d: Distiller, batches: Batches, recipe: Recipe, state: TrainState, phase: int, step: int) -> dict:
-    """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13)."""
+    """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13); with
+    `--real_data`, then one update of the fake-on-real score (part 6)."""
     opt, ga, reuse = state.opts[phase], recipe.gradient_accumulation_steps, state.fake_samples
     fresh = reuse.start_use(recipe.fake_reuse_samples)
     for i in range(ga):
