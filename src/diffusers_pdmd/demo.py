@@ -12,7 +12,9 @@
    seed) and `metrics.md` / `metrics.json` (diversity, Fréchet distances,
    prompt accuracy, sampling cost relative to the teacher).
 
-`benchmarks/quality_digits.py` repeats this over several training seeds for `docs/benchmarks/quality.md`.
+`--fake_on_real` adds the authors' fake-on-real (recipe part 6, opt-in) with the real train digits as `--real_data`
+(`digits.write_real_digits`). `benchmarks/quality_digits.py` repeats this over several training seeds for
+`docs/benchmarks/quality.md`.
 """
 
 from __future__ import annotations
