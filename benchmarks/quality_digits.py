@@ -15,7 +15,7 @@ the teacher's shifted scale, AdamW beta1 0) and once with the earlier ones (`--f
 leaving the rest of the doc as it is.
 
 `--compare_parts` distils Phased DMD with today's defaults, `--recipe lightx2v` and each of the authors' recipe parts
-alone (issue 21); each (seed, row) result is saved under `--work_dir` and reused, so several processes can share the
+alone (issue 21; fake-on-real with the real train digits as `--real_data`); each (seed, row) result is saved under `--work_dir` and reused, so several processes can share the
 rows (`--parts`) and `--table_only` writes the table of what is saved.
 """
 
@@ -198,6 +198,9 @@ PARTS = {
     "random exit": ["--random_exit"],
     "IDA 0.97": ["--ida_decay", "0.97"],
     "t margin 0.02": ["--t_margin", "0.02", "--t_lowest", "0.02", "--t_highest", "0.98"],
+    # part 6 (opt-in): the real train digits as `--real_data` ({real}: digits.write_real_digits's folder)
+    "+ fake-on-real 0.1": ["--real_data", "{real}", "--fake_real_weight", "0.1"],
+    "--recipe lightx2v + fake-on-real": ["--recipe", "lightx2v", "--real_data", "{real}"],
 }
 
 
@@ -222,7 +225,8 @@ def compare_parts(args, argv):
                 continue
             folder = out / "students" / result.stem
             t0 = time.perf_counter()
-            flags = [*PARTS[name], *shlex.split(args.extra)]
+            real = digits.write_real_digits(work / "real_digits")
+            flags = [f.format(real=real) for f in PARTS[name]] + shlex.split(args.extra)
             demo.distill(teacher, prompts, folder, "phased_dmd", args.max_train_steps, seed, extra=flags)
             minutes = (time.perf_counter() - t0) / 60
             images = demo.sample_student(folder, labels, seed=1000 + seed)
@@ -247,7 +251,9 @@ def compare_parts(args, argv):
         f"Metrics and hyperparameters as above, {args.max_train_steps} generator updates per phase (fewer than the "
         "tables above: CPU time); each row adds one part to today's defaults (`--recipe paper`), `--recipe lightx2v` "
         "all of them (diversity loss 0.05, IDA 0.97, random exit, t margin 0.02, alternate phases, CFG 4, the "
-        "family's negative prompt `' '`). Mean ± std over "
+        "family's negative prompt `' '`); the fake-on-real rows (part 6, opt-in) pass the 1437 real train digits "
+        "(`digits.write_real_digits`: 16x16 PNGs captioned with their digit's prompt) as `--real_data`, weight 0.1 "
+        "at their sigmas of the run's grid. Mean ± std over "
         f"{len(args.seeds)} training seeds; every student samples with 4 steps.\n\n{table}\n\n"
         f"Command: `nice -n 10 {command.strip()}` (rows run by several such processes with `--parts`, then "
         "`--table_only`). Per-seed numbers: `quality_parts.json`.\n" + PARTS_END

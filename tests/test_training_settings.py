@@ -38,7 +38,7 @@ def test_every_field_is_a_flag_or_resolved():
     """A field named as no flag would silently read nothing: each field of the two is a flag of the Wan2.2 parser
     (the larger one), or one of the values `resolve` works out."""
     flags = {a.dest for a in build_parser("t", video=True)._actions}
-    resolved = {"recipe", "flags", "video", "sizes", "fake_lora_rank"}
+    resolved = {"recipe", "flags", "video", "sizes", "fake_lora_rank", "fake_on_real"}
     for cls in (Settings, Recipe):
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in flags | resolved]
         assert missing == [], cls.__name__

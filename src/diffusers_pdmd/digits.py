@@ -105,6 +105,23 @@ def label_for(prompt: str) -> int:
     return PROMPTS.index(prompt)
 
 
+def write_real_digits(folder: str | os.PathLike, split: str = "train") -> pathlib.Path:
+    """The real digits of `split` as a `--real_data` folder (fake-on-real): `<i>.png` (16x16 RGB) beside `<i>.txt`,
+    its digit's prompt ([`prompt_for`]). Written once; a folder that holds them already is returned as it is."""
+    from PIL import Image
+
+    folder = pathlib.Path(folder)
+    images, labels = real_digits(split)
+    if len(list(folder.glob("*.png"))) == len(images):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(prompt_for(label) + "\n", encoding="utf-8")
+    return folder
+
+
 @contextlib.contextmanager
 def _num_threads(n: int | None):
     previous = torch.get_num_threads()

@@ -51,6 +51,12 @@ def _any_transformer(components):
     raise ValueError("`components` has neither a `transformer` nor a `transformer_2`.")
 
 
+def _vae_stat(vae, name: str, like: torch.Tensor) -> torch.Tensor:
+    """The VAE config's per-channel `latents_mean` / `latents_std`, shaped to broadcast over `like` `(B, C, ...)`."""
+    shape = (1, -1) + (1,) * (like.ndim - 2)
+    return torch.tensor(getattr(vae.config, name)).view(shape).to(like.device, like.dtype)
+
+
 def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -175,6 +181,21 @@ class Family:
 
     def decode(self, components, latents: torch.Tensor, height: int, width: int, num_frames, output_type: str):
         """Latents to images or frames, postprocessed as the family pipeline does; `"latent"` returns `latents`."""
+        raise NotImplementedError
+
+    def encode_real(self, components, sample, height: int, width: int, num_frames=None, device="cpu") -> torch.Tensor:
+        """A real sample in the transformer's input layout (no batch dimension): the inverse of [`~Family.decode`]'s
+        latent path, for fake-on-real (`--real_data`). The VAE's posterior mode, normalised with its
+        `latents_mean` / `latents_std`, laid out as [`~Family.prepare_latents`] lays out the noise.
+
+        Args:
+            components: A dict of modules or a pipeline holding the `vae`.
+            sample: A `PIL.Image` (a video family: one frame), or a video (a list of frames or a `(F, 3, H, W)` tensor
+                in [0, 1]) for the video families.
+            height (`int`), width (`int`), num_frames (`int`, *optional*): The training size; the sample is resized
+                to `height` x `width` (its frames are its own).
+            device: Where the VAE runs.
+        """
         raise NotImplementedError
 
     def teacher_transformer_for_sigma(self, sigma: float) -> str:
@@ -321,6 +342,16 @@ class QwenImageFamily(Family):
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
         image = vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
         return view.image_processor.postprocess(image, output_type=output_type)
+
+    @torch.no_grad()
+    def encode_real(self, components, sample, height, width, num_frames=None, device="cpu"):
+        """`(tokens, 4 C)`: the packed, normalised posterior mode, `pack((z - latents_mean) / latents_std)`."""
+        view = self.view(components)
+        vae = view.vae
+        pixels = view.image_processor.preprocess(sample, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
+        z = vae.encode(pixels.to(device, vae.dtype)[:, :, None]).latent_dist.mode()[:, :, 0].float()
+        z = (z - _vae_stat(vae, "latents_mean", z)) / _vae_stat(vae, "latents_std", z)
+        return view._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])[0]
 
     def mu(self, components, latents_or_seq_len):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
@@ -562,6 +593,20 @@ class WanFamily(Family):
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
         video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
         return view.video_processor.postprocess_video(video, output_type=output_type)
+
+    @torch.no_grad()
+    def encode_real(self, components, sample, height, width, num_frames=None, device="cpu"):
+        """`(C, F, h, w)`: the normalised posterior mode `(z - latents_mean) / latents_std` of a video, or of an
+        image as one frame (`F = 1`)."""
+        view = self.view(components)
+        vae, processor = view.vae, view.video_processor
+        is_video = isinstance(sample, (list, tuple)) or (isinstance(sample, torch.Tensor) and sample.ndim == 4)
+        if is_video:
+            pixels = processor.preprocess_video(sample, height=height, width=width)  # (1, 3, F, H, W) in [-1, 1]
+        else:
+            pixels = processor.preprocess(sample, height=height, width=width)[:, :, None]
+        z = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode().float()
+        return ((z - _vae_stat(vae, "latents_mean", z)) / _vae_stat(vae, "latents_std", z))[0]
 
     def teacher_transformer_for_sigma(self, sigma: float) -> str:
         if self.boundary_ratio is not None and float(sigma) < self.boundary_ratio:

@@ -463,10 +463,11 @@ def check_args(args) -> None:
 def check_recipe_args(args) -> None:
     """Raise `ValueError` for a recipe part (`--recipe`, recipe.py) the run cannot use."""
     if getattr(args, "real_data", None) is not None:
-        raise ValueError(
-            "`--real_data` (fake-on-real, recipe part 6) is not wired into this trainer yet (recipe.noise_real and "
-            "recipe.real_student_outputs hold its math); drop the flag."
-        )
+        if getattr(args, "resolutions", None):
+            raise ValueError("`--real_data` needs one training size: its latents are encoded once, at that size.")
+        n = len(args.steps_per_phase) if args.method == "phased_dmd" else 1
+        if getattr(args, "fake_real_sigmas", None) is not None and len(args.fake_real_sigmas) != n:
+            raise ValueError(f"`--fake_real_sigmas` needs one sigma per phase ({n}), got {args.fake_real_sigmas}.")
     if args.method != "phased_dmd":
         for name, off in (("diversity_weight", 0.0), ("random_exit", False)):
             if getattr(args, name, off) not in (off, None):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import real_data
 from .losses import sample_t
 from .recipe import margin_t_bounds
 
@@ -49,6 +50,49 @@ def load_prompts(prompts: str, column: str = "prompt") -> list[str]:
     if not out:
         raise ValueError(f"`--prompts` {prompts!r} holds no prompt.")
     return out
+
+
+def load_real_items(settings) -> list | None:
+    """The `--real_data` samples and captions ([`real_data.load_items`]), read before any model loads; `None`
+    without the flag. A bad folder, dataset or column raises `ValueError` naming the flag."""
+    source = settings.real_data
+    if source is None:
+        return None
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        raise ValueError(f"`--real_data` {source!r}: no such folder.")
+    try:
+        return real_data.load_items(
+            str(Path(source).expanduser()), settings.real_image_column, settings.real_caption_column
+        )
+    except ValueError as e:
+        raise ValueError(f"`--real_data` {source!r}: {e}") from e
+    except Exception as e:  # what `datasets` raises for a name it cannot load
+        raise ValueError(
+            f"`--real_data` {source!r} is neither a folder of captioned images nor a dataset `datasets` can load "
+            f"({type(e).__name__}: {e})."
+        ) from e
+
+
+def load_real_latents(d, items: list, cache_dir: Path) -> real_data.RealLatents:
+    """The `--real_data` samples encoded once at the run's size with the family's `encode_real` (the VAE on the
+    device), cached in `cache_dir` by the main process; checked against the training latents' shape."""
+    h, w, f = d.size()
+    cache = Path(cache_dir) / f"latents-{d.family.name}-{h}x{w}x{f}.pt"
+
+    def encode(image):
+        return d.family.encode_real(d.components, image, h, w, f, d.device)
+
+    if d.accelerator.is_main_process:
+        real_data.cache_latents(items, encode, cache)
+    d.accelerator.wait_for_everyone()
+    latents, captions = real_data.cache_latents(items, encode, cache)
+    want = tuple(d.family.latent_shape(d.components, 1, h, w, f)[1:])
+    if tuple(latents.shape[1:]) != want:
+        frames = " (an image is one frame: train with `--num_frames 1`, or give encoded videos as .pt)" if f else ""
+        raise ValueError(
+            f"`--real_data` latents have shape {tuple(latents.shape[1:])}, the run's training latents {want}{frames}."
+        )
+    return real_data.RealLatents(latents, captions)
 
 
 def select_cond(cond: dict, index: torch.Tensor, n: int) -> dict:
@@ -136,28 +180,33 @@ def to_device(cond: dict, device) -> dict:
 
 @dataclass
 class Batch:
-    """One batch: initial noise `z`, its conditioning, and the schedule of its size (sigmas by phase, time shift)."""
+    """One batch: initial noise `z`, its conditioning, and the schedule of its size (sigmas by phase, time shift);
+    a batch of real data ([`Batches.draw_real`]) also holds its real latents."""
 
     z: torch.Tensor
     cond: dict
     sigmas: list[list[float]]
     shift: float
+    x_real: torch.Tensor | None = None  # a real batch (fake-on-real): the real latents, `z` the noise they get
 
 
 class TextConditions:
     """The prompts' embeddings (and the first frame's, for image-to-video).
 
-    With `--cache_text_embeddings` every prompt, the negative prompt and the validation prompts are encoded once and
-    the text encoder is freed; else each batch is encoded as it is drawn.
+    With `--cache_text_embeddings` every prompt, the negative prompt, the validation prompts and the captions of the
+    real data (`captions`, fake-on-real) are encoded once and the text encoder is freed; else each batch is encoded as
+    it is drawn.
     """
 
-    def __init__(self, d, prompts: list[str], settings):
+    def __init__(self, d, prompts: list[str], settings, captions: list[str] | None = None):
         self.d, self.prompts, self.max_sequence_length = d, prompts, settings.max_sequence_length
+        self.captions = captions or []
         self.batch_size = settings.recipe.train_batch_size
         recipe, val_prompts = settings.recipe, settings.validation_prompts
-        self.all = self.validation = None
+        self.all = self.validation = self.real = None
         if settings.cache_text_embeddings:
             self.all = self.encode(prompts)
+            self.real = self.encode(self.captions) if self.captions else None
             self.negative = self.encode([recipe.negative_prompt]) if recipe.needs_negative else None
             self.validation = self.encode(val_prompts) if val_prompts else None
             d.components["text_encoder"].to("cpu")  # off the device even if the caller still holds the pipeline
@@ -179,13 +228,15 @@ class TextConditions:
             cond = d.family.encode_prompt(d.components, texts, d.device, max_sequence_length=self.max_sequence_length)
         return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
 
-    def for_batch(self, index: torch.Tensor, size) -> dict:
-        """The conditioning of prompts `index` at `size` `(height, width, num_frames)`, on the device."""
+    def for_batch(self, index: torch.Tensor, size, captions: bool = False) -> dict:
+        """The conditioning of prompts `index` (with `captions`: of real-data captions `index`) at `size`
+        `(height, width, num_frames)`, on the device."""
         d = self.d
-        if self.all is not None:
-            cond = trim_padding(select_cond(self.all, index, len(self.prompts)))
+        texts, cached = (self.captions, self.real) if captions else (self.prompts, self.all)
+        if cached is not None:
+            cond = trim_padding(select_cond(cached, index, len(texts)))
         else:
-            cond = self.encode([self.prompts[i] for i in index.tolist()])
+            cond = self.encode([texts[i] for i in index.tolist()])
         cond = dict(cond, **d.family.size_cond(*size, batch_size=len(index)))
         if self.image is not None:
             if size not in self._image_conds:
@@ -199,8 +250,9 @@ class TextConditions:
 class Batches:
     """Draws batches and the losses' `t` and noise from the run's one generator (see the module docstring)."""
 
-    def __init__(self, d, text: TextConditions, settings, generator: torch.Generator):
+    def __init__(self, d, text: TextConditions, settings, generator: torch.Generator, real=None):
         self.d, self.text, self.gen, self.sizes = d, text, generator, settings.sizes
+        self.real = real  # `real_data.RealLatents` of `--real_data` (their captions are `text.captions`), or None
         recipe = settings.recipe
         self.b, self.n_proc = recipe.train_batch_size, d.layout.dp_size  # a context-parallel group shares samples
         self.mine = slice(d.layout.dp_rank * self.b, (d.layout.dp_rank + 1) * self.b)
@@ -216,6 +268,17 @@ class Batches:
         z = d.family.prepare_latents(d.components, n, *size, gen, "cpu", torch.float32)
         sigmas, shift = d.schedule(*size)
         return Batch(z[self.mine].to(d.device), self.text.for_batch(index, size), sigmas, shift)
+
+    def draw_real(self) -> Batch:
+        """A batch of the real latents (`x_real`, the run's one size) with their captions' conditioning, and the
+        noise `z` they are noised with (fake-on-real)."""
+        d, gen, n, size = self.d, self.gen, self.b * self.n_proc, self.sizes[0]
+        index = torch.randint(len(self.real), (n,), generator=gen)[self.mine]
+        x_real = self.real.latents[index]
+        z = torch.randn((n, *x_real.shape[1:]), generator=gen)[self.mine]
+        sigmas, shift = d.schedule(*size)
+        cond = self.text.for_batch(index, size, captions=True)
+        return Batch(z.to(d.device), cond, sigmas, shift, x_real=x_real.to(d.device, torch.float32))
 
     def t_and_eps(self, batch: Batch, s, like: torch.Tensor):
         """The losses' `t` in `(s, 1]` (on the teacher's shifted time scale by default) and noise shaped `like`.

@@ -32,10 +32,21 @@ import torch
 from . import checkpoint as ckpt
 from . import memory, parallel, runs
 from .cli import PAPER_DEFAULTS, build_parser, check_args, check_sizes, check_speed_args, is_main_process, sizes
-from .data import Batch, Batches, TextConditions, cat_cond, load_prompts, select_cond, trim_padding
+from .data import (
+    Batch,
+    Batches,
+    TextConditions,
+    cat_cond,
+    load_prompts,
+    load_real_items,
+    load_real_latents,
+    select_cond,
+    trim_padding,
+)
 from .outputs import save_experts, summary, validate, write_outputs
 from .phases import TrainState, enter_phase
 from .plan import Plan, make_plan
+from .recipe import real_sigmas_lightx2v
 from .resume import load_earlier_experts, resume_training, save_training_checkpoint
 from .roles import Distiller, compile_wanted
 from .settings import Recipe, Settings, resolve
@@ -113,6 +124,7 @@ def _train(args, expected_families: tuple[str, ...], state: TrainState, load_pip
     runs.check_image(args)
     settings = resolve(args)
     prompts = load_prompts(settings.prompts, settings.prompt_column)
+    real_items = load_real_items(settings)  # fake-on-real's data (`--real_data`), checked before any model loads
     family = runs.probe_family(settings)
     plan = run = None
     if family is not None:
@@ -136,8 +148,9 @@ def _train(args, expected_families: tuple[str, ...], state: TrainState, load_pip
         settings = resolve(args)  # the plan turned on speed and memory flags (before loading, before deleting)
     _clear_output_dir(accelerator, to_delete)
     d, run = _load(settings, accelerator, load_pipeline, expected_families, (plan, run), (resume, resume_state))
-    text = TextConditions(d, prompts, settings)
-    batches = Batches(d, text, settings, torch.Generator().manual_seed(settings.seed))
+    real = _real_latents(d, real_items, state.output_dir) if real_items is not None else None
+    text = TextConditions(d, prompts, settings, captions=real.captions if real is not None else None)
+    batches = Batches(d, text, settings, torch.Generator().manual_seed(settings.seed), real=real)
     _start(d, state, resume, batches.gen)
 
     def save() -> Path:
@@ -172,6 +185,11 @@ def _checks_needing_the_family(settings: Settings, family, expected_families) ->
     r = settings.recipe
     if r.guidance_scale_2 not in (None, r.guidance_scale) and len(family.transformer_names) < 2:
         raise ValueError("`--guidance_scale_2` needs a teacher with two transformers (Wan2.2 A14B).")
+    if settings.real_data is not None and (family.image_concat or settings.image):
+        raise ValueError(
+            "`--real_data` (fake-on-real) is not supported with image conditioning (`--image`) yet: each real "
+            "video would need its own first frame as the condition."
+        )
     check_sizes(settings, family)
     plan = make_plan(settings, family)
     return plan, runs.run_config(settings, plan, family.name)
@@ -223,6 +241,20 @@ def _load(settings: Settings, accelerator, load_pipeline, expected_families, che
         raise ValueError("`--ida_decay` below 1 (IDA) is not supported under FSDP; train with DDP or pass 1.")
     del pipe  # the Distiller holds the components; no second reference may keep a freed text encoder alive
     return d, run
+
+
+def _real_latents(d: Distiller, items: list, output_dir: Path):
+    """Fake-on-real's real latents, encoded once (cached in `<output_dir>/real_data_cache`), after checking that
+    every phase's real sigma lies above the phase's end."""
+    sigmas = d.sigmas_by_phase
+    real_sigmas = d.recipe.fake_real_sigmas or real_sigmas_lightx2v(sigmas)
+    for k, (sigma_r, phase) in enumerate(zip(real_sigmas, sigmas)):
+        if not float(phase[-1]) < float(sigma_r) <= 1.0:
+            raise ValueError(
+                f"`--fake_real_sigmas`: phase {k}'s real sigma {float(sigma_r):.4g} must lie in (s, 1], s = "
+                f"{float(phase[-1]):.4g} the end of the phase."
+            )
+    return load_real_latents(d, items, output_dir / "real_data_cache")
 
 
 def _start(d: Distiller, state: TrainState, resume: Path | None, generator: torch.Generator) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import export, hub
+from . import recipe as rc
 from .data import to_device
 from .phases import TrainState
 from .plan import Plan
@@ -118,6 +119,7 @@ RECIPE_RECORD = (
     "negative_prompt",
     "guidance_scale",
     "guidance_scale_2",
+    "fake_real_weight",
 )
 
 
@@ -125,6 +127,9 @@ def recipe_record(d: Distiller) -> dict:
     """The resolved recipe (`--recipe` and every setting of its parts), as the summary and the model card give it."""
     out = {name: getattr(d.recipe, name) for name in RECIPE_RECORD}
     out.update(phase_order=d.plan.order, steps_per_phase=d.plan.steps_per_phase)
+    r, real = d.recipe, d.settings.real_data
+    real_sigmas = (r.fake_real_sigmas or rc.real_sigmas_lightx2v(d.sigmas_by_phase)) if real else None
+    out.update(real_data=real, fake_real_sigmas=[round(float(x), 6) for x in real_sigmas] if real else None)
     return out
 
 
@@ -166,6 +171,6 @@ def write_outputs(d, state: TrainState, text) -> None:
             output_dir,
             s.hub_model_id or output_dir.name,
             token=s.hub_token,
-            ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
+            ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", "real_data_cache/*"],
         )
         logger.info("Pushed the experts to %s", url)

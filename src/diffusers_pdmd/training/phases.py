@@ -19,7 +19,8 @@ from .settings import Recipe
 
 @dataclass
 class Optimizers:
-    """The trainable parameters, AdamW optimizers and LR schedules of one phase's expert (`gen`) and fake score."""
+    """The trainable parameters, AdamW optimizers and LR schedules of one phase's expert (`gen`) and fake score, and
+    with `--real_data` of its fake-on-real score (`fake_real`, else `None`)."""
 
     gen_params: list[torch.nn.Parameter]
     fake_params: list[torch.nn.Parameter]
@@ -27,6 +28,16 @@ class Optimizers:
     fake: torch.optim.Optimizer
     gen_schedule: object
     fake_schedule: object
+    fake_real_params: list[torch.nn.Parameter] | None = None
+    fake_real: torch.optim.Optimizer | None = None
+    fake_real_schedule: object = None
+
+    def roles(self) -> dict:
+        """`{role: (optimizer, LR schedule)}` of the networks trained: `gen`, `fake` and, if on, `fake_real`."""
+        out = {"gen": (self.gen, self.gen_schedule), "fake": (self.fake, self.fake_schedule)}
+        if self.fake_real is not None:
+            out["fake_real"] = (self.fake_real, self.fake_real_schedule)
+        return out
 
 
 @dataclass
@@ -70,21 +81,28 @@ def hold_in_float32(params) -> None:
 
 
 def make_optimizers(d: Distiller, recipe: Recipe, max_steps: int, phase: int) -> Optimizers:
-    """Optimizers of phase `phase`: its expert's and its fake score's parameters, trainable and in float32."""
+    """Optimizers of phase `phase`: its expert's and its fake score's parameters (and, with `--real_data`, its
+    fake-on-real score's, with the fake score's learning rate and schedule), trainable and in float32."""
     from diffusers.optimization import get_scheduler
 
-    gen_params, fake_params = d.expert_params(phase), d.fake_params(phase)
-    hold_in_float32(gen_params + fake_params)
+    def trainable(params):
+        hold_in_float32(params)
+        return params
+
+    def schedule(opt, steps: int):
+        return get_scheduler(
+            recipe.lr_scheduler, opt, num_warmup_steps=recipe.lr_warmup_steps, num_training_steps=steps
+        )
+
+    fake_steps = max_steps * max(recipe.fake_updates_per_step, 1)
+    gen_params, fake_params = trainable(d.expert_params(phase)), trainable(d.fake_params(phase))
     g_opt, f_opt = d.adamw(gen_params, recipe.learning_rate), d.adamw(fake_params, recipe.fake_learning_rate)
-    warmup = recipe.lr_warmup_steps
-    g_sch = get_scheduler(recipe.lr_scheduler, g_opt, num_warmup_steps=warmup, num_training_steps=max_steps)
-    f_sch = get_scheduler(
-        recipe.lr_scheduler,
-        f_opt,
-        num_warmup_steps=warmup,
-        num_training_steps=max_steps * max(recipe.fake_updates_per_step, 1),
-    )
-    return Optimizers(gen_params, fake_params, g_opt, f_opt, g_sch, f_sch)
+    opts = Optimizers(gen_params, fake_params, g_opt, f_opt, schedule(g_opt, max_steps), schedule(f_opt, fake_steps))
+    if recipe.fake_on_real:
+        opts.fake_real_params = trainable(d.fake_real_params(phase))
+        opts.fake_real = d.adamw(opts.fake_real_params, recipe.fake_learning_rate)
+        opts.fake_real_schedule = schedule(opts.fake_real, fake_steps)
+    return opts
 
 
 def end_phases_before(d: Distiller, state: TrainState, phase: int) -> None:

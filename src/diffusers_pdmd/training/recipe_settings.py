@@ -238,11 +238,21 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     a(
         "--real_data",
         default=None,
-        help="Fake-on-real (opt-in): a folder of images + .txt captions, or a datasets "
-        "name / path with --real_image_column and --real_caption_column.",
+        help="Fake-on-real (opt-in, off in both presets): a folder of images (or .pt latents) with .txt captions of "
+        "the same name, or a datasets name / save_to_disk path (--real_image_column, --real_caption_column). Encoded "
+        "once at the training size (cached in OUTPUT_DIR/real_data_cache); a second fake score per phase learns the "
+        "student's one-step outputs from them, and the generator adds its DMD term. Wan: an image is one frame "
+        "(train with --num_frames 1, or give encoded videos as .pt). One training size; not with --image.",
     )
     a("--real_image_column", default="image", help="Image column of a --real_data dataset.")
     a("--real_caption_column", default="caption", help="Caption column of a --real_data dataset.")
-    a("--fake_real_weight", type=float, default=None, help="Weight of the fake-on-real DMD term (0.1).")
-    a("--fake_real_sigmas", type=float, nargs="+", default=None, help="Real-data sigma per phase (their grid's).")
+    a("--fake_real_weight", type=float, default=None, help="Weight of the fake-on-real DMD term (their 0.1).")
+    a(
+        "--fake_real_sigmas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Fixed sigma per phase the real latents are noised to (default: their choice on the run's grid, "
+        "phase 0's second sigma and later phases' first); each in (s, 1], s the end of its phase.",
+    )
     return g

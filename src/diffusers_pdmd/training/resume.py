@@ -1,5 +1,5 @@
-"""How a run is saved and picked up again: the training checkpoint (experts, fake scores, optimizers, LR
-schedules, RNG states, history) and the experts of earlier phases that a `--train_phase k` run starts from.
+"""How a run is saved and picked up again: the training checkpoint (experts, fake scores, fake-on-real scores,
+optimizers, LR schedules, RNG states, history) and the experts of earlier phases that a `--train_phase k` run starts from.
 
 The files themselves are written atomically by `checkpoint.py`; this module decides what goes into them. A resumed
 run continues bit-exactly: the optimizers of the live phases, their LR schedules and every RNG state come back.
@@ -78,18 +78,19 @@ def resume_training(d: Distiller, state: TrainState, path: Path, generator) -> N
     for j in live:
         if full_fake:
             d.start_phase(j)
-        hold_in_float32(d.fake_params(j))
+        hold_in_float32(d.fake_params(j) + (d.fake_real_params(j) if d.recipe.fake_on_real else []))
         with d.full_params(writeback=True):
             for name, model in d.models.items() if not full_fake else ():
                 load_adapter(model, f"fake_{j}", files[f"fake_{j}.{name}"], path / f"fake_{j}.{name}")
+            for name, model in d.models.items() if d.recipe.fake_on_real else ():
+                load_adapter(model, f"fake_real_{j}", files[f"fake_real_{j}.{name}"], path / f"fake_real_{j}.{name}")
             for name, model in d.fake_full.items() if full_fake else ():
                 getattr(model, "raw", model).load_state_dict(files[f"fake_full.{name}"])
         opt = state.opts[j] = make_optimizers(d, d.recipe, plan.max_steps, j)
-        for role, optimizer in (("gen", opt.gen), ("fake", opt.fake)):
+        for role, (optimizer, schedule) in opt.roles().items():
             key = f"{role}_{j}"
             d.load_optimizer_state(optimizer, j, role, files["optimizers"], saved["optimizers"][key], key)
-        opt.gen_schedule.load_state_dict(saved["lr_schedulers"][f"gen_{j}"])
-        opt.fake_schedule.load_state_dict(saved["lr_schedulers"][f"fake_{j}"])
+            schedule.load_state_dict(saved["lr_schedulers"][key])
     ckpt.set_rng_state(files["rng"], saved["rng"], {"noise": generator})
     state.last_ckpt = path
     logger.info("Resumed from %s at global step %d (phase %d).", path, state.global_step, phase)
@@ -102,6 +103,8 @@ def _weights(d: Distiller, state: TrainState) -> dict:
         for j in range(d.plan.num_phases):
             files[f"phase_{j}"] = ad.adapter_state_dict(d.models[d.expert_base[j]], f"phase_{j}")
         for j in state.opts:
+            for name, model in d.models.items() if d.recipe.fake_on_real else ():
+                files[f"fake_real_{j}.{name}"] = ad.adapter_state_dict(model, f"fake_real_{j}")
             if not d.settings.fake_full_finetune:
                 for name, model in d.models.items():
                     files[f"fake_{j}.{name}"] = ad.adapter_state_dict(model, f"fake_{j}")
@@ -136,13 +139,12 @@ def save_training_checkpoint(d: Distiller, state: TrainState, run: dict, recipe_
     }
     files, opt_tensors = _weights(d, state), {}
     for j, opt in state.opts.items():
-        for role, optimizer in (("gen", opt.gen), ("fake", opt.fake)):
+        for role, (optimizer, schedule) in opt.roles().items():
             key = f"{role}_{j}"
             tensors, meta = d.optimizer_state(optimizer, j, role, key)
             opt_tensors.update(tensors)
             saved["optimizers"][key] = meta
-        saved["lr_schedulers"][f"gen_{j}"] = opt.gen_schedule.state_dict()
-        saved["lr_schedulers"][f"fake_{j}"] = opt.fake_schedule.state_dict()
+            saved["lr_schedulers"][key] = schedule.state_dict()
     files["optimizers"] = opt_tensors
     files["rng"], saved["rng"] = ckpt.rng_state({"noise": generator})
     path = state.output_dir / f"checkpoint-{state.global_step}"

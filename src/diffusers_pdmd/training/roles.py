@@ -6,6 +6,9 @@ Roles on one frozen copy of the base weights (per teacher transformer):
 - generator expert of phase k: LoRA adapter `phase_k` on the transformer owning most of the phase;
 - fake score of phase k: LoRA adapter `fake_k` on every teacher transformer (routed by `t` like the teacher), or,
   with `--fake_full_finetune`, a trainable full copy of each teacher transformer.
+- with `--real_data` (fake-on-real, recipe part 6), the second fake score of phase k, trained on the student's
+  outputs from real data: LoRA adapter `fake_real_k` on every teacher transformer (the fake score's rank; a LoRA
+  adapter also with `--fake_full_finetune`).
 """
 
 from __future__ import annotations
@@ -94,10 +97,11 @@ class Distiller:
             ad.add_lora(self.models[self.expert_base[j]], f"phase_{j}", args.lora_rank, args.lora_alpha, targets)
         # peft makes adapters in the base's dtype: an expert loaded from disk stays in it, and so does a finished one
         self.stored_dtype = self.expert_params(0)[0].dtype
-        if not args.fake_full_finetune:
-            for model in self.models.values():
-                for j in plan.phases:
-                    ad.add_lora(model, f"fake_{j}", args.fake_lora_rank, args.lora_alpha, targets)
+        fake_names = [] if args.fake_full_finetune else ["fake"]
+        fake_names += ["fake_real"] if self.recipe.fake_on_real else []
+        for model in self.models.values():
+            for name, j in ((n, j) for n in fake_names for j in plan.phases):
+                ad.add_lora(model, f"{name}_{j}", args.fake_lora_rank, args.lora_alpha, targets)
         if args.base_fp8:  # after the adapters: peft makes them in its base layer's dtype; they are skipped here
             for model in self.models.values():
                 ad.store_base_in_fp8(model, compute_dtype=torch.bfloat16)
@@ -163,7 +167,8 @@ class Distiller:
     def _optimizer_model(self, phase: int, role: str):
         if role == "gen":
             return self.callers[self.expert_base[phase]]
-        models = list(self.fake_full.values()) if self.settings.fake_full_finetune else list(self.callers.values())
+        full = self.settings.fake_full_finetune and role == "fake"
+        models = list(self.fake_full.values()) if full else list(self.callers.values())
         if len(models) > 1:
             raise ValueError("FSDP supports one teacher transformer; train Wan2.2 A14B with DDP (`--multi_gpu`).")
         return models[0]
@@ -244,6 +249,9 @@ class Distiller:
             return [p for m in self.fake_full.values() for p in getattr(m, "raw", m).parameters() if p.requires_grad]
         return [p for m in self.models.values() for p in ad.adapter_parameters(m, f"fake_{phase}")]
 
+    def fake_real_params(self, phase: int):
+        return [p for m in self.models.values() for p in ad.adapter_parameters(m, f"fake_real_{phase}")]
+
     def transformers_used(self, phase: int) -> set[str]:
         """Transformers that training `phase` calls: the experts of phases 0..phase (back-simulation) and the
         teacher / fake-score transformers owning some `t` in `(s, 1]`, `s` the end of the phase."""
@@ -263,7 +271,8 @@ class Distiller:
             torch.cuda.empty_cache()
 
     def start_phase(self, phase: int) -> None:
-        """Reset the fake score of `phase` to the teacher (a fresh zero-B LoRA, or a fresh full copy)."""
+        """Reset the fake score of `phase` to the teacher (a fresh zero-B LoRA, or a fresh full copy); so too its
+        fake-on-real score."""
         self.place(phase)
         if self.settings.fake_full_finetune:
             self.fake_full = {}
@@ -279,6 +288,9 @@ class Distiller:
         else:
             for model in self.models.values():
                 ad.reset_adapter(model, f"fake_{phase}")
+        if self.recipe.fake_on_real:
+            for model in self.models.values():
+                ad.reset_adapter(model, f"fake_real_{phase}")
 
     def end_phase(self, phase: int) -> None:
         """Sequential order, once `phase` has ended: drop its fake score (its LoRA adapter on every transformer, or
@@ -292,11 +304,11 @@ class Distiller:
             p.data = p.data.to(self.stored_dtype)
         if self.settings.fake_full_finetune:
             self.fake_full = {}
-            return
         for name, model in self.models.items():
-            if f"fake_{phase}" in getattr(model, "peft_config", {}):
-                ad.delete_adapter(model, f"fake_{phase}")
-                self.switches[name].forget()
+            for adapter in (f"fake_{phase}", f"fake_real_{phase}"):  # fake-on-real's fake score is over too
+                if adapter in getattr(model, "peft_config", {}):
+                    ad.delete_adapter(model, adapter)
+                    self.switches[name].forget()
 
     # -- velocities -----------------------------------------------------------------------------------------------
 
@@ -368,5 +380,13 @@ class Distiller:
             if self.settings.fake_full_finetune:
                 return self._call(self.fake_full[name], None, None, x, t, c)
             return self._call(self.callers[name], name, f"fake_{phase}", x, t, c)
+
+        return lambda x, t: self._routed(x, t, cond, one)
+
+    def fake_real(self, phase: int, cond: dict):
+        """The fake-on-real score of `phase` (adapter `fake_real_<phase>`), routed by `t` like the fake score."""
+
+        def one(name, x, t, c):
+            return self._call(self.callers[name], name, f"fake_real_{phase}", x, t, c)
 
         return lambda x, t: self._routed(x, t, cond, one)

@@ -105,6 +105,7 @@ RUN_FLAGS = (
     "pretrained_model_name_or_path",
     "revision",
     "shift",
+    "real_data",
 )
 RECIPE_FLAGS = (
     "learning_rate",
@@ -138,6 +139,10 @@ RECIPE_FLAGS = (
     "t_margin",
     "t_lowest",
     "t_highest",
+    "real_image_column",
+    "real_caption_column",
+    "fake_real_weight",
+    "fake_real_sigmas",
 )
 
 
@@ -159,6 +164,7 @@ def run_config(args, plan, family_name: str) -> dict:
         "pretrained_model_name_or_path": str(Path(base).resolve()) if os.path.isdir(base) else base,
         "revision": args.revision,
         "shift": getattr(args, "shift", None),
+        "real_data": getattr(args, "real_data", None),
     }
 
 
@@ -194,7 +200,14 @@ def check_resume(path: Path, state: dict, run: dict, recipe: dict) -> None:
 
 
 # What a run writes into --output_dir (the rest of a folder is left alone).
-_RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", "training_summary.json", "validation", "validation_grid.png")
+_RUN_OUTPUTS = (
+    "checkpoint-*",
+    ".checkpoint-*",
+    "training_summary.json",
+    "validation",
+    "validation_grid.png",
+    "real_data_cache",
+)
 _EXPERT_OUTPUTS = ("phase_*", "comfyui", "phased_dmd_config.json", "scheduler", "README.md")
 
 

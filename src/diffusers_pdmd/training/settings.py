@@ -57,6 +57,9 @@ class Recipe:
     t_lowest: float = 0.0
     t_highest: float = 1.0
     shift: float | None = None
+    fake_on_real: bool = False  # resolved: `--real_data` given (part 6)
+    fake_real_weight: float = 0.1
+    fake_real_sigmas: list[float] | None = None  # None: `recipe.real_sigmas_lightx2v` of the run's grid
 
     @property
     def t_margin_on(self) -> bool:
@@ -126,6 +129,10 @@ class Settings:
     push_to_hub: bool
     hub_model_id: str | None
     hub_token: str | None = field(repr=False)
+    # -- real data of fake-on-real (recipe part 6; off without `--real_data`)
+    real_data: str | None = None
+    real_image_column: str = "image"
+    real_caption_column: str = "caption"
 
 
 def _as_flagged(cls, args: argparse.Namespace, resolved: dict):
@@ -146,6 +153,7 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
     resolved = {
         "fake_learning_rate": fake_lr,
         "guidance_scale_2": getattr(args, "guidance_scale_2", None),  # a flag of the Wan2.2 script only
+        "fake_on_real": getattr(args, "real_data", None) is not None,
     }
     return _as_flagged(Recipe, args, resolved)
 

@@ -2,7 +2,7 @@
 
 Each step draws its batches from [`Batches`](data.py), back-simulates them with [`generator_sample`], computes its
 loss from `losses.py` and takes one optimizer step. A step reads nothing of the flags but its [`Recipe`]; optional
-parts of a recipe (a diversity loss, IDA, ...) are small functions of their own, called where the comments below
+parts of a recipe (a diversity loss, IDA, fake-on-real, ...) are small functions of their own, called where the comments below
 say, when their flag is on. Neither step reads a tensor back to the host except the finiteness check of its loss.
 """
 
@@ -43,7 +43,8 @@ def optimizer_step(accelerator, params, opt, schedule, max_grad_norm: float) -> 
 
 
 def fake_update(d: Distiller, batches: Batches, recipe: Recipe, state: TrainState, phase: int, step: int) -> dict:
-    """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13)."""
+    """One fake-score update: subinterval score matching on stop-gradient generator samples (Eq. 13); with
+    `--real_data`, then one update of the fake-on-real score (part 6)."""
     opt, ga, reuse = state.opts[phase], recipe.gradient_accumulation_steps, state.fake_samples
     fresh = reuse.start_use(recipe.fake_reuse_samples)
     for i in range(ga):
@@ -61,6 +62,8 @@ def fake_update(d: Distiller, batches: Batches, recipe: Recipe, state: TrainStat
         check_finite(loss, "Fake-score", phase, step, state.last_ckpt)
         d.accelerator.backward(loss / ga)
     optimizer_step(d.accelerator, opt.fake_params, opt.fake, opt.fake_schedule, recipe.max_grad_norm)
+    if recipe.fake_on_real:
+        logs = {**logs, **fake_real_update(d, batches, recipe, state, phase, step)}
     return logs
 
 
@@ -82,6 +85,8 @@ def generator_update(d: Distiller, batches: Batches, recipe: Recipe, state: Trai
         loss, logs = dmd_loss(x_s, s, real, fake, t, eps, weighting=recipe.dmd_weighting)
         if recipe.diversity_weight > 0 and phase == 0:
             loss, logs = add_diversity_loss(recipe, batch, real, experts[0], loss, logs)
+        if recipe.fake_on_real:
+            loss, logs = add_fake_on_real(d, batches, recipe, phase, loss, logs)
         check_finite(loss, "Generator (DMD)", phase, step, state.last_ckpt)
         # gradient checkpointing recomputes the expert's forward in backward: make it the active adapter
         d.switches[d.expert_base[phase]].set(f"phase_{phase}")
@@ -113,6 +118,43 @@ def add_diversity_loss(recipe: Recipe, batch: Batch, teacher, expert_0, loss, lo
     x_a, sigma_a = rc.teacher_anchor(teacher, batch.z, grid, a)
     div, div_logs = rc.diversity_loss(expert_0, batch.z, x_a, sigma_a, recipe.diversity_weight)
     return loss + div, {**logs, **div_logs}
+
+
+def real_outputs(d: Distiller, batches: Batches, recipe: Recipe, phase: int, grad: bool):
+    """Part 6: a real batch noised to the phase's fixed sigma, `x_r = (1 - sigma_r) x + sigma_r z`, and one step of
+    the phase's expert from it to the phase's end `s`; `(real batch, x_s, s)`, `x_s` with gradient if `grad`.
+    `sigma_r` is `--fake_real_sigmas`'s, else the authors' of the batch's grid (`recipe.real_sigmas_lightx2v`)."""
+    real = batches.draw_real()
+    sigma_r = (recipe.fake_real_sigmas or rc.real_sigmas_lightx2v(real.sigmas))[phase]
+    s = float(real.sigmas[phase][-1])
+    x_r = rc.noise_real(real.x_real, float(sigma_r), real.z)
+    with torch.set_grad_enabled(grad):
+        x_s, _ = rc.real_student_outputs(d.expert(phase, real.cond), x_r, float(sigma_r), s)
+    return real, x_s, s
+
+
+def fake_real_update(d: Distiller, batches: Batches, recipe: Recipe, state: TrainState, phase: int, step: int):
+    """Part 6: one update of the fake-on-real score `F_k^real` (its own adapter and optimizer): the subinterval fake
+    loss (Eq. 13) on the expert's outputs from noised real data, detached."""
+    opt, ga = state.opts[phase], recipe.gradient_accumulation_steps
+    for _ in range(ga):
+        real, x_s, s = real_outputs(d, batches, recipe, phase, grad=False)
+        t, eps = batches.t_and_eps(real, s, x_s)
+        loss, logs = fake_score_loss(d.fake_real(phase, real.cond), x_s, s, t, eps, weighting=recipe.fake_weighting)
+        check_finite(loss, "Fake-on-real score", phase, step, state.last_ckpt)
+        d.accelerator.backward(loss / ga)
+    optimizer_step(d.accelerator, opt.fake_real_params, opt.fake_real, opt.fake_real_schedule, recipe.max_grad_norm)
+    return {"fake_real_loss": logs["fake_loss"]}
+
+
+def add_fake_on_real(d: Distiller, batches: Batches, recipe: Recipe, phase: int, loss, logs: dict):
+    """Part 6: the generator's extra DMD term on its outputs from noised real data, teacher against `F_k^real`,
+    weighted by `--fake_real_weight`."""
+    real, x_s, s = real_outputs(d, batches, recipe, phase, grad=True)
+    t, eps = batches.t_and_eps(real, s, x_s)
+    teacher, fake_real = d.teacher(real.cond, batches.text.negative), d.fake_real(phase, real.cond)
+    term, term_logs = dmd_loss(x_s, s, teacher, fake_real, t, eps, weighting=recipe.dmd_weighting)
+    return loss + recipe.fake_real_weight * term, {**logs, "fake_real_dmd_loss": term_logs["dmd_loss"]}
 
 
 @torch.no_grad()
