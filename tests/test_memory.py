@@ -330,3 +330,19 @@ def test_latent_tokens_match_the_latents(family, size):
         pt, ph, pw = components["transformer"].config.patch_size
         expected = (shape[2] // pt) * (shape[3] // ph) * (shape[4] // pw)
     assert memory.latent_tokens(fam, *size) == expected
+
+
+def test_fake_on_real_adds_its_adapters_and_optimizer(config_bases):
+    """`--real_data` adds one LoRA fake score per trained phase on the transformer (fake-on-real): in phase 0 of a
+    sequential Qwen-Image run its own adapter in fp32 (4 B) with AdamW's two fp32 moments (8 B), and phase 1's,
+    made at the start and not yet trained, in bf16 (2 B); `W x r` LoRA parameters each."""
+    fam = get_family("qwen-image")
+    peaks = []
+    for extra in ((), ("--real_data", "/some/folder")):
+        args = _args(config_bases["qwen-image"], "qwen-image", *extra)
+        sz = memory.family_sizes(memory.read_base_configs(args.pretrained_model_name_or_path), fam)
+        work = memory.workload_from_args(args, fam, make_plan(args, fam), sizes(args), 4, "bf16", True)
+        peaks.append(memory.phase_peak(sz, work, memory.given_flags(args), 0))
+    lora = sz.lora_width[0] * args.lora_rank  # the fake score's rank is the experts' by default
+    assert peaks[1]["total"] - peaks[0]["total"] == pytest.approx(lora * (4 + 8 + 2))
+    assert peaks[1]["optimizer"] - peaks[0]["optimizer"] == pytest.approx(8 * lora)

@@ -108,6 +108,8 @@ class Workload:
         trained: Phases this run trains.
         uses: Per phase, the indices of the transformers training it calls (`Distiller.transformers_used`).
         alternate (`bool`): `--phase_order alternate` (every trained phase's optimizers live at once).
+        fake_real (`bool`): `--real_data` (fake-on-real): one more LoRA fake score per trained phase on every
+            teacher transformer, at the fake score's rank, with its own AdamW state.
         weight_bytes (`int`): Bytes of a base weight (2 under bf16 / fp16 mixed precision, else 4).
         cache_text (`bool`): `--cache_text_embeddings`; num_prompts (`int`): prompts whose embeddings it keeps.
         one_cuda_process (`bool`): One process on a CUDA device (where the blocks compile by default).
@@ -123,6 +125,7 @@ class Workload:
     trained: tuple[int, ...]
     uses: tuple[frozenset, ...]
     alternate: bool = False
+    fake_real: bool = False
     weight_bytes: int = 2
     cache_text: bool = True
     num_prompts: int = 1
@@ -322,17 +325,17 @@ def trainable_bytes(sizes: ModelSizes, work: Workload, phase: int, on_device) ->
     the generator's and the fake score's (each is freed after its step).
     """
     live = work.trained if work.alternate else (phase,)
+    lora_fakes = (0 if work.fake_full else 1) + (1 if work.fake_real else 0)  # fake-on-real's is LoRA too
     adapters = 0.0
     for i in on_device:
         for j, base in enumerate(work.expert_base):
             if base == i:
                 adapters += sizes.lora_width[i] * work.lora_rank * (4 if j in live else work.weight_bytes)
-        if not work.fake_full:
-            for j in work.trained:
-                if j in live:
-                    adapters += sizes.lora_width[i] * work.fake_rank * 4
-                elif j > phase:  # made when the Distiller starts, trained later
-                    adapters += sizes.lora_width[i] * work.fake_rank * work.weight_bytes
+        for j in work.trained:
+            if j in live:
+                adapters += lora_fakes * sizes.lora_width[i] * work.fake_rank * 4
+            elif j > phase:  # made when the Distiller starts, trained later
+                adapters += lora_fakes * sizes.lora_width[i] * work.fake_rank * work.weight_bytes
     optimizer = gradients = 0.0
     for k in live:
         expert = sizes.lora_width[work.expert_base[k]] * work.lora_rank
@@ -342,7 +345,8 @@ def trainable_bytes(sizes: ModelSizes, work: Workload, phase: int, on_device) ->
             adapters += 4.0 * fake
         else:
             fake = sum(sizes.lora_width[i] for i in used) * work.fake_rank
-        optimizer += 8.0 * (expert + fake)
+        fake_real = sum(sizes.lora_width[i] for i in used) * work.fake_rank if work.fake_real else 0
+        optimizer += 8.0 * (expert + fake + fake_real)
         gradients = max(gradients, 4.0 * max(expert, fake))
     return adapters, optimizer, gradients
 
@@ -547,6 +551,7 @@ def workload_from_args(args, family, plan, buckets, num_prompts: int, mixed_prec
         trained=tuple(plan.phases),
         uses=uses,
         alternate=args.phase_order == "alternate",
+        fake_real=getattr(args, "real_data", None) is not None,
         weight_bytes=2 if mixed_precision in ("bf16", "fp16") else 4,
         cache_text=args.cache_text_embeddings,
         num_prompts=num_prompts,
