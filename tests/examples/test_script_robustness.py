@@ -102,12 +102,32 @@ def test_report_to_tensorboard(bases, tmp_path):  # noqa: F811
     assert sum(p.stat().st_size for p in events) > 0
 
 
+def _ctrl_c_as_in_a_terminal():
+    """In the child before it runs Python: SIGINT delivered and at its default action, as a shell gives it (a test
+    worker may have it ignored or blocked, and a child inherits both; Python then never sees Ctrl-C)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own SIGINT handler in this process for the test (a test worker may have changed it), restored after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(bases, tmp_path):  # noqa: F811
     out = tmp_path / "int"
     args = _common(bases, "qwen-image", out, "--max_train_steps", "200", "--checkpointing_steps", "1")
     cmd = [sys.executable, str(SCRIPTS / f"{QWEN}.py"), *args]
     proc = subprocess.Popen(
-        cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.time() + 300
     while not (out / "checkpoint-1").is_dir():
@@ -302,7 +322,13 @@ def test_t_is_drawn_on_the_teachers_own_shift(bases, tmp_path, family):  # noqa:
     assert expected != pytest.approx(1.0)
 
 
-def test_ctrl_c_swallowed_by_a_finalizer_still_ends_the_run(bases, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_ctrl_c_swallowed_by_a_finalizer_still_ends_the_run(
+    bases,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
+    python_ctrl_c,
+):
     """Python prints and drops a KeyboardInterrupt raised inside a finalizer (`__del__`, a GC callback); the run must
     still stop at its next update, with the usual resume line and exit code 130."""
     from diffusers_pdmd.training import steps
