@@ -1451,6 +1451,42 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
             uncond["prompt_embeds"] = callback_outputs.pop("negative_prompt_embeds", uncond["prompt_embeds"])
         return latents
 
+    def _prepare_conditioning(
+        self,
+        family,
+        prompts,
+        negative_prompt,
+        embeds,
+        do_cfg: bool,
+        counts: tuple[int, int],
+        size: tuple[int, int, int | None],
+        guidance_scale,
+        image,
+        generator,
+        latents,
+        max_sequence_length: int,
+        device,
+    ):
+        """The text conditioning (and its negative), the initial noise and the size / guidance / image inputs."""
+        batch_size, num_per_prompt = counts
+        height, width, num_frames = size
+        total = batch_size * num_per_prompt
+        cond, uncond = self._encode_prompts(
+            family, prompts, negative_prompt, *embeds, do_cfg, batch_size, num_per_prompt, max_sequence_length, device
+        )
+        latents = family.prepare_latents(
+            self, total, height, width, num_frames, generator, device, family.latents_dtype(cond), latents
+        )
+        extra_cond = family.size_cond(height, width, num_frames, batch_size)
+        if family.name == "qwen-image" and guidance_scale is not None:
+            extra_cond["guidance"] = torch.full([total], float(guidance_scale), device=device, dtype=torch.float32)
+        if image is not None:
+            extra_cond.update(family.encode_image(self, image, total, height, width, num_frames, device, generator))
+        cond.update(extra_cond)
+        if uncond is not None:
+            uncond.update(extra_cond)
+        return cond, uncond, latents
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -1581,31 +1617,21 @@ class PhasedMoEPipeline(DiffusionPipeline, LoraBaseMixin):
         self._interrupt = False
 
         # 4. Conditioning and noise, as the family pipeline computes them.
-        cond, uncond = self._encode_prompts(
+        cond, uncond, latents = self._prepare_conditioning(
             family,
             prompts,
             negative_prompt,
-            prompt_embeds,
-            prompt_embeds_mask,
-            negative_prompt_embeds,
-            negative_prompt_embeds_mask,
+            (prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask),
             any(phase_scales[p] > 1 for p in set(schedule.phases)),
-            batch_size,
-            num_per_prompt,
+            (batch_size, num_per_prompt),
+            (height, width, num_frames),
+            guidance_scale,
+            image,
+            generator,
+            latents,
             max_sequence_length,
             device,
         )
-        latents = family.prepare_latents(
-            self, total, height, width, num_frames, generator, device, family.latents_dtype(cond), latents
-        )
-        extra_cond = family.size_cond(height, width, num_frames, batch_size)
-        if family.name == "qwen-image" and guidance_scale is not None:
-            extra_cond["guidance"] = torch.full([total], float(guidance_scale), device=device, dtype=torch.float32)
-        if image is not None:
-            extra_cond.update(family.encode_image(self, image, total, height, width, num_frames, device, generator))
-        cond.update(extra_cond)
-        if uncond is not None:
-            uncond.update(extra_cond)
 
         # 5. Denoising loop: the expert of each step's phase.
         latents = self._denoise(
