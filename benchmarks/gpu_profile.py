@@ -17,7 +17,14 @@ into categories:
 
 Orthogonally, `recompute` is the kernel time inside gradient checkpointing's recomputation (marked by wrapping
 `torch.utils.checkpoint`'s recompute function in a `record_function`), and `launch gaps` is the update's wall time
-minus the time the GPU was busy with at least one kernel (union of kernel intervals): host overhead, syncs, waits.
+(between the update's own synchronised clock reads, before the profiler stops and flushes) minus the time the GPU was
+busy with at least one kernel (union of the kernel intervals; the GPU-side ranges of `record_function`s, user
+annotations, are not kernels and are left out): host overhead, syncs, waits. `kernels` counts the update's kernel
+launches.
+
+Results recorded before 2026-12-06 (no `kernels` key) took the wall time after the profiler's stop and counted the
+annotation ranges as busy: for them `render` takes the update's wall time from the script's clock and the kernel
+time charged to operators as the busy time (an upper bound of the gaps).
 """
 
 from __future__ import annotations
@@ -100,7 +107,8 @@ def profile_table(events, rank: int, wall_us: float, on_gpu: bool) -> dict:
     per, recompute, kernels = defaultdict(float), 0.0, []
     for e in events:
         if e.device_type != DeviceType.CPU:
-            kernels.append((e.time_range.start, e.time_range.end))
+            if not getattr(e, "is_user_annotation", False):  # a record_function's GPU-side range is no kernel
+                kernels.append((e.time_range.start, e.time_range.end))
             continue
         t = e.self_device_time_total if on_gpu else e.self_cpu_time_total
         if t <= 0:
@@ -114,6 +122,7 @@ def profile_table(events, rank: int, wall_us: float, on_gpu: bool) -> dict:
         "wall_ms": wall_us / 1e3,
         "busy_ms": busy / 1e3,
         "launch_gaps_ms": max(wall_us - busy, 0.0) / 1e3,
+        "kernels": len(kernels),
         "recompute_ms": recompute / 1e3,
         "categories_ms": {c: per.get(c, 0.0) / 1e3 for c in CATEGORIES},
     }
@@ -164,9 +173,9 @@ class UpdateProfiler:
             if self.calls == 3:  # the second update starts (the first compiled): record it
                 self.prof.start()
                 self.started = time.perf_counter()
-            elif self.calls == 4:
-                self.prof.stop()
+            elif self.calls == 4:  # it ended, the device synchronised: its wall time, before the profiler's flush
                 wall_us = (time.perf_counter() - self.started) * 1e6
+                self.prof.stop()
                 self.result = profile_table(self.prof.events(), self.rank, wall_us, torch.cuda.is_available())
             return now
 
@@ -178,15 +187,20 @@ class UpdateProfiler:
             distill._synchronized_clock = clock
 
 
-def render(p: dict) -> str:
-    """The profile as a markdown table (share of the update's wall time)."""
-    wall = p["wall_ms"]
+def render(p: dict, update_s: float | None = None) -> str:
+    """The profile as a markdown table (share of the update's wall time). `update_s`: the profiled update's wall time
+    from the script's clock, used for results recorded before the accounting fix (module docstring)."""
+    if "kernels" not in p:  # recorded before the fix: wall after the profiler's flush, annotation ranges as busy
+        wall = 1e3 * update_s if update_s else p["wall_ms"]
+        gaps = max(wall - sum(p["categories_ms"].values()), 0.0)
+        gap_name = "the rest: GPU idle (launch gaps, syncs), at most"
+    else:
+        wall, gaps, gap_name = p["wall_ms"], p["launch_gaps_ms"], "launch gaps (GPU idle)"
     rows = [(c, ms) for c, ms in p["categories_ms"].items()]
-    rows += [
-        ("of which: recompute (checkpointing)", p["recompute_ms"]),
-        ("launch gaps (GPU idle)", p["launch_gaps_ms"]),
-    ]
+    rows += [("of which: recompute (checkpointing)", p["recompute_ms"]), (gap_name, gaps)]
     lines = ["| where | ms | share of the update |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.0f} | {100 * ms / wall:.1f}% |" for name, ms in rows]
     lines.append(f"| **update wall time (profiled)** | {wall:.0f} | 100% |")
+    if "kernels" in p:
+        lines.append(f"\n{p['kernels']} kernels in the update.")
     return "\n".join(lines)

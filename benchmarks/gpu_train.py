@@ -520,7 +520,8 @@ def _profile_lines(res: dict) -> list[str]:
     for phase, r in res["phases"].items():
         if "profile" in r:
             out += ["", f"Profile of one update (the second) of phase {phase}, `torch.profiler`, kernel time:", ""]
-            out.append(gpu_profile.render(r["profile"]))
+            steps = r.get("step_seconds") or []
+            out.append(gpu_profile.render(r["profile"], update_s=steps[1] if len(steps) > 1 else None))
     return out
 
 
@@ -584,48 +585,49 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _argv_value(argv: list[str], flag: str):
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def _memory_row(res: dict, phase: str, r: dict) -> list[str]:
+    """One row of the memory table: family, card (and cap), phase, fake updates, flags, result, time, peaks."""
+    env, argv = res["env"], r.get("argv") or []
+    card = env["device"].replace("NVIDIA ", "")
+    card += f", cap {res['cap_gib']:g} GiB" if res.get("cap_gib") is not None else ", no cap"
+    fakes = _argv_value(argv, "--fake_updates_per_step") or "-"
+    if "flags_after_plan" in r:
+        flags = " ".join(r["flags_after_plan"] or []) or "-"
+    else:  # recorded before `--memory auto` existed: the memory flags the script ran with
+        flags = " ".join(a for a in argv if a.lstrip("-") in PLAN_FLAGS) + " (before `--memory auto`)"
+    head = [DEVICE_NAMES[res["model"]], card, phase, fakes, flags]
+    if "error" in r:
+        what = "stops before loading" if r.get("before_load") else "out of memory while training"
+        return [*head, what, "-", "-", "-"]
+    peaks = [f"{r['peak_allocated_gib']}", f"{r['peak_device_gib']}"]
+    return [*head, "trains", f"{r['seconds_per_update']:.1f}", *peaks]
+
+
 def render_memory_table(results: list[dict]) -> str:
-    """One row per family x cap x phase from `--cap_gib` runs (and uncapped ones): the flags the plan chose, time
-    per update and peak memory, or where it stopped."""
+    """One row per family x card (and cap) x phase from `--cap_gib` runs and uncapped ones: the flags the plan chose,
+    time per update and peak memory, or where it stopped; in the order of the families, then the smallest budget."""
+    order = list(DEVICE_NAMES)
+
+    def budget(res):
+        return res["cap_gib"] if res.get("cap_gib") is not None else res["env"].get("gpu_memory_gib", 1e9)
+
     rows = []
-    for res in results:
-        cap = f"{res['cap_gib']:g} GiB" if res.get("cap_gib") is not None else "none"
-        for phase, r in res["phases"].items():
-            flags = " ".join(r.get("flags_after_plan") or []) or "-"
-            if "error" in r:
-                what = "stops before loading" if r.get("before_load") else "out of memory while training"
-                rows.append([DEVICE_NAMES[res["model"]], cap, phase, flags, what, "-", "-", "-"])
-                continue
-            rows.append(
-                [
-                    DEVICE_NAMES[res["model"]],
-                    cap,
-                    phase,
-                    flags,
-                    "trains",
-                    f"{r['seconds_per_update']:.1f}",
-                    f"{r['peak_allocated_gib']}",
-                    f"{r['peak_device_gib']}",
-                ]
-            )
-    devices = sorted({res["env"]["device"] for res in results})
-    header = [
-        "family",
-        "cap",
-        "phase",
-        "flags after `--memory auto`",
-        "result",
-        "s / update",
-        "alloc GiB",
-        "device GiB",
-    ]
+    for res in sorted(results, key=lambda res: (order.index(res["model"]), budget(res))):
+        rows += [_memory_row(res, phase, r) for phase, r in sorted(res["phases"].items())]
+    header = ["family", "card", "phase", "fake updates", "flags", "result", "s / update", "alloc GiB", "device GiB"]
     return "\n".join(
         [
-            "## Training with default flags under a memory cap (`--memory auto`)",
+            "## Training with default flags: the memory plan on each card (`--memory auto`)",
             "",
-            f"Device(s): {', '.join(devices)}. Each row: `benchmarks/gpu_train.py --model M --cap_gib C` (the sections"
-            " `gpu_train_<model>_cap<C>` below hold each command); the cap is `torch.cuda.set_per_process_memory_"
-            "fraction`, standing in for an 80 GB (79 GiB) and a 48 GB (44 GiB) card.",
+            "Each row: `benchmarks/gpu_train.py --model M [--cap_gib C]`, one script run per phase (the commands are"
+            " in the sections `gpu_train_<model>[_cap<C>]`). A cap is `torch.cuda.set_per_process_memory_fraction`,"
+            " standing in for a smaller card (79 GiB: 80 GB class, 44 GiB: 48 GB class); flags: those the script"
+            " ran with once the plan had added its own. Random weights at the published configs; time per update:"
+            " median after the first (compiling) update.",
             "",
             gc_.md_table(header, rows),
         ]
@@ -678,7 +680,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.from_json:  # re-render the doc section of a result that came back from the GPU machine
         res = gc_.load_json(args.from_json)
-        gc_.write_section(args.doc, res.get("section", f"{NAME}_{res['model']}"), render(res))
+        section = args.section or res.get("section", f"{NAME}_{res['model']}")  # --section: a name of its own
+        gc_.write_section(args.doc, section, render(res))
         print(render(res))
         return res
     if args.memory_table:

@@ -115,3 +115,36 @@ def test_profile_categories_and_busy_time():
     assert (lora, text, bias) == ("LoRA side paths", "base matmuls", "LoRA side paths")
     assert gp.categorize(["aten::mm", "Optimizer.step#AdamW.step"], [], 64) == "optimizer"
     assert gp.categorize(["aten::_flash_attention_backward"], [], 64) == "attention"
+
+
+def test_profile_counts_kernels_not_the_gpu_ranges_of_annotations():
+    """The GPU-side range of a `record_function` (a user annotation, spanning the gaps between its kernels) is no
+    kernel: busy time is the union of the kernels alone, and the gaps are the wall time minus it."""
+    from types import SimpleNamespace as NS
+
+    import gpu_profile as gp
+    from torch.autograd import DeviceType
+
+    def gpu(start, end, annotation=False):
+        return NS(device_type=DeviceType.CUDA, time_range=NS(start=start, end=end), is_user_annotation=annotation)
+
+    op = NS(device_type=DeviceType.CPU, name="aten::mm", cpu_parent=None, input_shapes=[[8, 8], [8, 8]])
+    op.self_device_time_total = 30.0
+    events = [op, gpu(0, 10), gpu(50, 70), gpu(0, 100, annotation=True)]
+    p = gp.profile_table(events, rank=4, wall_us=200.0, on_gpu=True)
+    assert p["busy_ms"] == 30 / 1e3 and p["launch_gaps_ms"] == 170 / 1e3 and p["kernels"] == 2
+    assert p["categories_ms"]["base matmuls"] == 30 / 1e3
+    table = gp.render(p)
+    assert "| launch gaps (GPU idle) | 0 | 85.0% |" in table and "2 kernels" in table
+
+
+def test_profile_recorded_before_the_fix_renders_from_the_update_clock():
+    """Results without `kernels` (wall after the profiler's flush, annotation ranges as busy): the update's wall time
+    comes from the script's clock and the rest is the wall time minus the kernel time charged to operators."""
+    import gpu_profile as gp
+
+    old = {"wall_ms": 16000.0, "busy_ms": 11000.0, "launch_gaps_ms": 5000.0, "recompute_ms": 100.0}
+    old["categories_ms"] = {c: 0.0 for c in gp.CATEGORIES} | {"base matmuls": 6000.0, "attention": 1500.0}
+    table = gp.render(old, update_s=10.0)
+    assert "| the rest: GPU idle (launch gaps, syncs), at most | 2500 | 25.0% |" in table
+    assert "| **update wall time (profiled)** | 10000 | 100% |" in table
