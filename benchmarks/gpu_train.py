@@ -519,7 +519,13 @@ def _profile_lines(res: dict) -> list[str]:
     out = []
     for phase, r in res["phases"].items():
         if "profile" in r:
-            out += ["", f"Profile of one update (the second) of phase {phase}, `torch.profiler`, kernel time:", ""]
+            head = f"Profile of one update (the second) of phase {phase}, `torch.profiler`, kernel time"
+            if r.get("updates", 0) <= 2:  # the table's time per update is the profiled one
+                head += (
+                    ". The table above times this profiled update: the profiler's host overhead slows it, so its"
+                    " time and MFU are not those of an unprofiled update"
+                )
+            out += ["", head + ":", ""]
             steps = r.get("step_seconds") or []
             out.append(gpu_profile.render(r["profile"], update_s=steps[1] if len(steps) > 1 else None))
     return out

@@ -144,7 +144,7 @@ def test_profile_recorded_before_the_fix_renders_from_the_update_clock():
     import gpu_profile as gp
 
     old = {"wall_ms": 16000.0, "busy_ms": 11000.0, "launch_gaps_ms": 5000.0, "recompute_ms": 100.0}
-    old["categories_ms"] = {c: 0.0 for c in gp.CATEGORIES} | {"base matmuls": 6000.0, "attention": 1500.0}
+    old["categories_ms"] = dict.fromkeys(gp.CATEGORIES, 0.0) | {"base matmuls": 6000.0, "attention": 1500.0}
     table = gp.render(old, update_s=10.0)
     assert "| the rest: GPU idle (launch gaps, syncs), at most | 2500 | 25.0% |" in table
     assert "| **update wall time (profiled)** | 10000 | 100% |" in table
