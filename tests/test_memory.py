@@ -8,6 +8,7 @@ memory under a 79 GiB cap; adding `--offload_activations` fitted, exact bf16).
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,11 +114,14 @@ def test_full_size_counts_match_the_published_figures(config_bases):
 def _measured():
     """`(family, argv, phase, peak allocated GiB)` of every measured training run in benchmarks/results/."""
     names = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-ti2v-5b": "wan2.2-ti2v-5b"}
+    names["wan-i2v-a14b"] = "wan2.2-i2v-a14b"
     out = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("train_*.json")):
         res = json.loads(path.read_text())
         for phase, r in res["phases"].items():
-            out.append((path.name, names[res["model"]], r["argv"], int(phase), r["peak_allocated_gib"]))
+            if "error" not in r:  # a run the plan stopped before loading has no peak (the next test has them)
+                argv = r["argv"] + [f for f in r.get("flags_after_plan") or [] if f not in r["argv"]]  # the plan's
+                out.append((path.name, names[res["model"]], argv, int(phase), r["peak_allocated_gib"]))
     return out
 
 
@@ -134,6 +138,31 @@ def test_estimate_is_close_to_the_measured_peak(config_bases, name, family, argv
     estimate = memory.phase_peak(sz, work, memory.given_flags(args), phase)["total"] / GIB
     assert abs(estimate - measured) < 2.5, (name, estimate, measured)
     assert measured * GIB <= estimate * GIB + memory.margin_bytes(estimate * GIB)
+
+
+def test_runs_measured_under_a_cap_get_the_same_plan_again(config_bases):
+    """Every run of benchmarks/results/ made under a cap (`gpu_train.py --cap_gib`): the plan at that budget adds the
+    flags it added on the GPU, or stops before loading where it stopped there (T2V-A14B and I2V-A14B phase 1 at 44 GiB,
+    H100)."""
+    names = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-i2v-a14b": "wan2.2-i2v-a14b"}
+    names["wan-ti2v-5b"] = "wan2.2-ti2v-5b"
+    seen = 0
+    for path in sorted((ROOT / "benchmarks" / "results").glob("train_*.json")):
+        res = json.loads(path.read_text())
+        if res.get("cap_gib") is None:
+            continue
+        for phase, r in res["phases"].items():
+            family, seen = names[res["model"]], seen + 1
+            # the budget the plan read there, from its log line or its error
+            budget = float(re.search(r"([0-9.]+) GiB available", r.get("memory_plan") or r["error"]).group(1)) * GIB
+            if r.get("before_load"):
+                with pytest.raises(memory.MemoryPlanError):
+                    _plan(config_bases, family, budget, "--train_phase", phase)
+                continue
+            args, _ = _plan(config_bases, family, budget, "--train_phase", phase)
+            flags = [f"--{n}" for n in memory.PLAN_FLAGS if getattr(args, n)]
+            assert flags == r["flags_after_plan"], (path.name, phase)
+    assert seen >= 5
 
 
 def test_estimate_explains_the_issue_22_runs(config_bases):
