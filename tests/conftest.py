@@ -34,3 +34,13 @@ def _attention_backend_restored():
     active = _AttentionBackendRegistry.get_active_backend()[0]
     yield
     _AttentionBackendRegistry.set_active_backend(active)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps its state (mixed precision among it) per process: a script run by an earlier test in the same
+    worker must not decide the precision of the next one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield

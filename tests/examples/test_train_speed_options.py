@@ -564,3 +564,35 @@ def _fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_updates_read_back_one_value_per_loss_and_no_conditioning(bases, tmp_path, monkeypatch):
+    """Host reads of the per-update code (each a device sync on CUDA, where the GPU then idles until the host
+    launches again): per loss one finiteness check (`check_finite`) and one read of its logged values (`tolist`);
+    none while drawing a batch (the padding cut reads a CPU copy of the cached mask, made once)."""
+    import collections
+
+    counts = collections.Counter()
+    watched = ("training/steps.py", "training/losses.py", "training/data.py", "training/simulate.py")
+
+    def wrap(name):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, **k):
+            frame = sys._getframe(1)
+            site = next((w for w in watched if frame.f_code.co_filename.endswith(w)), None)
+            if site is not None:
+                counts[(site, name)] += 1
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    for name in ("item", "tolist", "cpu", "__bool__"):
+        wrap(name)
+    _run(bases, "qwen-image", tmp_path / "out", "--cache_text_embeddings", steps=1, fakes=2)
+    losses = 2 * (2 + 1)  # two phases, each 2 fake updates and 1 generator update
+    assert counts[("training/losses.py", "tolist")] == losses
+    assert counts[("training/losses.py", "item")] == 0
+    assert counts[("training/steps.py", "__bool__")] == losses  # check_finite
+    assert counts[("training/data.py", "cpu")] <= 1  # the cached mask, once
+    assert counts[("training/data.py", "item")] == 0

@@ -100,7 +100,7 @@ def select_cond(cond: dict, index: torch.Tensor, n: int) -> dict:
     out = {}
     for key, value in cond.items():
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
-            out[key] = value[index.to(value.device)]
+            out[key] = value[index.to(value.device, non_blocking=True)]  # a pageable copy: no stream sync
         elif isinstance(value, list) and len(value) == n:
             out[key] = [value[i] for i in index.tolist()]
         else:
@@ -145,7 +145,7 @@ def cat_cond(a: dict, b: dict, n: int) -> dict:
     return out
 
 
-def trim_padding(cond: dict) -> dict:
+def trim_padding(cond: dict, host_mask: torch.Tensor | None = None) -> dict:
     """Cut a batch's prompt embeddings after the last real token of its longest prompt; drop a mask that is then
     all ones (`None`), as diffusers' pipelines pass it.
 
@@ -156,11 +156,13 @@ def trim_padding(cond: dict) -> dict:
     mask, embeds = cond.get("prompt_embeds_mask"), cond.get("prompt_embeds")
     if not isinstance(mask, torch.Tensor) or not isinstance(embeds, torch.Tensor):
         return cond
-    real = mask.bool().any(dim=0).cpu()
+    # `host_mask`: the same mask on the CPU (the cached prompts keep one): no device sync to read the lengths
+    host = (host_mask if host_mask is not None else mask.cpu()).bool()
+    real = host.any(dim=0)
     length = int(real.nonzero().max()) + 1 if bool(real.any()) else mask.shape[1]
     mask = mask[:, :length]
     out = dict(cond, prompt_embeds=embeds[:, :length], prompt_embeds_mask=mask)
-    if bool(mask.bool().all()):
+    if bool(host[:, :length].all()):
         out["prompt_embeds_mask"] = None
     return out
 
@@ -175,7 +177,7 @@ def cfg_batchable(cond: dict, negative: dict) -> bool:
 
 
 def to_device(cond: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
 
 @dataclass
@@ -204,6 +206,7 @@ class TextConditions:
         self.batch_size = settings.recipe.train_batch_size
         recipe, val_prompts = settings.recipe, settings.validation_prompts
         self.all = self.validation = self.real = None
+        self._host_masks = {}  # id of a cached conditioning dict -> its prompt mask on the CPU (`for_batch`)
         if settings.cache_text_embeddings:
             self.all = self.encode(prompts)
             self.real = self.encode(self.captions) if self.captions else None
@@ -234,7 +237,13 @@ class TextConditions:
         d = self.d
         texts, cached = (self.captions, self.real) if captions else (self.prompts, self.all)
         if cached is not None:
-            cond = trim_padding(select_cond(cached, index, len(texts)))
+            mask = cached.get("prompt_embeds_mask")
+            host_mask = None
+            if isinstance(mask, torch.Tensor):
+                if id(cached) not in self._host_masks:  # read once: cutting each batch's padding needs no sync
+                    self._host_masks[id(cached)] = mask.cpu()
+                host_mask = self._host_masks[id(cached)][index]
+            cond = trim_padding(select_cond(cached, index, len(texts)), host_mask)
         else:
             cond = self.encode([texts[i] for i in index.tolist()])
         cond = dict(cond, **d.family.size_cond(*size, batch_size=len(index)))
@@ -267,7 +276,7 @@ class Batches:
         index = torch.randint(len(self.text.prompts), (n,), generator=gen)[self.mine]
         z = d.family.prepare_latents(d.components, n, *size, gen, "cpu", torch.float32)
         sigmas, shift = d.schedule(*size)
-        return Batch(z[self.mine].to(d.device), self.text.for_batch(index, size), sigmas, shift)
+        return Batch(z[self.mine].to(d.device, non_blocking=True), self.text.for_batch(index, size), sigmas, shift)
 
     def draw_real(self) -> Batch:
         """A batch of the real latents (`x_real`, the run's one size) with their captions' conditioning, and the
@@ -291,6 +300,7 @@ class Batches:
             lo, hi = margin_t_bounds(float(s), batch.shift, r.t_margin, r.t_lowest, r.t_highest)
             bounds = {"min_gap": max(lo - float(s), 1e-3), "t_max": hi}
         t = sample_t(s, n, self.gen, sampling=self.sampling, shift=batch.shift, **self.logit, **bounds)
-        t = t[self.mine].to(device)
-        eps = torch.randn((n, *like.shape[1:]), generator=self.gen)[self.mine].to(device)
+        # pageable host-to-device copies with `non_blocking`: no stream sync between back-simulation and the loss
+        t = t[self.mine].to(device, non_blocking=True)
+        eps = torch.randn((n, *like.shape[1:]), generator=self.gen)[self.mine].to(device, non_blocking=True)
         return t, eps

@@ -127,7 +127,8 @@ def fake_score_loss(
     else:
         c = torch.ones_like(mse)
     loss = (c.to(mse.dtype) * mse).mean()
-    return loss, {"fake_loss": loss.item(), "fake_mse": mse.mean().item()}
+    fake_loss, fake_mse = torch.stack([loss.detach(), mse.mean().detach()]).tolist()  # one device sync, not two
+    return loss, {"fake_loss": fake_loss, "fake_mse": fake_mse}
 
 
 def dmd_loss(
@@ -177,4 +178,5 @@ def dmd_loss(
             grad = expand_like(dmd_weight(s_b, t), x_t) * (v_real - v_fake)
         target = (x_s_.float() - grad).to(x_s.dtype)
     loss = 0.5 * ((x_s - target) ** 2).mean()
-    return loss, {"dmd_loss": loss.item(), "dmd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+    values = torch.stack([loss.detach().float(), grad.flatten(1).norm(dim=1).mean().float()]).tolist()  # one sync
+    return loss, {"dmd_loss": values[0], "dmd_grad_norm": values[1]}

@@ -3,7 +3,8 @@
 Each step draws its batches from [`Batches`](data.py), back-simulates them with [`generator_sample`], computes its
 loss from `losses.py` and takes one optimizer step. A step reads nothing of the flags but its [`Recipe`]; optional
 parts of a recipe (a diversity loss, IDA, fake-on-real, ...) are small functions of their own, called where the comments below
-say, when their flag is on. Neither step reads a tensor back to the host except the finiteness check of its loss.
+say, when their flag is on. Neither step reads a tensor back to the host (a device sync) but, per loss, its
+finiteness check and one read of its logged values; drawing a batch reads none.
 """
 
 from __future__ import annotations
