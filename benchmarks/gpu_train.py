@@ -233,6 +233,7 @@ def run_script(args, script, loader, argv, meter: Meter) -> dict:
 
     def load(script_args, dtype):
         loaded["flags"] = [f"--{n}" for n in PLAN_FLAGS if getattr(script_args, n, False)]
+        loaded["uncheckpointed_blocks"] = getattr(script_args, "uncheckpointed_blocks", None)
         return loader(script_args, dtype)
 
     logging.getLogger("diffusers_pdmd.train").addHandler(handler)
@@ -249,6 +250,8 @@ def run_script(args, script, loader, argv, meter: Meter) -> dict:
         logging.getLogger("diffusers_pdmd.train").removeHandler(handler)
     out["memory_plan"] = handler.lines[-1] if handler.lines else None
     out["flags_after_plan"] = loaded.get("flags")
+    if loaded.get("uncheckpointed_blocks"):  # blocks the plan (or the flags) left uncheckpointed
+        out["uncheckpointed_blocks"] = loaded["uncheckpointed_blocks"]
     if profiler is not None and profiler.result is not None:
         out["profile"] = profiler.result
     return out
@@ -603,6 +606,7 @@ def _memory_row(res: dict, phase: str, r: dict) -> list[str]:
     fakes = _argv_value(argv, "--fake_updates_per_step") or "-"
     if "flags_after_plan" in r:
         flags = " ".join(r["flags_after_plan"] or []) or "-"
+        flags += f" --uncheckpointed_blocks {r['uncheckpointed_blocks']}" if r.get("uncheckpointed_blocks") else ""
     else:  # recorded before `--memory auto` existed: the memory flags the script ran with
         flags = " ".join(a for a in argv if a.lstrip("-") in PLAN_FLAGS) + " (before `--memory auto`)"
     head = [DEVICE_NAMES[res["model"]], card, phase, fakes, flags]

@@ -121,6 +121,8 @@ def _measured():
         for phase, r in res["phases"].items():
             if "error" not in r:  # a run the plan stopped before loading has no peak (the next test has them)
                 argv = r["argv"] + [f for f in r.get("flags_after_plan") or [] if f not in r["argv"]]  # the plan's
+                if r.get("uncheckpointed_blocks") and "--uncheckpointed_blocks" not in argv:
+                    argv += ["--uncheckpointed_blocks", str(r["uncheckpointed_blocks"])]
                 out.append((path.name, names[res["model"]], argv, int(phase), r["peak_allocated_gib"]))
     return out
 
@@ -128,7 +130,10 @@ def _measured():
 @pytest.mark.parametrize("name,family,argv,phase,measured", _measured(), ids=lambda v: str(v)[:40])
 def test_estimate_is_close_to_the_measured_peak(config_bases, name, family, argv, phase, measured):
     """Each measured run's peak allocated memory (GPU, the example scripts at full size) is within 2.5 GiB of the
-    estimate, and never above the estimate plus the margin the plan keeps."""
+    estimate, and never above the estimate plus the margin the plan keeps. Qwen-Image's estimate may be up to 5 GiB
+    high: it counts `--max_sequence_length` (512) text rows in every block where the runs' prompts have under 32
+    tokens (with 35 blocks uncheckpointed: 35 x 0.8 x 480 rows x 141 kB = 1.8 GiB), on top of the 2.4 GiB it is high
+    with every block checkpointed."""
     argv = list(argv)
     argv[argv.index("--pretrained_model_name_or_path") + 1] = str(config_bases[family])
     args = build_parser("t", video=family != "qwen-image").parse_args(argv)
@@ -136,7 +141,7 @@ def test_estimate_is_close_to_the_measured_peak(config_bases, name, family, argv
     sz = memory.family_sizes(memory.read_base_configs(args.pretrained_model_name_or_path), fam)
     work = memory.workload_from_args(args, fam, make_plan(args, fam), sizes(args), 4, "bf16", True)
     estimate = memory.phase_peak(sz, work, memory.given_flags(args), phase)["total"] / GIB
-    assert abs(estimate - measured) < 2.5, (name, estimate, measured)
+    assert -2.5 < estimate - measured < (5.0 if family == "qwen-image" else 2.5), (name, estimate, measured)
     assert measured * GIB <= estimate * GIB + memory.margin_bytes(estimate * GIB)
 
 
@@ -165,18 +170,38 @@ def test_runs_measured_under_a_cap_get_the_same_plan_again(config_bases):
     assert seen >= 5
 
 
+def test_runs_that_kept_blocks_get_the_same_count_again(config_bases):
+    """Every run of benchmarks/results/ whose plan left blocks uncheckpointed (Qwen-Image 35 of 60 on an H100,
+    I2V-A14B phase 0 3 of 40 under a 79 GiB cap, TI2V-5B 3 of 30 under 44 GiB): the plan at the budget it read
+    there keeps as many again."""
+    names = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-i2v-a14b": "wan2.2-i2v-a14b"}
+    names["wan-ti2v-5b"] = "wan2.2-ti2v-5b"
+    seen = 0
+    for path in sorted((ROOT / "benchmarks" / "results").glob("train_*.json")):
+        res = json.loads(path.read_text())
+        for phase, r in res["phases"].items():
+            if not r.get("uncheckpointed_blocks"):
+                continue
+            seen += 1
+            budget = float(re.search(r"([0-9.]+) GiB available", r["memory_plan"]).group(1)) * GIB
+            args, _ = _plan(config_bases, names[res["model"]], budget, "--train_phase", phase)
+            assert args.uncheckpointed_blocks == r["uncheckpointed_blocks"], (path.name, phase)
+    assert seen >= 4
+
+
 def test_estimate_explains_the_issue_22_runs(config_bases):
     """T2V-A14B under a 79 GiB cap: `--offload_idle_transformers` alone ran out of memory at 75.3 GiB allocated with
     864 MiB more asked; with `--offload_activations` too it peaked at 74.9 GiB allocated. I2V-A14B defaults: 97.0 GiB
     on the device uncapped."""
     one = ("--train_phase", "1")  # benchmarks/gpu_train.py runs one phase per call; phase 1 is the larger
+    one += ("--uncheckpointed_blocks", "0")  # those runs checkpointed every block
     _, plan = _plan(config_bases, "wan2.2-t2v-a14b", BUDGETS["h200"], *one, "--offload_idle_transformers")
     assert plan.peak_bytes > (75.3 + 0.84) * GIB  # the OOM: it needed more than that
     _, plan = _plan(
         config_bases, "wan2.2-t2v-a14b", BUDGETS["h200"], *one, "--offload_idle_transformers", "--offload_activations"
     )
     assert abs(plan.peak_bytes / GIB - 74.9) < 2.5 and plan.need_bytes <= 79 * GIB
-    _, plan = _plan(config_bases, "wan2.2-i2v-a14b", BUDGETS["h200"])
+    _, plan = _plan(config_bases, "wan2.2-i2v-a14b", BUDGETS["h200"], "--uncheckpointed_blocks", "0")
     assert plan.need_bytes <= 97.0 * GIB and plan.added == []
 
 
@@ -239,6 +264,39 @@ def test_48gb_card(config_bases):
             _plan(config_bases, family, BUDGETS["48gb"])
         text = str(err.value)
         assert "--offload_activations --base_fp8" in text and "Tried:" in text and "44.0 GiB" in text
+
+
+def test_leftover_memory_keeps_block_activations(config_bases):
+    """Under `--gradient_checkpointing` the memory the chosen flags leave keeps the last blocks' activations
+    (`--uncheckpointed_blocks`). Qwen-Image at 1024x1024 (4096 image + 512 text rows, W = 24 x 3072 + 6 x 12288 bytes
+    of working set per row): a kept block is estimated at 0.8 W a row instead of its 2 x 3072-byte input (measured on
+    an H100: 0.41 GiB per kept block, `train_qwen_kept_p*.json`); the plan counts it at W while filling and keeps the
+    most that leave the margin (3 GiB + 1%) free. On the H200 all 60 fit; with offloaded activations (A14B phase 1,
+    80 GB) none are kept."""
+    rows, width, step = 4096 + 512, 24 * 3072 + 6 * 12288, 2 * 3072
+    block, fill = rows * (0.8 * width - step), rows * (width - step)
+    assert abs(block / GIB - 0.41) < 0.1  # the measured cost per block
+    _, twenty = _plan(config_bases, "qwen-image", BUDGETS["80gb"], "--uncheckpointed_blocks", "20")  # as given
+    args, thirty = _plan(config_bases, "qwen-image", BUDGETS["80gb"], "--uncheckpointed_blocks", "30")
+    assert args.uncheckpointed_blocks == 30 and thirty.peak_bytes - twenty.peak_bytes == pytest.approx(10 * block)
+    args, plan = _plan(config_bases, "qwen-image", BUDGETS["80gb"])
+    n = args.uncheckpointed_blocks
+    assert 30 < n < 60 and plan.flags.uncheckpointed_blocks == n and f"--uncheckpointed_blocks {n}" in plan.line()
+    assert plan.peak_bytes == pytest.approx(thirty.peak_bytes + (n - 30) * block)
+    checkpointed = thirty.peak_bytes - 30 * block  # the phase's estimate with no block kept
+
+    def fits(peak):
+        return peak + 3 * GIB + 0.01 * peak <= BUDGETS["80gb"]
+
+    assert fits(checkpointed + n * fill) and not fits(checkpointed + (n + 1) * fill)
+    assert _plan(config_bases, "qwen-image", BUDGETS["h200"])[0].uncheckpointed_blocks == 60
+    args, _ = _plan(config_bases, "wan2.2-t2v-a14b", BUDGETS["80gb"], "--train_phase", "1")
+    assert args.offload_activations and args.uncheckpointed_blocks == 0
+    args = _args(config_bases["qwen-image"], "qwen-image", "--memory", "off")
+    assert memory.apply_memory_plan(args, get_family("qwen-image"), None, None, 4, _accelerator()) is None
+    assert args.uncheckpointed_blocks is None  # the Distiller checkpoints every block
+    with pytest.raises(ValueError, match="--uncheckpointed_blocks"):
+        check_speed_args(_args(config_bases["qwen-image"], "qwen-image", "--uncheckpointed_blocks", "-1"))
 
 
 def test_flags_the_user_passed_stay_on(config_bases):

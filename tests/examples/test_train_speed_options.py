@@ -596,3 +596,51 @@ def test_updates_read_back_one_value_per_loss_and_no_conditioning(bases, tmp_pat
     assert counts[("training/steps.py", "__bool__")] == losses  # check_finite
     assert counts[("training/data.py", "cpu")] <= 1  # the cached mask, once
     assert counts[("training/data.py", "item")] == 0
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "wan2.2-t2v-a14b"])
+def test_uncheckpointed_blocks_are_not_recomputed(family):
+    """`--uncheckpointed_blocks n`: the last n blocks run once, the others twice (forward and the recompute in
+    backward); the gradients are those of checkpointing every block, and of no checkpointing at all."""
+    from diffusers_pdmd.families import get_family
+    from diffusers_pdmd.training import adapters as ad
+    from diffusers_pdmd.training.roles import checkpointing_func
+
+    pipe = tiny.build_pipeline(family)
+    fam = get_family(pipe)
+    model = pipe.transformer.float()
+    ad.add_lora(model, "a", 4, 4, ad.lora_targets(family))
+    model.requires_grad_(False)
+    model.set_adapter("a")
+    for p in ad.adapter_parameters(model, "a"):
+        p.requires_grad_(True)
+        p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))  # B != 0: gradients reach every block
+    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
+    calls = [0] * len(blocks)
+    for i, b in enumerate(blocks):
+        b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    g = torch.Generator().manual_seed(0)
+    if family == "qwen-image":
+        x = torch.randn(1, 16, 16, generator=g)
+        cond = {"prompt_embeds": torch.randn(1, 7, 16, generator=g), "prompt_embeds_mask": None}
+        cond.update(fam.size_cond(32, 32, batch_size=1))
+    else:
+        x = torch.randn(1, model.config.in_channels, 2, 4, 4, generator=g)
+        cond = {"prompt_embeds": torch.randn(1, 7, model.config.text_dim, generator=g)}
+    grads = {}
+    for n in (None, 0, 1, len(blocks)):
+        calls[:] = [0] * len(blocks)
+        if n is None:
+            model.disable_gradient_checkpointing()
+        else:
+            model.enable_gradient_checkpointing(checkpointing_func(model, n))
+        model.zero_grad(set_to_none=True)
+        fam.velocity(model, x, torch.tensor([0.6]), cond).square().mean().backward()
+        # (the last block's text stream feeds nothing: its adapters get no gradient)
+        grads[n] = [torch.zeros(0) if p.grad is None else p.grad.clone() for p in ad.adapter_parameters(model, "a")]
+        kept = len(blocks) if n is None else n
+        assert calls == [2] * (len(blocks) - kept) + [1] * kept, (n, calls)
+    for n in (0, 1, len(blocks)):
+        for a, b in zip(grads[n], grads[None]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert len(blocks) >= 2 and any(g.abs().max() > 0 for g in grads[None])

@@ -288,6 +288,14 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
         help="Recompute each transformer block in backward instead of keeping its activations (less memory).",
     )
     g.add_argument(
+        "--uncheckpointed_blocks",
+        type=int,
+        default=None,
+        help="With --gradient_checkpointing: the last N blocks of each transformer keep their activations instead of "
+        "recomputing them in backward (faster, more memory). Default: as many as the memory plan fits in the memory "
+        "left over (--memory auto), else 0.",
+    )
+    g.add_argument(
         "--context_parallel_degree",
         type=int,
         default=1,
@@ -387,6 +395,8 @@ def check_speed_args(args) -> None:
             "`--compile` does not work with `--base_fp8` and `--gradient_checkpointing` (the recompute in backward "
             "fails); drop `--compile` (with `--base_fp8` the default is not to compile)."
         )
+    if args.uncheckpointed_blocks is not None and args.uncheckpointed_blocks < 0:
+        raise ValueError(f"`--uncheckpointed_blocks` must be >= 0, got {args.uncheckpointed_blocks}.")
     if args.fake_reuse_samples < 1:
         raise ValueError(f"`--fake_reuse_samples` must be >= 1, got {args.fake_reuse_samples}.")
     if args.base_fp8 and args.mixed_precision != "bf16":

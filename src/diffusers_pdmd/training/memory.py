@@ -50,6 +50,15 @@ SLOWDOWN = {
 # set in backward (recompute included), as multiples of the hidden width and of the MLP width.
 BLOCK_BYTES_PER_HIDDEN = 24
 BLOCK_BYTES_PER_FFN = 6
+# A block run without checkpointing (`--uncheckpointed_blocks`) keeps this fraction of its working set until its
+# backward (compiled, H100): Qwen-Image 0.41 GiB per kept block (51.0 -> 65.4 GiB allocated with 35 of 60 kept, 4096
+# image tokens), I2V-A14B phase 0 4.6 GiB (55.6 -> 69.5 GiB with 3 of 40, against T2V's run with none), TI2V-5B
+# 3.4 GiB (26.4 -> 36.7 GiB with 3 of 30): 0.76-0.78 of the working set at the runs' token counts.
+KEPT_BLOCK_FRACTION = 0.8
+# The plan fills the memory left over counting each kept block at its whole working set: the fifth it does not use
+# stays free beyond the margin (compiled runs reserved up to 10 GiB beyond their allocated peak: I2V-A14B phase 0
+# 69.5 allocated / 79.1 GiB on the device under a 79 GiB cap, 3 blocks kept).
+KEPT_BLOCK_FILL = 1.0
 FIXED_BYTES = 1 * GIB  # cuBLAS workspaces, the latents, the loss's fp32 tensors
 # Kept free beyond the estimate: allocator fragmentation under memory pressure (T2V-A14B under a 79 GiB cap: 1.8 GiB
 # reserved beyond the 74.9 GiB allocated where it fitted, 2.9 GiB where it ran out) and the estimate's error on the
@@ -139,13 +148,15 @@ class Workload:
 
 @dataclass(frozen=True)
 class Flags:
-    """The flags the plan reads and sets; `compile`: `True` (`--compile`), `False` (`--no_compile`) or `None`."""
+    """The flags the plan reads and sets; `compile`: `True` (`--compile`), `False` (`--no_compile`) or `None`;
+    `uncheckpointed_blocks`: blocks that keep their activations under `--gradient_checkpointing`."""
 
     gradient_checkpointing: bool = False
     offload_idle_transformers: bool = False
     offload_activations: bool = False
     base_fp8: bool = False
     compile: bool | None = None
+    uncheckpointed_blocks: int = 0
 
     def compiled(self, one_cuda_process: bool) -> bool:
         """Whether the blocks compile (the rule of `distill.compile_wanted`)."""
@@ -171,8 +182,11 @@ class MemoryPlan:
     def line(self) -> str:
         """The one log line of the plan."""
         added = " ".join(self.added) or "none"
+        kept = self.flags.uncheckpointed_blocks
+        final = " ".join(self.flags.names()) or "(none)"
+        final += f" --uncheckpointed_blocks {kept}" if self.flags.gradient_checkpointing else ""
         return (
-            f"Memory plan (--memory auto): flags added: {added}; final: {' '.join(self.flags.names()) or '(none)'}; "
+            f"Memory plan (--memory auto): flags added: {added}; final: {final}; "
             f"estimated peak {self.peak_bytes / GIB:.1f} GiB + margin = {self.need_bytes / GIB:.1f} GiB of "
             f"{self.budget_bytes / GIB:.1f} GiB available; {len(self.tried)} flag set(s) ranked before it did not fit."
         )
@@ -356,13 +370,16 @@ def trainable_bytes(sizes: ModelSizes, work: Workload, phase: int, on_device) ->
     return adapters, optimizer, gradients
 
 
-def activation_bytes(sizes: ModelSizes, work: Workload, flags: Flags) -> float:
+def activation_bytes(
+    sizes: ModelSizes, work: Workload, flags: Flags, kept_fraction: float = KEPT_BLOCK_FRACTION
+) -> float:
     """Activations of one forward with gradient and its backward.
 
     With gradient checkpointing each block keeps its input (`tokens x hidden` bf16, plus the text stream where the
     text runs through the blocks), in pinned CPU memory under `--offload_activations`; the block being recomputed
-    holds its whole working set ([`BLOCK_BYTES_PER_HIDDEN`], [`BLOCK_BYTES_PER_FFN`] per token). Without
-    checkpointing every block keeps its working set.
+    holds its whole working set ([`BLOCK_BYTES_PER_HIDDEN`], [`BLOCK_BYTES_PER_FFN`] per token), and each of the
+    `uncheckpointed_blocks` keeps `kept_fraction` of it instead of its input. Without checkpointing every
+    block keeps its working set.
     """
     rows = work.batch * (work.tokens + (work.text_tokens if sizes.joint_text else 0))
     block = rows * (BLOCK_BYTES_PER_HIDDEN * sizes.hidden + BLOCK_BYTES_PER_FFN * sizes.ffn)
@@ -372,14 +389,15 @@ def activation_bytes(sizes: ModelSizes, work: Workload, flags: Flags) -> float:
     if not flags.gradient_checkpointing:
         saved = sizes.layers * block
         return (saved / 2 if flags.offload_activations else saved) + time_embedding  # ~half: block inputs, outputs
-    inputs = sizes.layers * rows * sizes.hidden * 2
+    kept = min(flags.uncheckpointed_blocks, sizes.layers)
+    inputs = (sizes.layers - kept) * rows * sizes.hidden * 2
     if flags.offload_activations:
         inputs *= FP8_OFFLOAD_RESIDUE if flags.base_fp8 else 0
-    return inputs + block + time_embedding
+    return inputs + kept * kept_fraction * block + block + time_embedding
 
 
-def phase_peak(sizes: ModelSizes, work: Workload, flags: Flags, phase: int) -> dict:
-    """Peak allocated bytes while `phase` trains, by part."""
+def phase_peak(sizes: ModelSizes, work: Workload, flags: Flags, phase: int, kept_fraction=KEPT_BLOCK_FRACTION) -> dict:
+    """Peak allocated bytes while `phase` trains, by part (`kept_fraction`: [`activation_bytes`])."""
     n = len(sizes.transformer_params)
     on_device = sorted(work.uses[phase]) if flags.offload_idle_transformers else range(n)
     adapters, optimizer, gradients = trainable_bytes(sizes, work, phase, on_device)
@@ -393,7 +411,7 @@ def phase_peak(sizes: ModelSizes, work: Workload, flags: Flags, phase: int) -> d
         "adapters": adapters,
         "optimizer": optimizer,
         "gradients": gradients,
-        "activations": activation_bytes(sizes, work, flags),
+        "activations": activation_bytes(sizes, work, flags, kept_fraction),
         "other": other,
     }
     parts["total"] = sum(parts.values())
@@ -408,9 +426,9 @@ def encode_peak(sizes: ModelSizes, work: Workload, flags: Flags) -> float:
     return weight_bytes(sizes, work, flags, on_device) + encoder + FIXED_BYTES
 
 
-def estimate_peak(sizes: ModelSizes, work: Workload, flags: Flags) -> float:
+def estimate_peak(sizes: ModelSizes, work: Workload, flags: Flags, kept_fraction=KEPT_BLOCK_FRACTION) -> float:
     """Peak allocated device bytes of the run: the largest of its trained phases' peaks and the encoding's."""
-    phases = max(phase_peak(sizes, work, flags, k)["total"] for k in work.trained)
+    phases = max(phase_peak(sizes, work, flags, k, kept_fraction)["total"] for k in work.trained)
     return max(phases, encode_peak(sizes, work, flags))
 
 
@@ -487,6 +505,25 @@ def choose_flags(
         "`--resolution`/`--height`/`--width`/`--num_frames`, a lower `--lora_rank`, `--cache_text_embeddings`, "
         "several GPUs (FSDP2, examples/phased_dmd/README.md); `--memory off` runs the flags as given."
     )
+
+
+def keep_activations(plan: MemoryPlan, sizes: ModelSizes, work: Workload) -> MemoryPlan:
+    """`plan` with as many `uncheckpointed_blocks` as its budget holds: under `--gradient_checkpointing` (and
+    without `--offload_activations`), the memory the chosen flags leave over keeps the activations of the last
+    blocks instead of recomputing them in backward. Each is counted at its whole working set while filling
+    ([`KEPT_BLOCK_FILL`]); the plan reports the estimate ([`KEPT_BLOCK_FRACTION`])."""
+    flags = plan.flags
+    if not flags.gradient_checkpointing or flags.offload_activations:
+        return plan
+    best = plan
+    for n in range(flags.uncheckpointed_blocks + 1, sizes.layers + 1):
+        more = replace(flags, uncheckpointed_blocks=n)
+        filled = estimate_peak(sizes, work, more, KEPT_BLOCK_FILL)
+        if filled + margin_bytes(filled) > plan.budget_bytes:
+            break
+        peak = estimate_peak(sizes, work, more)
+        best = replace(plan, flags=more, peak_bytes=peak, need_bytes=peak + margin_bytes(peak))
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,7 +622,8 @@ def device_budget(device) -> float:
 
 def given_flags(args) -> Flags:
     compile_ = True if args.compile else (False if args.no_compile else None)
-    return Flags(**{n: bool(getattr(args, n)) for n in PLAN_FLAGS}, compile=compile_)
+    kept = getattr(args, "uncheckpointed_blocks", None) or 0
+    return Flags(**{n: bool(getattr(args, n)) for n in PLAN_FLAGS}, compile=compile_, uncheckpointed_blocks=kept)
 
 
 def apply_memory_plan(args, family, plan, buckets, num_prompts: int, accelerator, budget_bytes: float | None = None):
@@ -618,7 +656,9 @@ def apply_memory_plan(args, family, plan, buckets, num_prompts: int, accelerator
     work = workload_from_args(args, family, plan, buckets, num_prompts, accelerator.mixed_precision, one_cuda)
     budget = budget_bytes if budget_bytes is not None else device_budget(device)
     result = choose_flags(sizes, work, given_flags(args), budget, accelerator.mixed_precision)
-    for name in PLAN_FLAGS:
+    if args.uncheckpointed_blocks is None:
+        result = keep_activations(result, sizes, work)
+    for name in (*PLAN_FLAGS, "uncheckpointed_blocks"):
         setattr(args, name, getattr(result.flags, name))
     logger.info(result.line())
     return result

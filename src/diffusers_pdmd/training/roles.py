@@ -18,6 +18,7 @@ import contextlib
 import logging
 
 import torch
+import torch.utils.checkpoint
 
 from ..schedulers import PhasedDMDScheduler
 from . import adapters as ad
@@ -62,6 +63,21 @@ def compile_wanted(args, accelerator) -> bool:
     return accelerator.device.type == "cuda" and accelerator.num_processes == 1
 
 
+def checkpointing_func(model, uncheckpointed: int):
+    """diffusers' gradient-checkpointing function for `model` (`enable_gradient_checkpointing`): its last
+    `uncheckpointed` repeated blocks (`model._repeated_blocks`) run as they are and keep their activations, the
+    others are recomputed in backward (`torch.utils.checkpoint`, non-reentrant, as diffusers' default)."""
+    blocks = [m for m in model.modules() if type(m).__name__ in (getattr(model, "_repeated_blocks", None) or ())]
+    kept = {id(m) for m in blocks[len(blocks) - min(uncheckpointed, len(blocks)) :]} if uncheckpointed else set()
+
+    def checkpoint(block, *args):
+        if id(block) in kept:
+            return block(*args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    return checkpoint
+
+
 class Distiller:
     """Holds the models and answers velocity queries for each role (see the module docstring)."""
 
@@ -76,7 +92,7 @@ class Distiller:
             model = self.components[name]
             model.requires_grad_(False)
             if args.gradient_checkpointing:
-                model.enable_gradient_checkpointing()
+                model.enable_gradient_checkpointing(checkpointing_func(model, args.uncheckpointed_blocks or 0))
             if args.attention_backend:
                 model.set_attention_backend(args.attention_backend)
             self.models[name] = model

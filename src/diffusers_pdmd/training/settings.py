@@ -105,6 +105,7 @@ class Settings:
     # -- speed and memory (new memory fields go here, named as their flags)
     mixed_precision: str | None
     gradient_checkpointing: bool
+    uncheckpointed_blocks: int | None  # None: 0 unless the memory plan set it
     attention_backend: str | None
     compile: bool
     no_compile: bool
