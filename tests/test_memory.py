@@ -290,6 +290,14 @@ def test_leftover_memory_keeps_block_activations(config_bases):
 
     assert fits(checkpointed + n * fill) and not fits(checkpointed + (n + 1) * fill)
     assert _plan(config_bases, "qwen-image", BUDGETS["h200"])[0].uncheckpointed_blocks == 60
+    # under --base_fp8 a kept block's matmuls save bf16 copies of its weights (layerwise casting, checked below):
+    # the plan keeps none there, and counts the copies of blocks kept by the flag (Qwen-Image: 20.4 B / 60 blocks)
+    args, _ = _plan(config_bases, "qwen-image", BUDGETS["48gb"])
+    assert args.base_fp8 and args.uncheckpointed_blocks == 0
+    _, fp8_4 = _plan(config_bases, "qwen-image", BUDGETS["h200"], "--base_fp8", "--uncheckpointed_blocks", "4")
+    _, fp8_6 = _plan(config_bases, "qwen-image", BUDGETS["h200"], "--base_fp8", "--uncheckpointed_blocks", "6")
+    copies = fp8_6.peak_bytes - fp8_4.peak_bytes - 2 * block  # two more blocks' bf16 weights
+    assert 2 * 2 * 0.3e9 < copies < 2 * 2 * 20.43e9 / 60
     args, _ = _plan(config_bases, "wan2.2-t2v-a14b", BUDGETS["80gb"], "--train_phase", "1")
     assert args.offload_activations and args.uncheckpointed_blocks == 0
     args = _args(config_bases["qwen-image"], "qwen-image", "--memory", "off")
@@ -433,3 +441,19 @@ def test_fake_on_real_adds_its_adapters_and_optimizer(config_bases):
     lora = sz.lora_width[0] * args.lora_rank  # the fake score's rank is the experts' by default
     assert peaks[1]["total"] - peaks[0]["total"] == pytest.approx(lora * (4 + 8 + 2))
     assert peaks[1]["optimizer"] - peaks[0]["optimizer"] == pytest.approx(8 * lora)
+
+
+def test_layerwise_casting_saves_bf16_weights_for_backward():
+    """Why `--base_fp8` counts bf16 weight copies for blocks that are not recomputed: diffusers' layerwise casting
+    casts each weight to bf16 for its matmul, and the matmul saves that copy for backward while the parameter goes
+    back to fp8."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    layer = torch.nn.Linear(64, 64).to(torch.bfloat16).requires_grad_(False)
+    apply_layerwise_casting(layer, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert any(t.shape == (64, 64) and t.dtype == torch.bfloat16 for t in saved)

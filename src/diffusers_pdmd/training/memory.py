@@ -393,7 +393,9 @@ def activation_bytes(
     inputs = (sizes.layers - kept) * rows * sizes.hidden * 2
     if flags.offload_activations:
         inputs *= FP8_OFFLOAD_RESIDUE if flags.base_fp8 else 0
-    return inputs + kept * kept_fraction * block + block + time_embedding
+    # under `--base_fp8` a kept block's matmuls also save the bf16 copies of its weights that layerwise casting made
+    copies = kept * 2 * max(sizes.fp8_params) / sizes.layers if flags.base_fp8 else 0
+    return inputs + kept * kept_fraction * block + copies + block + time_embedding
 
 
 def phase_peak(sizes: ModelSizes, work: Workload, flags: Flags, phase: int, kept_fraction=KEPT_BLOCK_FRACTION) -> dict:
@@ -510,10 +512,11 @@ def choose_flags(
 def keep_activations(plan: MemoryPlan, sizes: ModelSizes, work: Workload) -> MemoryPlan:
     """`plan` with as many `uncheckpointed_blocks` as its budget holds: under `--gradient_checkpointing` (and
     without `--offload_activations`), the memory the chosen flags leave over keeps the activations of the last
-    blocks instead of recomputing them in backward. Each is counted at its whole working set while filling
+    blocks instead of recomputing them in backward; not under `--base_fp8`, where each would also keep bf16 copies
+    of its weights (counted by [`activation_bytes`] where the flag is passed). Each is counted at its whole working set while filling
     ([`KEPT_BLOCK_FILL`]); the plan reports the estimate ([`KEPT_BLOCK_FRACTION`])."""
     flags = plan.flags
-    if not flags.gradient_checkpointing or flags.offload_activations:
+    if not flags.gradient_checkpointing or flags.offload_activations or flags.base_fp8:  # fp8: not measured kept
         return plan
     best = plan
     for n in range(flags.uncheckpointed_blocks + 1, sizes.layers + 1):
