@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..hub import multiple_adapters
+from ..pipelines.lora_delta import set_active_adapter_
 
 
 # Every attention and MLP linear of the transformer blocks (Qwen-Image: 60 blocks x 12 = 720 layers).
@@ -68,17 +69,7 @@ class AdapterSwitch:
     def set(self, adapter_name: str | None) -> None:
         if adapter_name == self.active:
             return
-        # the two attributes peft's LoRA forward reads, written straight into each layer's `__dict__`: the same
-        # result as `set_active_adapter_`, without `nn.Module.__setattr__` (a Python call per write, 1440 per switch
-        # on Qwen-Image's 720 layers)
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name or [])
-        for layer in self.layers:
-            attrs = layer.__dict__
-            if names:
-                attrs["_active_adapter"] = list(names)
-                attrs["_disable_adapters"] = False
-            else:
-                attrs["_disable_adapters"] = True
+        set_active_adapter_(self.layers, adapter_name)
         self.active = adapter_name
 
     def forget(self) -> None:
