@@ -513,20 +513,24 @@ def keep_activations(plan: MemoryPlan, sizes: ModelSizes, work: Workload) -> Mem
     """`plan` with as many `uncheckpointed_blocks` as its budget holds: under `--gradient_checkpointing` (and
     without `--offload_activations`), the memory the chosen flags leave over keeps the activations of the last
     blocks instead of recomputing them in backward; not under `--base_fp8`, where each would also keep bf16 copies
-    of its weights (counted by [`activation_bytes`] where the flag is passed). Each is counted at its whole working set while filling
-    ([`KEPT_BLOCK_FILL`]); the plan reports the estimate ([`KEPT_BLOCK_FRACTION`])."""
+    of its weights (counted by [`activation_bytes`] where the flag is passed). Each is counted at its whole working
+    set while filling ([`KEPT_BLOCK_FILL`]); the plan reports the estimate ([`KEPT_BLOCK_FRACTION`])."""
     flags = plan.flags
     if not flags.gradient_checkpointing or flags.offload_activations or flags.base_fp8:  # fp8: not measured kept
         return plan
-    best = plan
-    for n in range(flags.uncheckpointed_blocks + 1, sizes.layers + 1):
-        more = replace(flags, uncheckpointed_blocks=n)
-        filled = estimate_peak(sizes, work, more, KEPT_BLOCK_FILL)
-        if filled + margin_bytes(filled) > plan.budget_bytes:
-            break
-        peak = estimate_peak(sizes, work, more)
-        best = replace(plan, flags=more, peak_bytes=peak, need_bytes=peak + margin_bytes(peak))
-    return best
+
+    def fits(n: int) -> bool:
+        filled = estimate_peak(sizes, work, replace(flags, uncheckpointed_blocks=n), KEPT_BLOCK_FILL)
+        return filled + margin_bytes(filled) <= plan.budget_bytes
+
+    kept = flags.uncheckpointed_blocks
+    while kept < sizes.layers and fits(kept + 1):
+        kept += 1
+    if kept == flags.uncheckpointed_blocks:
+        return plan
+    more = replace(flags, uncheckpointed_blocks=kept)
+    peak = estimate_peak(sizes, work, more)
+    return replace(plan, flags=more, peak_bytes=peak, need_bytes=peak + margin_bytes(peak))
 
 
 # ----------------------------------------------------------------------------------------------------------------
