@@ -609,6 +609,7 @@ def _memory_row(res: dict, phase: str, r: dict) -> list[str]:
         flags += f" --uncheckpointed_blocks {r['uncheckpointed_blocks']}" if r.get("uncheckpointed_blocks") else ""
     else:  # recorded before `--memory auto` existed: the memory flags the script ran with
         flags = " ".join(a for a in argv if a.lstrip("-") in PLAN_FLAGS) + " (before `--memory auto`)"
+    flags += f", and `{res['extra']}`" if res.get("extra") else ""  # flags passed by hand (`--extra`)
     head = [DEVICE_NAMES[res["model"]], card, phase, fakes, flags]
     if "error" in r:
         what = "stops before loading" if r.get("before_load") else "out of memory while training"
@@ -622,11 +623,18 @@ def render_memory_table(results: list[dict]) -> str:
     time per update and peak memory, or where it stopped; in the order of the families, then the smallest budget."""
     order = list(DEVICE_NAMES)
 
-    def budget(res):
-        return res["cap_gib"] if res.get("cap_gib") is not None else res["env"].get("gpu_memory_gib", 1e9)
+    def key(res):  # family, budget, then fake updates and flags passed by hand
+        budget = res["cap_gib"] if res.get("cap_gib") is not None else res["env"].get("gpu_memory_gib", 1e9)
+        argv = next(iter(res["phases"].values())).get("argv") or []
+        return (
+            order.index(res["model"]),
+            budget,
+            int(_argv_value(argv, "--fake_updates_per_step") or 0),
+            res.get("extra") or "",
+        )
 
     rows = []
-    for res in sorted(results, key=lambda res: (order.index(res["model"]), budget(res))):
+    for res in sorted(results, key=key):
         rows += [_memory_row(res, phase, r) for phase, r in sorted(res["phases"].items())]
     header = ["family", "card", "phase", "fake updates", "flags", "result", "s / update", "alloc GiB", "device GiB"]
     return "\n".join(
@@ -636,8 +644,8 @@ def render_memory_table(results: list[dict]) -> str:
             "Each row: `benchmarks/gpu_train.py --model M [--cap_gib C]`, one script run per phase (the commands are"
             " in the sections `gpu_train_<model>[_cap<C>]`). A cap is `torch.cuda.set_per_process_memory_fraction`,"
             " standing in for a smaller card (79 GiB: 80 GB class, 44 GiB: 48 GB class); flags: those the script"
-            " ran with once the plan had added its own. Random weights at the published configs; time per update:"
-            " median after the first (compiling) update.",
+            " ran with once the plan had added its own (and any passed by hand). Random weights at the published"
+            " configs; time per update: median after the first (compiling) update.",
             "",
             gc_.md_table(header, rows),
         ]

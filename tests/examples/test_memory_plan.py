@@ -85,14 +85,16 @@ def _gpu_train(tmp_path, *argv):
 
 
 def test_gpu_train_records_the_error_before_loading(tmp_path):
-    """`benchmarks/gpu_train.py` keeps a run that the plan stops (here: a 0.5 GiB budget) as a result row."""
+    """`benchmarks/gpu_train.py` keeps a run that the plan stops (here: a 0.5 GiB budget) as a result row; the memory
+    table names the flags passed by hand beside the plan's."""
     module, res = _gpu_train(
         tmp_path, "--model", "wan-ti2v-5b", "--phases", "0", "--extra", "--memory_budget_gib 0.5", "--cap_gib", "44"
     )
     r = res["phases"]["0"]
     assert r["before_load"] and r["error"].startswith("MemoryPlanError") and r["flags_after_plan"] is None
     assert res["cap_gib"] == 44 and res["section"] == "gpu_train_wan-ti2v-5b_cap44"
-    assert "stops before loading" in module.render_memory_table([res])
+    table = module.render_memory_table([res])
+    assert "stops before loading" in table and "`--memory_budget_gib 0.5`" in table  # the flags passed by hand too
 
 
 def test_gpu_train_profiles_one_update_of_i2v(tmp_path):
