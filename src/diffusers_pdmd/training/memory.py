@@ -51,12 +51,14 @@ SLOWDOWN = {
 BLOCK_BYTES_PER_HIDDEN = 24
 BLOCK_BYTES_PER_FFN = 6
 # A block run without checkpointing (`--uncheckpointed_blocks`) keeps this fraction of its working set until its
-# backward (compiled, H100): Qwen-Image 0.41 GiB per kept block (51.0 -> 65.4 GiB allocated with 35 of 60 kept, 4096
-# image tokens), I2V-A14B phase 0 4.6 GiB (55.6 -> 69.5 GiB with 3 of 40, against T2V's run with none), TI2V-5B
-# 3.4 GiB (26.4 -> 36.7 GiB with 3 of 30): 0.76-0.78 of the working set at the runs' token counts.
-KEPT_BLOCK_FRACTION = 0.8
-# The plan fills the memory left over counting each kept block at its whole working set: the fifth it does not use
-# stays free beyond the margin (compiled runs reserved up to 10 GiB beyond their allocated peak: I2V-A14B phase 0
+# backward (compiled, H100; implied by the measured peaks against the estimate with none kept): Wan2.2 0.84 (A14B
+# phase 0, 3 of 40 kept), 0.86 (TI2V-5B, 3 of 30), 0.93 (TI2V-5B, 12 of 30: 70.0 GiB allocated under a 79 GiB cap).
+KEPT_BLOCK_FRACTION = 0.95
+# Qwen-Image: 0.59 of the working set as counted, which takes `--max_sequence_length` (512) text rows per block where
+# the runs' prompts have under 32 tokens (0.41 GiB per kept block: 51.0 -> 65.4 GiB with 35 of 60 kept).
+KEPT_BLOCK_FRACTION_JOINT_TEXT = 0.8
+# The plan fills the memory left over counting each kept block at its whole working set: what a block does not use
+# (a twentieth for Wan2.2, a fifth for Qwen-Image) stays free beyond the margin (compiled runs reserved up to 10 GiB beyond their allocated peak: I2V-A14B phase 0
 # 69.5 allocated / 79.1 GiB on the device under a 79 GiB cap, 3 blocks kept).
 KEPT_BLOCK_FILL = 1.0
 FIXED_BYTES = 1 * GIB  # cuBLAS workspaces, the latents, the loss's fp32 tensors
@@ -370,16 +372,20 @@ def trainable_bytes(sizes: ModelSizes, work: Workload, phase: int, on_device) ->
     return adapters, optimizer, gradients
 
 
-def activation_bytes(
-    sizes: ModelSizes, work: Workload, flags: Flags, kept_fraction: float = KEPT_BLOCK_FRACTION
-) -> float:
+def kept_block_fraction(sizes: ModelSizes) -> float:
+    """The fraction of its working set an uncheckpointed block keeps until its backward, as calibrated for the
+    family's block ([`KEPT_BLOCK_FRACTION`], [`KEPT_BLOCK_FRACTION_JOINT_TEXT`])."""
+    return KEPT_BLOCK_FRACTION_JOINT_TEXT if sizes.joint_text else KEPT_BLOCK_FRACTION
+
+
+def activation_bytes(sizes: ModelSizes, work: Workload, flags: Flags, kept_fraction: float | None = None) -> float:
     """Activations of one forward with gradient and its backward.
 
     With gradient checkpointing each block keeps its input (`tokens x hidden` bf16, plus the text stream where the
     text runs through the blocks), in pinned CPU memory under `--offload_activations`; the block being recomputed
     holds its whole working set ([`BLOCK_BYTES_PER_HIDDEN`], [`BLOCK_BYTES_PER_FFN`] per token), and each of the
-    `uncheckpointed_blocks` keeps `kept_fraction` of it instead of its input. Without checkpointing every
-    block keeps its working set.
+    `uncheckpointed_blocks` keeps `kept_fraction` of it (default: [`kept_block_fraction`]) instead of its input.
+    Without checkpointing every block keeps its working set.
     """
     rows = work.batch * (work.tokens + (work.text_tokens if sizes.joint_text else 0))
     block = rows * (BLOCK_BYTES_PER_HIDDEN * sizes.hidden + BLOCK_BYTES_PER_FFN * sizes.ffn)
@@ -390,6 +396,7 @@ def activation_bytes(
         saved = sizes.layers * block
         return (saved / 2 if flags.offload_activations else saved) + time_embedding  # ~half: block inputs, outputs
     kept = min(flags.uncheckpointed_blocks, sizes.layers)
+    kept_fraction = kept_block_fraction(sizes) if kept_fraction is None else kept_fraction
     inputs = (sizes.layers - kept) * rows * sizes.hidden * 2
     if flags.offload_activations:
         inputs *= FP8_OFFLOAD_RESIDUE if flags.base_fp8 else 0
@@ -398,7 +405,7 @@ def activation_bytes(
     return inputs + kept * kept_fraction * block + copies + block + time_embedding
 
 
-def phase_peak(sizes: ModelSizes, work: Workload, flags: Flags, phase: int, kept_fraction=KEPT_BLOCK_FRACTION) -> dict:
+def phase_peak(sizes: ModelSizes, work: Workload, flags: Flags, phase: int, kept_fraction=None) -> dict:
     """Peak allocated bytes while `phase` trains, by part (`kept_fraction`: [`activation_bytes`])."""
     n = len(sizes.transformer_params)
     on_device = sorted(work.uses[phase]) if flags.offload_idle_transformers else range(n)
@@ -428,7 +435,7 @@ def encode_peak(sizes: ModelSizes, work: Workload, flags: Flags) -> float:
     return weight_bytes(sizes, work, flags, on_device) + encoder + FIXED_BYTES
 
 
-def estimate_peak(sizes: ModelSizes, work: Workload, flags: Flags, kept_fraction=KEPT_BLOCK_FRACTION) -> float:
+def estimate_peak(sizes: ModelSizes, work: Workload, flags: Flags, kept_fraction=None) -> float:
     """Peak allocated device bytes of the run: the largest of its trained phases' peaks and the encoding's."""
     phases = max(phase_peak(sizes, work, flags, k, kept_fraction)["total"] for k in work.trained)
     return max(phases, encode_peak(sizes, work, flags))
@@ -514,7 +521,7 @@ def keep_activations(plan: MemoryPlan, sizes: ModelSizes, work: Workload) -> Mem
     without `--offload_activations`), the memory the chosen flags leave over keeps the activations of the last
     blocks instead of recomputing them in backward; not under `--base_fp8`, where each would also keep bf16 copies
     of its weights (counted by [`activation_bytes`] where the flag is passed). Each is counted at its whole working
-    set while filling ([`KEPT_BLOCK_FILL`]); the plan reports the estimate ([`KEPT_BLOCK_FRACTION`])."""
+    set while filling ([`KEPT_BLOCK_FILL`]); the plan reports the estimate ([`kept_block_fraction`])."""
     flags = plan.flags
     if not flags.gradient_checkpointing or flags.offload_activations or flags.base_fp8:  # fp8: not measured kept
         return plan
