@@ -58,8 +58,9 @@ KEPT_BLOCK_FRACTION = 0.95
 # the runs' prompts have under 32 tokens (0.41 GiB per kept block: 51.0 -> 65.4 GiB with 35 of 60 kept).
 KEPT_BLOCK_FRACTION_JOINT_TEXT = 0.8
 # The plan fills the memory left over counting each kept block at its whole working set: what a block does not use
-# (a twentieth for Wan2.2, a fifth for Qwen-Image) stays free beyond the margin (compiled runs reserved up to 10 GiB beyond their allocated peak: I2V-A14B phase 0
-# 69.5 allocated / 79.1 GiB on the device under a 79 GiB cap, 3 blocks kept).
+# (a twentieth for Wan2.2, a fifth for Qwen-Image) stays free beyond the margin (compiled runs reserved up to 10 GiB
+# beyond their allocated peak: I2V-A14B phase 0 69.5 allocated / 79.1 GiB on the device under a 79 GiB cap, 3 blocks
+# kept).
 KEPT_BLOCK_FILL = 1.0
 FIXED_BYTES = 1 * GIB  # cuBLAS workspaces, the latents, the loss's fp32 tensors
 # Kept free beyond the estimate: allocator fragmentation under memory pressure (T2V-A14B under a 79 GiB cap: 1.8 GiB
