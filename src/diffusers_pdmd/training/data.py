@@ -176,6 +176,12 @@ def cfg_batchable(cond: dict, negative: dict) -> bool:
     return True
 
 
+def _host_mask(cond: dict | None) -> torch.Tensor | None:
+    """The prompt mask of a cached conditioning on the CPU, or `None` (no cache, or a family without a mask)."""
+    mask = cond.get("prompt_embeds_mask") if cond is not None else None
+    return mask.cpu() if isinstance(mask, torch.Tensor) else None
+
+
 def to_device(cond: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
@@ -206,12 +212,13 @@ class TextConditions:
         self.batch_size = settings.recipe.train_batch_size
         recipe, val_prompts = settings.recipe, settings.validation_prompts
         self.all = self.validation = self.real = None
-        self._host_masks = {}  # id of a cached conditioning dict -> its prompt mask on the CPU (`for_batch`)
         if settings.cache_text_embeddings:
             self.all = self.encode(prompts)
             self.real = self.encode(self.captions) if self.captions else None
             self.negative = self.encode([recipe.negative_prompt]) if recipe.needs_negative else None
             self.validation = self.encode(val_prompts) if val_prompts else None
+            # the cached prompt masks on the CPU, read once: cutting each batch's padding then needs no device sync
+            self._host_masks = {False: _host_mask(self.all), True: _host_mask(self.real)}
             d.components["text_encoder"].to("cpu")  # off the device even if the caller still holds the pipeline
             d.components["text_encoder"] = None
             gc.collect()
@@ -237,12 +244,8 @@ class TextConditions:
         d = self.d
         texts, cached = (self.captions, self.real) if captions else (self.prompts, self.all)
         if cached is not None:
-            mask = cached.get("prompt_embeds_mask")
-            host_mask = None
-            if isinstance(mask, torch.Tensor):
-                if id(cached) not in self._host_masks:  # read once: cutting each batch's padding needs no sync
-                    self._host_masks[id(cached)] = mask.cpu()
-                host_mask = self._host_masks[id(cached)][index]
+            host_mask = self._host_masks[captions]
+            host_mask = None if host_mask is None else host_mask[index]
             cond = trim_padding(select_cond(cached, index, len(texts)), host_mask)
         else:
             cond = self.encode([texts[i] for i in index.tolist()])
