@@ -113,8 +113,6 @@ def test_full_size_counts_match_the_published_figures(config_bases):
 
 def _measured():
     """`(family, argv, phase, peak allocated GiB)` of every measured training run in benchmarks/results/."""
-    names = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-ti2v-5b": "wan2.2-ti2v-5b"}
-    names["wan-i2v-a14b"] = "wan2.2-i2v-a14b"
     out = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("train_*.json")):
         res = json.loads(path.read_text())
@@ -123,7 +121,9 @@ def _measured():
                 argv = r["argv"] + [f for f in r.get("flags_after_plan") or [] if f not in r["argv"]]  # the plan's
                 if r.get("uncheckpointed_blocks") and "--uncheckpointed_blocks" not in argv:
                     argv += ["--uncheckpointed_blocks", str(r["uncheckpointed_blocks"])]
-                out.append((path.name, names[res["model"]], argv, int(phase), r["peak_allocated_gib"]))
+                out.append(
+                    (path.name, gpu_common.TRAIN_FAMILIES[res["model"]], argv, int(phase), r["peak_allocated_gib"])
+                )
     return out
 
 
@@ -149,15 +149,13 @@ def test_runs_measured_under_a_cap_get_the_same_plan_again(config_bases):
     """Every run of benchmarks/results/ made under a cap (`gpu_train.py --cap_gib`): the plan at that budget adds the
     flags it added on the GPU, or stops before loading where it stopped there (T2V-A14B and I2V-A14B phase 1 at 44 GiB,
     H100)."""
-    names = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-i2v-a14b": "wan2.2-i2v-a14b"}
-    names["wan-ti2v-5b"] = "wan2.2-ti2v-5b"
     seen = 0
     for path in sorted((ROOT / "benchmarks" / "results").glob("train_*.json")):
         res = json.loads(path.read_text())
         if res.get("cap_gib") is None:
             continue
         for phase, r in res["phases"].items():
-            family, seen = names[res["model"]], seen + 1
+            family, seen = gpu_common.TRAIN_FAMILIES[res["model"]], seen + 1
             # the budget the plan read there, from its log line or its error
             budget = float(re.search(r"([0-9.]+) GiB available", r.get("memory_plan") or r["error"]).group(1)) * GIB
             if r.get("before_load"):
@@ -174,8 +172,6 @@ def test_runs_that_kept_blocks_get_the_same_count_again(config_bases):
     """Every run of benchmarks/results/ whose plan left blocks uncheckpointed (Qwen-Image 35 of 60 on an H100,
     I2V-A14B phase 0 3 of 40 under a 79 GiB cap, TI2V-5B 3 of 30 under 44 GiB): the plan at the budget it read
     there keeps as many again."""
-    names = {"qwen": "qwen-image", "wan-a14b": "wan2.2-t2v-a14b", "wan-i2v-a14b": "wan2.2-i2v-a14b"}
-    names["wan-ti2v-5b"] = "wan2.2-ti2v-5b"
     seen = 0
     for path in sorted((ROOT / "benchmarks" / "results").glob("train_*.json")):
         res = json.loads(path.read_text())
@@ -184,7 +180,7 @@ def test_runs_that_kept_blocks_get_the_same_count_again(config_bases):
                 continue
             seen += 1
             budget = float(re.search(r"([0-9.]+) GiB available", r["memory_plan"]).group(1)) * GIB
-            args, _ = _plan(config_bases, names[res["model"]], budget, "--train_phase", phase)
+            args, _ = _plan(config_bases, gpu_common.TRAIN_FAMILIES[res["model"]], budget, "--train_phase", phase)
             assert args.uncheckpointed_blocks == r["uncheckpointed_blocks"], (path.name, phase)
     assert seen >= 4
 

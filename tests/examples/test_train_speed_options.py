@@ -557,15 +557,6 @@ def test_sequential_run_frees_the_finished_phase(bases, tmp_path, monkeypatch):
     assert alternate["opt_phases"] == [0, 1] and alternate["expert_0_grad"] == {True}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    """No test leaves its mixed precision to the tests after it (other files' runs do not reset the state)."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_updates_read_back_one_value_per_loss_and_no_conditioning(bases, tmp_path, monkeypatch):
     """Host reads of the per-update code (each a device sync on CUDA, where the GPU then idles until the host
     launches again): per loss one finiteness check (`check_finite`) and one read of its logged values (`tolist`);
